@@ -1,0 +1,197 @@
+"""Typed run configuration: model, data, training and parallel layout.
+
+Every field has a default so a config file only says what differs. `validate()` methods check
+one section on its own; `Config.validate()` checks what spans sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from colossuslm.errors import ColossusError
+
+
+def _require(ok: bool, key: str, value: object, why: str) -> None:
+    if not ok:
+        raise ColossusError(f"config: {key} = {value!r} is invalid: {why}")
+
+
+def _positive(section: str, obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{section}.{name}", value, "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer; `n_experts > 0` turns the feed-forward into a Grok-style MoE."""
+
+    preset: str = ""  # name from colossuslm.models.presets; explicit fields override it
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0 means d_model // n_heads
+    ffn_hidden: int = 768  # SwiGLU hidden width of the dense MLP
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attn_logit_softcap: float = 0.0  # Grok-1 caps attention logits with 30*tanh(x/30); 0 = off
+    init_std: float = 0.02
+    # Mixture of Experts
+    n_experts: int = 0
+    top_k: int = 2
+    moe_ffn_hidden: int = 0  # 0 means ffn_hidden
+    n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek style)
+    first_dense_layers: int = 0  # leading layers that keep a dense MLP
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_ffn_hidden or self.ffn_hidden
+
+    def validate(self) -> None:
+        _positive("model", self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                  "ffn_hidden", "max_seq_len", "rope_theta", "norm_eps", "init_std")
+        if self.head_dim == 0:
+            _require(self.d_model % self.n_heads == 0, "model.n_heads", self.n_heads,
+                     f"must divide model.d_model = {self.d_model} (or set model.head_dim)")
+        else:
+            _require(self.head_dim > 0, "model.head_dim", self.head_dim, "must be > 0")
+        _require(self.resolved_head_dim % 2 == 0, "model.head_dim", self.resolved_head_dim,
+                 "must be even for rotary embeddings")
+        _require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
+                 f"must divide model.n_heads = {self.n_heads} (grouped-query attention)")
+        _require(self.attn_logit_softcap >= 0, "model.attn_logit_softcap",
+                 self.attn_logit_softcap, "must be >= 0 (0 disables it)")
+        _require(self.n_experts >= 0, "model.n_experts", self.n_experts, "must be >= 0 (0 = dense)")
+        if self.is_moe:
+            _require(1 <= self.top_k <= self.n_experts, "model.top_k", self.top_k,
+                     f"must be between 1 and model.n_experts = {self.n_experts}")
+            _require(self.moe_ffn_hidden >= 0, "model.moe_ffn_hidden", self.moe_ffn_hidden,
+                     "must be >= 0 (0 = use model.ffn_hidden)")
+            _require(self.n_shared_experts >= 0, "model.n_shared_experts", self.n_shared_experts,
+                     "must be >= 0")
+            _require(0 <= self.first_dense_layers <= self.n_layers, "model.first_dense_layers",
+                     self.first_dense_layers, f"must be between 0 and model.n_layers = {self.n_layers}")
+            _require(self.aux_loss_coef >= 0, "model.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
+            _require(self.z_loss_coef >= 0, "model.z_loss_coef", self.z_loss_coef, "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    # "default" = the embedded corpus (Python's own documentation text), prepared once and cached;
+    # otherwise a directory written by `colossus data prepare`.
+    dataset: str = "default"
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    jsonl_field: str = "text"
+    prepare_workers: int = 0  # 0 = one per CPU core
+
+    def validate(self) -> None:
+        _positive("data", self, "seq_len")
+        _require(self.dataset != "", "data.dataset", self.dataset,
+                 "give a prepared dataset directory or 'default'")
+        _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
+                 "must be in (0, 0.5)")
+        _require(self.prepare_workers >= 0, "data.prepare_workers", self.prepare_workers, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny"
+    run_dir: str = "runs"
+    steps: int = 600
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    compile: bool = False
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_last: int = 3
+    resume: bool = True  # continue from the latest checkpoint in the run directory
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    progress: bool = True
+
+    def validate(self) -> None:
+        _positive("train", self, "steps", "micro_batch_size", "grad_accum", "lr", "log_every",
+                  "eval_every", "eval_batches", "ckpt_every", "keep_last", "max_bad_steps")
+        _require(self.schedule in ("cosine", "wsd", "constant"), "train.schedule", self.schedule,
+                 "choose one of: cosine, wsd, constant")
+        _require(self.dtype in ("bf16", "fp32"), "train.dtype", self.dtype, "choose bf16 or fp32")
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device,
+                 "choose auto, cpu or cuda")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction,
+                 "must be in (0, 1]")
+        _require(0 <= self.warmup_steps, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _require(self.name != "" and "/" not in self.name, "train.name", self.name,
+                 "must be a non-empty name without '/'")
+
+
+@dataclass
+class ParallelConfig:
+    """Device-mesh sizes. Their product must equal the world size (dp_shard = -1 fills the rest)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+
+    def validate(self) -> None:
+        _positive("parallel", self, "dp_replicate", "tp", "ep")
+        _require(self.dp_shard == -1 or self.dp_shard > 0, "parallel.dp_shard", self.dp_shard,
+                 "must be > 0, or -1 to use every remaining rank")
+        _require(self.pp == 1, "parallel.pp", self.pp,
+                 "pipeline parallelism is not supported yet; set parallel.pp = 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.parallel.validate()
+        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+                 f"must be <= model.max_seq_len = {self.model.max_seq_len}")
+        if self.parallel.ep > 1:
+            _require(self.model.is_moe and self.model.n_experts % self.parallel.ep == 0,
+                     "parallel.ep", self.parallel.ep,
+                     f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)")
+        return self

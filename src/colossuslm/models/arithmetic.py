@@ -1,0 +1,106 @@
+"""Exact parameter counts, training FLOPs and activation bytes of a model config.
+
+The single source of truth for model arithmetic: the trainer's MFU, the planner and the tests
+all use `model_arithmetic`. Counts match `sum(p.numel())` of the instantiated model exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from colossuslm.config.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelArithmetic:
+    total_params: int
+    active_params: int  # parameters touched by one token (routed experts: only top_k of them)
+    embedding_params: int  # the input lookup table (no FLOPs)
+    attention_params_per_layer: int
+    dense_mlp_params_per_layer: int
+    moe_params_per_layer: int  # router + all experts + shared experts (0 for dense models)
+    n_moe_layers: int
+    flops_per_token: float  # training (forward + backward) at the given sequence length
+    attention_flops_per_token: float  # the part of flops_per_token spent in QK^T and AV
+    seq_len: int
+
+    @property
+    def matmul_active_params(self) -> int:
+        """Active parameters that take part in a matrix multiply (all but the input lookup)."""
+        return self.active_params - self.embedding_params
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    hd = cfg.resolved_head_dim
+    return cfg.d_model * hd * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.n_heads * hd * cfg.d_model
+
+
+def model_arithmetic(cfg: ModelConfig, seq_len: int | None = None) -> ModelArithmetic:
+    """Counts for `cfg`; FLOPs use the PaLM convention (6 per active matmul parameter per token,
+    plus 12 * layers * heads * head_dim * seq_len for attention scores, counted non-causally)."""
+    seq_len = seq_len or cfg.max_seq_len
+    d = cfg.d_model
+    norms_per_layer = 2 * d
+    attention = _attention_params(cfg)
+    dense_mlp = 3 * d * cfg.ffn_hidden
+    expert = 3 * d * cfg.expert_hidden
+    n_moe_layers = cfg.n_layers - cfg.first_dense_layers if cfg.is_moe else 0
+    n_dense_layers = cfg.n_layers - n_moe_layers
+    router = d * cfg.n_experts
+    moe_total = router + (cfg.n_experts + cfg.n_shared_experts) * expert if cfg.is_moe else 0
+    moe_active = router + (cfg.top_k + cfg.n_shared_experts) * expert if cfg.is_moe else 0
+
+    embedding = cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    common = embedding + head + d + cfg.n_layers * (attention + norms_per_layer) + n_dense_layers * dense_mlp
+    total = common + n_moe_layers * moe_total
+    active = common + n_moe_layers * moe_active
+
+    # Matmul parameters: every active parameter except the input lookup and the norm gains; a
+    # tied head is still a matmul with the embedding matrix.
+    matmul_params = active - embedding - (cfg.n_layers * norms_per_layer + d) + cfg.vocab_size * d * cfg.tie_embeddings
+    attention_flops = 12.0 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
+    return ModelArithmetic(
+        total_params=total,
+        active_params=active,
+        embedding_params=embedding,
+        attention_params_per_layer=attention,
+        dense_mlp_params_per_layer=dense_mlp,
+        moe_params_per_layer=moe_total,
+        n_moe_layers=n_moe_layers,
+        flops_per_token=6.0 * matmul_params + attention_flops,
+        attention_flops_per_token=attention_flops,
+        seq_len=seq_len,
+    )
+
+
+def activation_bytes_per_token(cfg: ModelConfig, recompute: str = "none", bytes_per_value: int = 2) -> float:
+    """Activation memory one token keeps alive per layer for the backward pass (no TP/SP split).
+
+    recompute = "none": every saved tensor of a block with fused (flash) attention;
+    "full": only the block input survives (the block is recomputed in backward).
+    The output logits (vocab_size fp32 values per token) are not included: see `logits_bytes_per_token`.
+    """
+    d, b = cfg.d_model, bytes_per_value
+    if recompute == "full":
+        return float(d * b)
+    if recompute != "none":
+        raise ValueError(f"recompute must be 'none' or 'full', not {recompute!r}")
+    hd = cfg.resolved_head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    attention = b * (2 * d + q + 2 * kv + q) + 4 * cfg.n_heads  # norm in/out, q k v, output, lse
+    ffn_in = b * 2 * d  # norm input and output
+    if cfg.is_moe:
+        routed = cfg.top_k + cfg.n_shared_experts
+        ffn = ffn_in + 4 * cfg.n_experts + b * routed * (d + 3 * cfg.expert_hidden)
+        dense_share = cfg.first_dense_layers / cfg.n_layers
+        dense = ffn_in + b * 3 * cfg.ffn_hidden
+        ffn = dense_share * dense + (1 - dense_share) * ffn
+    else:
+        ffn = ffn_in + b * 3 * cfg.ffn_hidden  # gate, up, and their SwiGLU product
+    return float(attention + ffn)
+
+
+def logits_bytes_per_token(cfg: ModelConfig) -> float:
+    """fp32 logits and their gradient held around the loss."""
+    return 2.0 * 4 * cfg.vocab_size

@@ -1,0 +1,146 @@
+"""Decoder-only transformer: RoPE, grouped-query attention, RMSNorm, SwiGLU or MoE feed-forward.
+
+Plain PyTorch with no parallelism in it; `colossuslm.parallel` shards it from outside. Module
+names follow the Llama/torchtitan layout so tensor-parallel plans and exports can address them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colossuslm.config.schema import ModelConfig
+from colossuslm.models.moe import MoE, SwiGLU
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim] in the rotate-half layout (as Hugging Face Llama)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, S, hd]; cos/sin: [S, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.softcap = cfg.attn_logit_softcap
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.softcap > 0:
+            out = self._softcapped_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _softcapped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Grok-1's cap * tanh(logits / cap) on attention logits (no fused SDPA kernel takes it)."""
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        seq = q.shape[2]
+        mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+        probs = scores.masked_fill(mask, float("-inf")).softmax(dim=-1)
+        return probs.to(v.dtype) @ v
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.is_moe = cfg.is_moe and layer_id >= cfg.first_dense_layers
+        if self.is_moe:
+            self.moe = MoE(cfg)
+        else:
+            self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        if self.is_moe:
+            ffn_out, aux = self.moe(self.ffn_norm(x))
+        else:
+            ffn_out, aux = self.feed_forward(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
+        return x + ffn_out, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # A ModuleDict keyed by layer index keeps names stable when layers are split across stages.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std); projections into the residual stream scaled by 1/sqrt(2 * layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if self.tok_embeddings.weight.device.type != "meta":
+            cos, sin = rope_tables(self.cfg.resolved_head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+        for block in self.layers.values():
+            attn = block.attention
+            for linear in (attn.wq, attn.wk, attn.wv):
+                nn.init.normal_(linear.weight, std=std)
+            nn.init.normal_(attn.wo.weight, std=out_std)
+            if block.is_moe:
+                block.moe.init_weights(std, out_std)
+            else:
+                nn.init.normal_(block.feed_forward.w1.weight, std=std)
+                nn.init.normal_(block.feed_forward.w3.weight, std=std)
+                nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: [B, S] int64 -> (logits [B, S, vocab], summed MoE auxiliary loss scalar)."""
+        seq = tokens.shape[1]
+        if seq > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        h = self.tok_embeddings(tokens)
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for block in self.layers.values():
+            h, aux = block(h, cos, sin)
+            aux_total = aux_total + aux
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight), aux_total
