@@ -13,10 +13,10 @@ from colossuslm.errors import ColossusError
 COMMANDS = ["train", "sample", "data", "plan", "serve", "chat", "export", "launch", "checkpoint"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colossus", description=__doc__.split(":")[0])
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colossus", description="Train, scale, plan and serve LLMs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [only] if only else COMMANDS:
         try:
             module = importlib.import_module(f"colossuslm.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # The command name decides which module to import; build only what is needed for speed.
-    parser = build_parser()
+    # Import only the chosen command's module, so start-up cost is that command's alone.
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
