@@ -1,0 +1,284 @@
+"""The training loop: read top to bottom.
+
+setup (device, data, model, optimizer) -> resume if a checkpoint exists -> loop of
+(train_step, log, evaluate, checkpoint) -> summary. Ctrl-C or SIGTERM saves a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from colossuslm.config import Config, config_to_dict, save_config
+from colossuslm.errors import ColossusError
+from colossuslm.models.arithmetic import model_arithmetic
+from colossuslm.models.transformer import Transformer
+from colossuslm.train import checkpoint as ckpt
+from colossuslm.train.metrics import MetricsLogger, ProgressDisplay, read_metrics
+from colossuslm.train.optim import build_optimizer, build_scheduler
+from colossuslm.train.peak import device_name, peak_flops
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    step_time_s: float
+    skipped: bool
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ColossusError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; targets of -100 (masked prompt tokens) are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.rank, self.world_size = 0, 1
+        self.device = pick_device(cfg.train.device)
+        self.run_dir = Path(cfg.train.run_dir) / cfg.train.name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._log = log or print
+        torch.manual_seed(cfg.train.seed)
+
+        from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
+        from colossuslm.data.loader import TokenLoader
+
+        self.dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)
+        tc = cfg.train
+        loader_args = dict(seq_len=cfg.data.seq_len, batch_size=tc.micro_batch_size, seed=tc.seed,
+                           rank=self.rank, world_size=self.world_size)
+        self.train_loader = TokenLoader(self.dataset_dir, split="train", **loader_args)
+        self.val_loader = TokenLoader(self.dataset_dir, split="val", **loader_args)
+
+        self.model = Transformer(cfg.model).to(self.device)
+        self.step_model = torch.compile(self.model) if tc.compile else self.model
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bf16")
+
+        self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
+        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.world_size
+        self.peak_flops = peak_flops(self.device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.bad_steps_in_row = 0
+        self._stop_signal: int | None = None
+
+    # ---------------------------------------------------------------- one optimizer step
+    def train_step(self) -> StepResult:
+        tc = self.cfg.train
+        start = time.perf_counter()
+        self.model.train()
+        total_loss = torch.zeros((), device=self.device)
+        for _ in range(tc.grad_accum):
+            inputs, targets = self.train_loader.next_batch()
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            with self.autocast:
+                logits, aux_loss = self.step_model(inputs)
+                loss = language_model_loss(logits, targets)
+            ((loss + aux_loss) / tc.grad_accum).backward()
+            total_loss += loss.detach() / tc.grad_accum
+        clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        loss_value, norm_value = total_loss.item(), grad_norm.item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        if skipped:
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+        else:
+            self.optimizer.step()
+            self.bad_steps_in_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return StepResult(loss_value, norm_value, lr, time.perf_counter() - start, skipped)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        self.val_loader.reset()
+        losses = []
+        for _ in range(self.cfg.train.eval_batches):
+            inputs, targets = self.val_loader.next_batch()
+            with self.autocast:
+                logits, _ = self.step_model(inputs.to(self.device))
+            losses.append(language_model_loss(logits, targets.to(self.device)).item())
+        return sum(losses) / len(losses)
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "scheduler": self.scheduler.state_dict(), "train_loader": self.train_loader.state_dict(),
+                "model_config": asdict(self.cfg.model)}
+
+    def save_checkpoint(self) -> Path:
+        import tomli_w
+
+        return ckpt.save_checkpoint(
+            self.ckpt_root, self.step, model_state=self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(), trainer_state=self.trainer_state(),
+            config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
+            tokenizer_json=self.dataset_dir / "tokenizer.json", keep_last=self.cfg.train.keep_last)
+
+    def resume(self) -> Path | None:
+        found = ckpt.latest_checkpoint(self.ckpt_root, log=self._log)
+        if found is None:
+            return None
+        optimizer_state, state, rng = ckpt.load_training_state(found)
+        if state["model_config"] != asdict(self.cfg.model):
+            raise ColossusError(
+                f"{found} was written for a different model configuration than this run's; "
+                f"pick a new run name (--set train.name=...) or set train.resume=false with a new name")
+        self.model.load_state_dict(ckpt.load_model_state(found))
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["train_loader"])
+        ckpt.set_rng_state(rng)
+        self.step, self.tokens_seen = state["step"], state["tokens"]
+        self.skipped_steps = state["skipped_steps"]
+        return found
+
+    # ---------------------------------------------------------------- the run
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+    def _memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+    def fit(self) -> dict[str, Any]:
+        cfg, tc = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed_from = self.resume() if tc.resume else None
+        if not tc.resume and ckpt.list_checkpoints(self.ckpt_root):
+            raise ColossusError(f"{self.run_dir} already holds checkpoints and train.resume = false; "
+                                f"choose another train.name so nothing is overwritten")
+        if resumed_from is not None:
+            self._log(f"resumed from {resumed_from} (step {self.step})")
+        if self.step >= tc.steps:
+            self._log(f"run {tc.name!r} is already complete at step {self.step}; raise train.steps to go on")
+            return self._read_summary()
+        save_config(cfg, self.run_dir / "config.toml")
+        metrics = MetricsLogger(self.run_dir, resume_step=self.step)
+        a = self.arithmetic
+        self._log(f"model: {a.total_params / 1e6:.2f}M parameters ({a.active_params / 1e6:.2f}M active), "
+                  f"{a.flops_per_token / 1e6:.1f} MFLOP/token; device {device_name(self.device)} "
+                  f"(peak {self.peak_flops / 1e12:.2f} TFLOP/s bf16); {self.tokens_per_step} tokens/step")
+
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        started, step_times, window, first_val, val_loss = time.perf_counter(), [], [], None, None
+        try:
+            if self.step == 0:
+                first_val = val_loss = self.evaluate()
+                metrics.log({"step": 0, "tokens": 0, "val_loss": val_loss})
+            with ProgressDisplay(tc.steps, self.step, tc.progress) as bar:
+                while self.step < tc.steps and self._stop_signal is None:
+                    result = self.train_step()
+                    window.append(result)
+                    step_times.append(result.step_time_s)
+                    if self.bad_steps_in_row >= tc.max_bad_steps:
+                        raise ColossusError(
+                            f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
+                            f"(last loss {result.loss}); stopping. The last good checkpoint is kept in "
+                            f"{self.ckpt_root}; lower train.lr or check the data")
+                    record = None
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        record = self._window_record(window)
+                        window = []
+                    if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                        val_loss = self.evaluate()
+                        record = (record or {"step": self.step, "tokens": self.tokens_seen}) | {"val_loss": val_loss}
+                        bar.print(f"step {self.step}: val_loss {val_loss:.4f}")
+                    if record is not None:
+                        metrics.log(record)
+                        bar.update(self.step, f"loss {record.get('loss', float('nan')):.3f} "
+                                              f"{record.get('tokens_per_s', 0):,.0f} tok/s "
+                                              f"MFU {100 * record.get('mfu', 0):.1f}%")
+                    else:
+                        bar.update(self.step)
+                    if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
+                        self.save_checkpoint()
+                if self._stop_signal is not None:
+                    path = self.save_checkpoint()
+                    bar.print(f"stopped by signal {self._stop_signal}: checkpoint saved to {path}")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            metrics.close()
+        return self._write_summary(step_times, time.perf_counter() - started, first_val, val_loss)
+
+    def _window_record(self, window: list[StepResult]) -> dict[str, Any]:
+        good = [r for r in window if not r.skipped] or window
+        step_time = statistics.median(r.step_time_s for r in window)
+        tokens_per_s = self.tokens_per_step / step_time
+        return {"step": self.step, "tokens": self.tokens_seen,
+                "loss": statistics.fmean(r.loss for r in good), "lr": window[-1].lr,
+                "grad_norm": statistics.fmean(r.grad_norm for r in good),
+                "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s),
+                "mem_gb": self._memory_gb(), "step_time_s": step_time, "skipped_steps": self.skipped_steps}
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return self.arithmetic.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+
+    def _write_summary(self, step_times: list[float], wall_s: float, first_val: float | None,
+                       val_loss: float | None) -> dict[str, Any]:
+        # The first steps include warm-up (allocator, compile); they are not the steady state.
+        steady = step_times[min(len(step_times) - 1, 3):] if step_times else []
+        median_step = statistics.median(steady) if steady else float("nan")
+        tokens_per_s = self.tokens_per_step / median_step if steady else float("nan")
+        if first_val is None:  # resumed run: the starting loss is in the metrics written before
+            first_val = next((r["val_loss"] for r in read_metrics(self.run_dir)
+                              if r.get("step") == 0 and "val_loss" in r), None)
+        summary = {
+            "name": self.cfg.train.name, "steps": self.step, "tokens": self.tokens_seen,
+            "wall_time_s": wall_s, "median_step_time_s": median_step, "median_tokens_per_s": tokens_per_s,
+            "mfu": self.mfu(tokens_per_s) if steady else float("nan"),
+            "device": device_name(self.device), "n_devices": self.world_size, "peak_flops": self.peak_flops,
+            "params": self.arithmetic.total_params, "active_params": self.arithmetic.active_params,
+            "flops_per_token": self.arithmetic.flops_per_token,
+            "first_val_loss": first_val,
+            "final_val_loss": val_loss, "skipped_steps": self.skipped_steps,
+            "interrupted": self.step < self.cfg.train.steps,
+            "planner_prediction": self._planner_prediction(),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _planner_prediction(self) -> dict[str, Any] | None:
+        try:
+            from colossuslm.plan.calibrate import predict_run
+        except ImportError:
+            return None
+        return predict_run(self.cfg, device_name(self.device), self.world_size, peak_flops=self.peak_flops)
+
+    def _read_summary(self) -> dict[str, Any]:
+        path = self.run_dir / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}

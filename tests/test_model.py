@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from colossuslm.config import ModelConfig
+from colossuslm.models.arithmetic import model_arithmetic
+from colossuslm.models.moe import MoE, load_balancing_loss
+from colossuslm.models.presets import get_preset, preset_names
+from colossuslm.models.transformer import Transformer
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
+    return ModelConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_experts": 4, "top_k": 2}, {"attn_logit_softcap": 30.0},
+                                {"tie_embeddings": False}, {"n_experts": 4, "n_shared_experts": 1,
+                                                            "first_dense_layers": 1, "moe_ffn_hidden": 16}])
+def test_shapes_and_param_count(kw):
+    cfg = small_cfg(**kw)
+    model = Transformer(cfg)
+    logits, aux = model(torch.randint(0, 97, (3, 17)))
+    assert logits.shape == (3, 17, 97) and aux.shape == ()
+    assert sum(p.numel() for p in model.parameters()) == model_arithmetic(cfg).total_params
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_experts": 4, "top_k": 2}, {"attn_logit_softcap": 5.0}])
+def test_causality(kw):
+    torch.manual_seed(0)
+    model = Transformer(small_cfg(**kw)).eval()
+    tokens = torch.randint(0, 97, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 97
+    with torch.no_grad():
+        a, _ = model(tokens)
+        b, _ = model(changed)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_moe_every_token_reaches_k_experts_with_normalised_gates():
+    torch.manual_seed(0)
+    cfg = small_cfg(n_experts=6, top_k=2)
+    moe = MoE(cfg)
+    moe.init_weights(0.5, 0.5)
+    x = torch.randn(2, 50, cfg.d_model)
+    gates, ids, _ = moe.router(x.reshape(-1, cfg.d_model))
+    assert ids.shape == (100, 2)
+    assert all(len(set(row.tolist())) == 2 for row in ids)  # k distinct experts per token
+    torch.testing.assert_close(gates.sum(-1), torch.ones(100))
+    # Dropless dispatch equals the naive per-token computation.
+    out, _ = moe(x)
+    tokens = x.reshape(-1, cfg.d_model)
+    expected = torch.zeros_like(tokens)
+    ex = moe.experts
+    for t in range(tokens.shape[0]):
+        for slot in range(2):
+            e = ids[t, slot]
+            h = torch.nn.functional.silu(tokens[t] @ ex.w1[e]) * (tokens[t] @ ex.w3[e])
+            expected[t] += gates[t, slot] * (h @ ex.w2[e])
+    torch.testing.assert_close(out.reshape(-1, cfg.d_model), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_aux_loss_is_lowest_at_uniform_load():
+    n_experts, tokens = 4, 400
+    uniform_logits = torch.zeros(tokens, n_experts)
+    uniform_ids = torch.arange(tokens * 2).remainder(n_experts).view(tokens, 2)
+    balanced = load_balancing_loss(uniform_logits, uniform_ids, n_experts)
+    torch.testing.assert_close(balanced, torch.tensor(1.0))
+    skewed_logits = torch.zeros(tokens, n_experts)
+    skewed_logits[:, 0] = 3.0
+    skewed_ids = torch.zeros(tokens, 2, dtype=torch.long)
+    skewed_ids[:, 1] = 1
+    assert load_balancing_loss(skewed_logits, skewed_ids, n_experts) > balanced
+
+
+def test_moe_gradients_reach_every_used_expert_and_router():
+    torch.manual_seed(0)
+    model = Transformer(small_cfg(n_experts=4, top_k=2))
+    logits, aux = model(torch.randint(0, 97, (4, 32)))
+    (logits.float().logsumexp(-1).mean() + aux).backward()
+    moe = model.layers["0"].moe
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+    assert (moe.experts.w1.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_count_exactly_on_meta(name):
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counts = model_arithmetic(cfg)
+    assert sum(p.numel() for p in model.parameters()) == counts.total_params
+    assert counts.active_params <= counts.total_params
+
+
+def test_published_sizes():
+    def billions(name):
+        return model_arithmetic(get_preset(name)).total_params / 1e9
+
+    assert abs(billions("llama3-8b") - 8.03) < 0.01
+    assert abs(billions("llama3-70b") - 70.6) < 0.1
+    assert abs(billions("llama3-405b") - 405.9) < 0.1
+    assert 310 < billions("grok-1") < 320
+    grok = model_arithmetic(get_preset("grok-1"))
+    assert 0.2 < grok.active_params / grok.total_params < 0.3  # 2 of 8 experts
+    ds = model_arithmetic(get_preset("deepseek-v3-like"))
+    assert 650 < ds.total_params / 1e9 < 690 and 30 < ds.active_params / 1e9 < 40
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = get_preset("llama3-8b")
+    a = model_arithmetic(cfg, seq_len=8192)
+    non_embedding = a.active_params - a.embedding_params
+    norms = cfg.n_layers * 2 * cfg.d_model + cfg.d_model
+    attention = 12 * cfg.n_layers * cfg.n_heads * 128 * 8192
+    assert a.flops_per_token == 6 * (non_embedding - norms) + attention
+    # Tied heads still cost a matmul: tiny's head is its embedding table.
+    tiny = get_preset("tiny")
+    t = model_arithmetic(tiny, seq_len=256)
+    assert t.flops_per_token > 6 * tiny.vocab_size * tiny.d_model
+
+
+def test_moe_active_flops_count_only_top_k():
+    dense_like = model_arithmetic(small_cfg(n_experts=8, top_k=1))
+    two = model_arithmetic(small_cfg(n_experts=8, top_k=2))
+    assert two.flops_per_token - dense_like.flops_per_token == 6 * 2 * 3 * 32 * 64
