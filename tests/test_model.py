@@ -125,3 +125,27 @@ def test_moe_active_flops_count_only_top_k():
     dense_like = model_arithmetic(small_cfg(n_experts=8, top_k=1))
     two = model_arithmetic(small_cfg(n_experts=8, top_k=2))
     assert two.flops_per_token - dense_like.flops_per_token == 6 * 2 * 3 * 32 * 64
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_matches_cross_entropy_of_logits(autocast, tie):
+    torch.manual_seed(0)
+    cfg = small_cfg(tie_embeddings=tie)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 97, (3, 40))
+    targets = torch.randint(0, 97, (3, 40))
+    targets[0, :10] = -100  # masked prompt tokens do not count
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, _ = model(tokens)
+        reference = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused, _ = model(tokens, targets)
+    fused.backward()
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused, reference, **tol)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], **tol, msg=name)

@@ -52,12 +52,17 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted: [N, d] tokens grouped by expert, `counts[e]` rows for expert e."""
+        # Cast each stacked weight once (not once per expert) and unbind it: indexing w[e] per
+        # expert would make autograd build a full-size zero gradient for every expert.
+        dtype = torch.get_autocast_dtype(x_sorted.device.type) if torch.is_autocast_enabled(x_sorted.device.type) else x_sorted.dtype
+        w1, w3, w2 = (w.to(dtype).unbind(0) for w in (self.w1, self.w3, self.w2))
+        x_sorted = x_sorted.to(dtype)
         outputs = []
         for e, chunk in enumerate(torch.split(x_sorted, counts)):
             if chunk.shape[0] == 0:
                 continue
-            h = F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])
-            outputs.append(h @ self.w2[e])
+            h = F.silu(chunk @ w1[e]) * (chunk @ w3[e])
+            outputs.append(h @ w2[e])
         if not outputs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outputs)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colossuslm.config.schema import ModelConfig
+from colossuslm.models.loss import linear_cross_entropy
 from colossuslm.models.moe import MoE, SwiGLU
 
 
@@ -130,17 +131,25 @@ class Transformer(nn.Module):
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: [B, S] int64 -> (logits [B, S, vocab], summed MoE auxiliary loss scalar)."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: [B, S] int64 -> (logits [B, S, vocab], summed MoE auxiliary loss scalar).
+
+        With `targets` ([B, S], -100 = ignore) the first result is instead the mean next-token
+        cross-entropy, computed without materialising the full logits (models/loss.py).
+        """
         seq = tokens.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         h = self.tok_embeddings(tokens)
+        # RoPE in the compute dtype: an fp32 table would silently upcast bf16 q/k under autocast.
+        rope_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        cos, sin = self.rope_cos[:seq].to(rope_dtype), self.rope_sin[:seq].to(rope_dtype)
         aux_total = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             h, aux = block(h, cos, sin)
             aux_total = aux_total + aux
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten()), aux_total
         return F.linear(h, weight), aux_total

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from colossuslm.config import Config, config_to_dict, save_config
 from colossuslm.errors import ColossusError
@@ -46,9 +45,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; targets of -100 (masked prompt tokens) are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+def forward_backward(step_model: torch.nn.Module, model: torch.nn.Module, batches, grad_accum: int,
+                     autocast: torch.autocast, grad_clip: float, device: torch.device) -> tuple[float, float]:
+    """Accumulate gradients over `grad_accum` micro-batches and clip them.
+
+    Returns (mean loss, gradient norm before clipping). `step_model` may be the compiled wrapper
+    of `model`; gradients live on `model`'s parameters either way.
+    """
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast:
+            loss, aux_loss = step_model(inputs, targets)
+        ((loss + aux_loss) / grad_accum).backward()
+        total_loss += loss.detach() / grad_accum
+    clip = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    return total_loss.item(), grad_norm.item()
 
 
 class Trainer:
@@ -90,22 +104,12 @@ class Trainer:
     def train_step(self) -> StepResult:
         tc = self.cfg.train
         start = time.perf_counter()
-        self.model.train()
-        total_loss = torch.zeros((), device=self.device)
-        for _ in range(tc.grad_accum):
-            inputs, targets = self.train_loader.next_batch()
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            with self.autocast:
-                logits, aux_loss = self.step_model(inputs)
-                loss = language_model_loss(logits, targets)
-            ((loss + aux_loss) / tc.grad_accum).backward()
-            total_loss += loss.detach() / tc.grad_accum
-        clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        loss_value, norm_value = total_loss.item(), grad_norm.item()
+        batches = (self.train_loader.next_batch() for _ in range(tc.grad_accum))
+        loss_value, norm_value = forward_backward(self.step_model, self.model, batches, tc.grad_accum,
+                                                  self.autocast, tc.grad_clip, self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
-        if skipped:
+        if skipped:  # keep the weights: one bad batch must not poison the run
             self.skipped_steps += 1
             self.bad_steps_in_row += 1
         else:
@@ -127,8 +131,8 @@ class Trainer:
         for _ in range(self.cfg.train.eval_batches):
             inputs, targets = self.val_loader.next_batch()
             with self.autocast:
-                logits, _ = self.step_model(inputs.to(self.device))
-            losses.append(language_model_loss(logits, targets.to(self.device)).item())
+                loss, _ = self.step_model(inputs.to(self.device), targets.to(self.device))
+            losses.append(loss.item())
         return sum(losses) / len(losses)
 
     # ---------------------------------------------------------------- checkpoints

@@ -1,0 +1,130 @@
+"""Training-step throughput: Colossus LM vs Hugging Face transformers, side by side in one run.
+
+For each architecture both implementations get the same shapes, the same bf16 autocast, fused
+AdamW and the same batch; we time full optimizer steps (forward, backward, clip, update) and
+report median tokens/s, the ratio, and our achieved FLOP/s as a fraction of the measured bf16
+GEMM peak of this machine.
+
+    python bench/train_step.py                      # tiny, small (dense) and moe-tiny, moe-small
+    python bench/train_step.py --models small --steps 8 --batch 8 --seq 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from colossuslm.config import ModelConfig, TrainConfig
+from colossuslm.models.arithmetic import model_arithmetic
+from colossuslm.models.presets import get_preset
+from colossuslm.models.transformer import Transformer
+from colossuslm.train.optim import build_optimizer
+from colossuslm.train.peak import measure_cpu_bf16_peak, peak_flops
+from colossuslm.train.trainer import forward_backward
+
+
+def hf_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The equivalent transformers model (Llama for dense, Mixtral for MoE), SDPA attention."""
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                  head_dim=cfg.resolved_head_dim, max_position_embeddings=cfg.max_seq_len,
+                  rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+                  tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    if cfg.is_moe:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(intermediate_size=cfg.expert_hidden, num_local_experts=cfg.n_experts,
+                               num_experts_per_tok=cfg.top_k, output_router_logits=True,
+                               router_aux_loss_coef=cfg.aux_loss_coef, **common)
+        return MixtralForCausalLM(config)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(intermediate_size=cfg.ffn_hidden, **common))
+
+
+class HFStep:
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        self.model = hf_model(cfg).to(device)
+        self.optimizer = build_optimizer(self.model, TrainConfig())
+        self.device = device
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            # labels are shifted inside transformers; pass the unshifted sequence it expects
+            out = self.model(input_ids=inputs, labels=inputs)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class OurStep:
+    def __init__(self, cfg: ModelConfig, device: torch.device, compile_model: bool):
+        self.model = Transformer(cfg).to(device)
+        self.step_model = torch.compile(self.model) if compile_model else self.model
+        self.optimizer = build_optimizer(self.model, TrainConfig())
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        self.device = device
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        forward_backward(self.step_model, self.model, [(inputs, targets)], 1, self.autocast, 1.0, self.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(step, inputs, targets, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        step(inputs, targets)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(inputs, targets)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="tiny,small,moe-tiny,moe-small")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = measure_cpu_bf16_peak(seconds=3.0) if device.type == "cpu" else peak_flops(device)
+    print(f"device {device}, {torch.get_num_threads()} threads, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, "
+          f"batch {args.batch} x seq {args.seq}")
+    header = f"{'model':<10} {'params':>9} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours % peak':>11}"
+    print(header)
+    print("-" * len(header))
+    for name in args.models.split(","):
+        cfg = get_preset(name)
+        torch.manual_seed(0)
+        inputs = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+        targets = torch.roll(inputs, -1, dims=1)
+        tokens = args.batch * args.seq
+        ours = time_steps(OurStep(cfg, device, args.compile), inputs, targets, args.steps, args.warmup, device)
+        theirs = None
+        if not args.no_hf:
+            theirs = time_steps(HFStep(cfg, device), inputs, targets, args.steps, args.warmup, device)
+        arithmetic = model_arithmetic(cfg, args.seq)
+        flops_fraction = arithmetic.flops_per_token * tokens / ours / peak
+        hf_cell = f"{tokens / theirs:>10,.0f} {theirs / ours:>5.2f}x" if theirs else f"{'-':>10} {'-':>6}"
+        print(f"{name:<10} {arithmetic.total_params / 1e6:>8.1f}M {tokens / ours:>11,.0f} {hf_cell} "
+              f"{100 * flops_fraction:>10.1f}%")
+
+
+if __name__ == "__main__":
+    main()

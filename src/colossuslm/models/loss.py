@@ -1,0 +1,67 @@
+"""Output projection fused with cross-entropy, computed in row chunks.
+
+The full [tokens, vocab] fp32 logits of a plain `F.cross_entropy(logits.float(), ...)` are the
+largest activation of a small model and their softmax backward is slow on CPU. Here each chunk of
+rows is projected, reduced to its loss, and turned into gradients for the hidden states and the
+head weight right away (the gradient of cross-entropy w.r.t. logits is softmax - onehot), so only
+one chunk of logits is ever alive. Backward then only scales the stored gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_rows: int, compute_dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(compute_dtype)
+        valid_count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grads else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows].to(compute_dtype)
+            t = targets[start:start + chunk_rows]
+            valid = t != IGNORE_INDEX
+            safe_t = t.clamp(min=0)
+            logits = (h @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            if not need_grads:
+                continue
+            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            grad_logits[torch.arange(t.shape[0], device=t.device), safe_t] -= 1.0
+            grad_logits.mul_((valid.float() / valid_count).unsqueeze(1))
+            g = grad_logits.to(compute_dtype)
+            grad_hidden[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
+            grad_weight += (g.t() @ h).float()
+        if need_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
+        return total / valid_count
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int = 512) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX rows skipped).
+
+    hidden: [N, d]; weight: [V, d]; targets: [N]. Matmuls run in the autocast dtype when autocast
+    is on (as `F.linear` would), softmax and the loss in fp32.
+    """
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        compute_dtype = hidden.dtype
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
