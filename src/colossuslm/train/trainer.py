@@ -209,6 +209,7 @@ class Trainer:
                     window.append(result)
                     step_times.append(result.step_time_s)
                     if self.bad_steps_in_row >= tc.max_bad_steps:
+                        metrics.log(self._window_record(window))
                         raise ColossusError(
                             f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
                             f"(last loss {result.loss}); stopping. The last good checkpoint is kept in "
@@ -228,7 +229,9 @@ class Trainer:
                                               f"MFU {100 * record.get('mfu', 0):.1f}%")
                     else:
                         bar.update(self.step)
-                    if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
+                    # Never checkpoint in the middle of a run of non-finite steps: the newest
+                    # checkpoint should always be a state the run was healthy in.
+                    if (self.step % tc.ckpt_every == 0 or self.step == tc.steps) and not self.bad_steps_in_row:
                         self.save_checkpoint()
                 if self._stop_signal is not None:
                     path = self.save_checkpoint()
