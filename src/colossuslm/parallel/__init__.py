@@ -1,0 +1,1 @@
+"""Parallelism applied to an unchanged model from outside: device mesh, FSDP2, TP, EP."""

@@ -1,0 +1,111 @@
+"""Process group start-up and the device mesh.
+
+The mesh has four named dimensions, outermost first: dp_replicate, dp_shard_mod_ep, ep, tp.
+Expert parallelism borrows its ranks from the FSDP shard group (as torchtitan does): the data
+parallel shard group is dp_shard = dp_shard_mod_ep x ep, and every rank still reads its own
+data. Flattened views:
+  dp_shard  = (dp_shard_mod_ep, ep)                   FSDP shards non-expert parameters here
+  dp        = (dp_replicate, dp_shard_mod_ep, ep)     ranks that read different data
+  dp_mod_ep = (dp_replicate, dp_shard_mod_ep)         replicas of one expert shard
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from colossuslm.config.schema import ParallelConfig
+from colossuslm.errors import ColossusError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    ep: int
+    world_size: int
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_shard_mod_ep(self) -> int:
+        return self.dp_shard // self.ep
+
+    @classmethod
+    def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        """Fill dp_shard = -1 and check that the layout multiplies out to the world size."""
+        fixed = cfg.dp_replicate * cfg.tp
+        dp_shard = cfg.dp_shard
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise ColossusError(
+                    f"parallel layout: dp_replicate x tp = {cfg.dp_replicate} x {cfg.tp} = {fixed} does not "
+                    f"divide the world size {world_size}; change parallel.dp_replicate or parallel.tp, "
+                    f"or the number of processes")
+            dp_shard = world_size // fixed
+        if cfg.dp_replicate * dp_shard * cfg.tp != world_size:
+            raise ColossusError(
+                f"parallel layout: dp_replicate x dp_shard x tp = {cfg.dp_replicate} x {dp_shard} x {cfg.tp} "
+                f"= {cfg.dp_replicate * dp_shard * cfg.tp}, but {world_size} processes are running; make the "
+                f"product equal the number of processes (parallel.dp_shard = -1 fills it in)")
+        if dp_shard % cfg.ep:
+            raise ColossusError(
+                f"parallel layout: parallel.ep = {cfg.ep} must divide the data-parallel shard size "
+                f"dp_shard = {dp_shard} (expert parallelism borrows ranks from it)")
+        return cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.ep, world_size)
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device_kind: str = "auto", timeout_s: float = 300.0) -> DistributedEnv:
+    """Join the process group torchrun set up: NCCL on GPUs, gloo on CPUs, chosen automatically."""
+    if not launched_by_torchrun():
+        device = torch.device("cuda" if device_kind != "cpu" and torch.cuda.is_available() else "cpu")
+        return DistributedEnv(0, 0, 1, device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device_kind != "cpu" and torch.cuda.is_available()
+    if device_kind == "cuda" and not use_cuda:
+        raise ColossusError("train.device = 'cuda' but no CUDA device is visible")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if use_cuda else None)
+    return DistributedEnv(rank, local_rank, world_size, device)
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    names = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+    mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp),
+                            mesh_dim_names=names)
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+    mesh["dp_replicate", "dp_shard_mod_ep"]._flatten("dp_mod_ep")
+    return mesh
