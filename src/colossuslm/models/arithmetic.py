@@ -104,3 +104,53 @@ def activation_bytes_per_token(cfg: ModelConfig, recompute: str = "none", bytes_
 def logits_bytes_per_token(cfg: ModelConfig) -> float:
     """fp32 logits and their gradient held around the loss."""
     return 2.0 * 4 * cfg.vocab_size
+
+
+@dataclass(frozen=True)
+class MatmulShape:
+    """One weight matrix a token passes through: `in_features` x `out_features`, `uses` times.
+
+    `split` says how tensor parallelism cuts it: "column" (outputs), "row" (inputs) or
+    "none"; `expert` marks routed-expert weights, which expert parallelism also spreads.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    uses: int  # per token (a routed expert matrix is used top_k times per token, by different experts)
+    split: str
+    expert: bool = False
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+
+def layer_matmuls(cfg: ModelConfig, moe: bool) -> list[MatmulShape]:
+    """The matrices of one transformer block (dense MLP or MoE), in forward order.
+
+    Their `params * uses` sum to the block's share of the matmul parameters that
+    `model_arithmetic` counts, so FLOPs derived from these shapes agree with `flops_per_token`.
+    """
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    shapes = [
+        MatmulShape("qkv", d, hd * (cfg.n_heads + 2 * cfg.n_kv_heads), 1, "column"),
+        MatmulShape("attn_out", cfg.n_heads * hd, d, 1, "row"),
+    ]
+    if moe:
+        f = cfg.expert_hidden
+        shapes += [MatmulShape("router", d, cfg.n_experts, 1, "none"),
+                   MatmulShape("expert_gate_up", d, 2 * f, cfg.top_k, "column", expert=True),
+                   MatmulShape("expert_down", f, d, cfg.top_k, "row", expert=True)]
+        if cfg.n_shared_experts:
+            shapes += [MatmulShape("shared_gate_up", d, 2 * f * cfg.n_shared_experts, 1, "column"),
+                       MatmulShape("shared_down", f * cfg.n_shared_experts, d, 1, "row")]
+    else:
+        shapes += [MatmulShape("mlp_gate_up", d, 2 * cfg.ffn_hidden, 1, "column"),
+                   MatmulShape("mlp_down", cfg.ffn_hidden, d, 1, "row")]
+    return shapes
+
+
+def head_matmul(cfg: ModelConfig) -> MatmulShape:
+    """The output projection to the vocabulary (vocabulary-parallel under TP)."""
+    return MatmulShape("head", cfg.d_model, cfg.vocab_size, 1, "column")

@@ -101,11 +101,30 @@ def init_distributed(device_kind: str = "auto", timeout_s: float = 300.0) -> Dis
     return DistributedEnv(rank, local_rank, world_size, device)
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+@dataclass(frozen=True)
+class Meshes:
+    """The root mesh and the 1-D views each parallelism needs (kept here: slicing flattened
+    dimensions back out of the root mesh is deprecated)."""
+
+    root: DeviceMesh
+    dp: DeviceMesh
+    dp_shard: DeviceMesh
+    dp_replicate: DeviceMesh
+    dp_mod_ep: DeviceMesh
+    ep: DeviceMesh
+    tp: DeviceMesh
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
     names = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
-    mesh = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp),
+    root = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp),
                             mesh_dim_names=names)
-    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
-    mesh["dp_replicate", "dp_shard_mod_ep"]._flatten("dp_mod_ep")
-    return mesh
+    return Meshes(
+        root=root,
+        dp=root["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp"),
+        dp_shard=root["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
+        dp_replicate=root["dp_replicate"],
+        dp_mod_ep=root["dp_replicate", "dp_shard_mod_ep"]._flatten("dp_mod_ep"),
+        ep=root["ep"],
+        tp=root["tp"],
+    )
