@@ -1,0 +1,263 @@
+"""OpenAI-compatible HTTP API over an `AsyncEngine` (FastAPI; run it with uvicorn).
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (plain, or SSE
+streaming ending in `data: [DONE]`), GET /health, GET /metrics (Prometheus text).
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from colossuslm.data.chat import encode_chat
+from colossuslm.data.tokenizer import IM_END
+from colossuslm.errors import ColossusError
+from colossuslm.serve.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from colossuslm.serve.errors import ApiError, InvalidRequestError, ModelNotFoundError, ServerBusyError
+from colossuslm.serve.http_guards import RequestGuard
+from colossuslm.serve.metrics import ServerMetrics
+from colossuslm.serve.protocol import (ChatCompletionRequest, CompletionRequest, chat_body, chat_chunk,
+                                       completion_body, error_body, new_id, usage, usage_chunk)
+from colossuslm.serve.sampling import SamplingParams
+
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_concurrent_requests: int = 256  # beyond this, 429 rather than an ever-growing queue
+    max_body_bytes: int = 1 << 20
+
+
+def _error(status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type, param, code), status_code=status)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class _Job:
+    """One admitted generation request, for the streaming and the plain paths alike."""
+
+    kind: str  # "chat" | "completion"
+    id: str
+    stream: RequestStream
+    include_usage: bool
+    started: float
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings):
+    """The ASGI app: FastAPI routes behind the API-key and body-size guard."""
+    app = FastAPI(title="Colossus LM", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServerMetrics(engine.stats)
+    tokenizer = engine.tokenizer
+    im_end = tokenizer.token_to_id(IM_END)
+    chat_stop_ids = [im_end] if im_end is not None else []
+    in_flight = 0  # admitted generation requests not yet finished (streams included)
+
+    # ------------------------------------------------------------------------- errors
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return _error(exc.status, str(exc), exc.error_type, exc.param, exc.code)
+
+    @app.exception_handler(ColossusError)
+    async def user_error(_: Request, exc: ColossusError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error(400, "The request body is not valid JSON.", code="invalid_json")
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return _error(400, f"Invalid value for '{field}': {first.get('msg')}", param=field or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = (f"{request.method} {request.url.path} is not an endpoint of this server; "
+                       f"it serves {', '.join(ENDPOINTS)}")
+        return _error(exc.status_code, message)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError):
+        return _error(503, str(exc), error_type="server_error")
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", error_type="server_error")
+
+    # ------------------------------------------------------------------------- plain endpoints
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "colossuslm"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
+            raise ModelNotFoundError(f"The model '{name}' does not exist; this server serves "
+                                     f"'{settings.model_name}' (see GET /v1/models).", param="model",
+                                     code="model_not_found")
+
+    # ------------------------------------------------------------------------- generation
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.sampling_params(body.max_tokens, stop_token_ids=[])
+        prompt = body.single_prompt()
+        prompt_ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
+        job = admit("completion", new_id("cmpl"), prompt_ids, params, body.include_usage)
+        if body.stream:
+            return streaming(job, completion_events(job))
+        return await plain(job, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.sampling_params(body.max_reply_tokens, stop_token_ids=chat_stop_ids)
+        try:
+            prompt_ids = encode_chat(tokenizer, body.messages)
+        except ColossusError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from None
+        job = admit("chat", new_id("chatcmpl"), prompt_ids, params, body.include_usage)
+        if body.stream:
+            return streaming(job, chat_events(job))
+        return await plain(job, request)
+
+    def admit(kind: str, request_id: str, prompt_ids: list[int], params: SamplingParams,
+              include_usage: bool) -> _Job:
+        nonlocal in_flight
+        if in_flight >= settings.max_concurrent_requests:
+            raise ServerBusyError(f"The server is handling {settings.max_concurrent_requests} requests, "
+                                  f"its limit; retry shortly.", code="server_busy")
+        stream = engine.add_request(prompt_ids, params, request_id)  # validates: 400 before any output
+        in_flight += 1
+        return _Job(kind, request_id, stream, include_usage, time.monotonic())
+
+    def finish(job: _Job, prompt_tokens: int, completion_tokens: int, first_token: float | None) -> None:
+        nonlocal in_flight
+        in_flight -= 1
+        job.stream.abort()  # no-op if it finished; frees the slot if the client left early
+        metrics.prompt_tokens.inc(prompt_tokens)
+        metrics.generation_tokens.inc(completion_tokens)
+        if first_token is not None:
+            metrics.ttft.observe(first_token - job.started)
+            metrics.latency.observe(time.monotonic() - job.started)
+
+    async def plain(job: _Job, request: Request) -> Response:
+        """Collect the whole reply; give up (and free the slot) if the client disconnects meanwhile."""
+        collected = asyncio.ensure_future(collect(job.stream))
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        result = None
+        try:
+            await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if collected.done():
+                result = collected.result()  # raises EngineDeadError if the engine failed
+        finally:
+            gone.cancel()
+            collected.cancel()
+            last = result[1] if result else None
+            finish(job, last.prompt_tokens if last else 0, last.completion_tokens if last else 0,
+                   result[2] if result else None)
+        if result is None:
+            return Response(status_code=499)  # nginx's "client closed request": nobody will read it
+        text, last, _ = result
+        counts = usage(last.prompt_tokens, last.completion_tokens)
+        if job.kind == "chat":
+            return JSONResponse(chat_body(job.id, settings.model_name, text, last.finish_reason, counts))
+        return JSONResponse(completion_body(job.id, settings.model_name, text, last.finish_reason, counts))
+
+    def streaming(job: _Job, events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def completion_events(job: _Job) -> AsyncIterator[str]:
+        def chunk(text: str, reason: str | None) -> dict:
+            return completion_body(job.id, settings.model_name, text, reason, None, chunk=True)
+        async for event in _events(job, chunk):
+            yield event
+
+    async def chat_events(job: _Job) -> AsyncIterator[str]:
+        yield _sse(chat_chunk(job.id, settings.model_name, {"role": "assistant", "content": ""}, None))
+
+        def chunk(text: str, reason: str | None) -> dict:
+            return chat_chunk(job.id, settings.model_name, {"content": text} if text else {}, reason)
+        async for event in _events(job, chunk):
+            yield event
+
+    async def _events(job: _Job, chunk) -> AsyncIterator[str]:
+        prompt_tokens = completion_tokens = 0
+        first_token = None
+        try:
+            async for out in job.stream:
+                if first_token is None:
+                    first_token = time.monotonic()
+                prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
+                if out.text or out.finished:
+                    yield _sse(chunk(out.text, out.finish_reason))
+            if job.include_usage:
+                yield _sse(usage_chunk(job.id, settings.model_name, job.kind, usage(prompt_tokens, completion_tokens)))
+            yield "data: [DONE]\n\n"
+        except EngineDeadError as exc:
+            yield _sse(error_body(str(exc), "server_error"))
+        finally:
+            finish(job, prompt_tokens, completion_tokens, first_token)
+
+    def on_response(path: str, status: int) -> None:
+        metrics.requests.inc(endpoint=path if path in ENDPOINTS else "other", status=str(status))
+
+    return RequestGuard(app, settings.api_key, settings.max_body_bytes, on_response)
+
+
+async def collect(stream: RequestStream):
+    """(text, last output, time of first token) of a whole request."""
+    parts, last, first_token = [], None, None
+    async for out in stream:
+        if first_token is None:
+            first_token = time.monotonic()
+        parts.append(out.text)
+        last = out
+    return "".join(parts), last, first_token
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message on this connection is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+__all__ = ["ServerSettings", "create_app"]

@@ -1,0 +1,234 @@
+"""The inference engine: requests in, a batched model step at a time, text deltas out.
+
+`LLMEngine` is synchronous and single-threaded: `add_request`, then call `step()` until done.
+It owns the scheduler, the paged KV cache, the model runner and output processing (sampling,
+detokenization, stop conditions). `AsyncEngine` (async_engine.py) drives it from a thread for the
+HTTP server; the CLI uses it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from colossuslm.errors import ColossusError
+from colossuslm.models.transformer import Transformer
+from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_bytes_table
+from colossuslm.serve.errors import InvalidRequestError
+from colossuslm.serve.kv_cache import PagedKVCache
+from colossuslm.serve.loading import LoadedModel, load_for_inference
+from colossuslm.serve.model_runner import ModelRunner, StepItem
+from colossuslm.serve.request import GenerationResult, Request, RequestOutput, Status
+from colossuslm.serve.sampling import SamplingParams, make_generator, sample
+from colossuslm.serve.scheduler import Scheduler
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32  # requests decoded together in one step
+    max_model_len: int | None = None  # context window served; default and maximum: model.max_seq_len
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_tokens: int | None = None  # default: every sequence at full length, within kv_cache_bytes
+    kv_cache_bytes: int = 2 << 30
+    max_num_batched_tokens: int | None = None  # prompt tokens prefilled per step; default max(2048, context)
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_token_id: int,
+                 config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.device = model.tok_embeddings.weight.device
+        self.vocab_size = model.cfg.vocab_size
+        self._token_bytes = token_bytes_table(tokenizer)  # built once, shared by every request
+        self.max_model_len = self._check_context(config.max_model_len, model.cfg.max_seq_len)
+        cache = PagedKVCache(model.cfg, self._num_blocks(config), config.block_size, self.device,
+                             model.tok_embeddings.weight.dtype)
+        self.runner = ModelRunner(model, cache)
+        self.scheduler = Scheduler(cache, config.max_num_seqs,
+                                   config.max_num_batched_tokens or max(2048, self.max_model_len))
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str = "auto", dtype: str = "auto",
+                        config: EngineConfig | None = None) -> "LLMEngine":
+        return cls.from_loaded(load_for_inference(path, device=device, dtype=dtype), config)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig | None = None) -> "LLMEngine":
+        return cls(loaded.model, loaded.tokenizer, loaded.eos_token_id, config)
+
+    # ----------------------------------------------------------------------------- requests
+
+    def make_request(self, prompt_ids: list[int], params: SamplingParams,
+                     request_id: str | None = None) -> Request:
+        """Validate and build a request without touching engine state (safe from any thread)."""
+        params.validate()
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        prompt_len = len(prompt_ids)
+        if params.max_tokens is None:
+            if prompt_len >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"This model's maximum context length is {self.max_model_len} tokens, and the prompt "
+                    f"has {prompt_len}, leaving no room for a reply. Shorten the prompt.", param="messages")
+            max_total = self.max_model_len
+        else:
+            max_total = prompt_len + params.max_tokens
+            if max_total > self.max_model_len:
+                raise InvalidRequestError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                    f"requested {max_total} tokens ({prompt_len} in the prompt, {params.max_tokens} in the "
+                    f"completion). Shorten the prompt or lower max_tokens.", param="max_tokens")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.add(self.eos_token_id)
+        return Request(
+            request_id=request_id or f"req-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params,
+            max_total_tokens=max_total, stop_token_ids=frozenset(stop_ids),
+            generator=make_generator(params.seed, self.device),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, self._token_bytes), stop_matcher=StopStringMatcher(params.stop))
+
+    def add(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        request = self.make_request(prompt_ids, params, request_id)
+        self.add(request)
+        return request.request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request and free its cache blocks. False if it was not there (already finished)."""
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           kv_cache_usage=self.runner.cache.usage, preemptions=self.scheduler.num_preemptions)
+
+    # ----------------------------------------------------------------------------- stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Run the model once over the running batch; one output per request that ran."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        items = [StepItem(new_tokens=self._uncached_tokens(r), start_pos=r.num_cached, block_table=r.block_table)
+                 for r in batch]
+        logits = self.runner.execute(items)
+        next_tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
+        now = time.monotonic()
+        outputs = []
+        for request, token in zip(batch, next_tokens):
+            request.num_cached = request.num_tokens
+            outputs.append(self._append_token(request, token, now))
+        return outputs
+
+    @staticmethod
+    def _uncached_tokens(request: Request) -> list[int]:
+        start, prompt = request.num_cached, request.prompt_ids
+        if start >= len(prompt):
+            return request.output_ids[start - len(prompt):]
+        return prompt[start:] + request.output_ids
+
+    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
+        request.output_ids.append(token)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        matcher = request.stop_matcher
+        reason = None
+        if token in request.stop_token_ids:
+            reason = "stop"
+        else:
+            matcher.add(request.detokenizer.push(token))
+            if matcher.stopped:
+                reason = "stop"
+            elif request.num_tokens >= request.max_total_tokens:
+                reason = "length"
+        if reason is not None:
+            matcher.add(request.detokenizer.flush())
+            self.scheduler.running.remove(request)
+            self.scheduler.finish(request, reason)
+        return RequestOutput(request_id=request.request_id, text=matcher.take(final=reason is not None),
+                             token_ids=[token], finished=reason is not None, finish_reason=reason,
+                             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids))
+
+    # ----------------------------------------------------------------------------- conveniences
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding deltas as they come (the CLI's path)."""
+        request_id = self.add_request(prompt_ids, params)
+        try:
+            while True:
+                for output in self.step():
+                    if output.request_id == request_id:
+                        yield output
+                        if output.finished:
+                            return
+        finally:
+            self.abort_request(request_id)  # no-op once finished; frees the slot if the caller stops early
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[GenerationResult]:
+        """Complete every prompt, all batched together; results in prompt order."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        texts: dict[str, list[str]] = {i: [] for i in ids}
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                texts[out.request_id].append(out.text)
+                tokens[out.request_id].extend(out.token_ids)
+                if out.finished:
+                    done[out.request_id] = out
+        return [GenerationResult(text="".join(texts[i]), token_ids=tokens[i], finish_reason=done[i].finish_reason,
+                                 prompt_tokens=done[i].prompt_tokens, completion_tokens=done[i].completion_tokens)
+                for i in ids]
+
+    # ----------------------------------------------------------------------------- sizing
+
+    @staticmethod
+    def _check_context(asked: int | None, model_max: int) -> int:
+        if asked is None:
+            return model_max
+        if not 1 <= asked <= model_max:
+            raise ColossusError(f"max_model_len = {asked} is invalid: must be between 1 and the model's "
+                                f"max_seq_len = {model_max} (RoPE tables end there)")
+        return asked
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        if config.max_num_seqs < 1 or config.block_size < 1:
+            raise ColossusError("max_num_seqs and block_size must be at least 1")
+        per_token = PagedKVCache.bytes_per_token(self.model.cfg, self.model.tok_embeddings.weight.dtype)
+        tokens = config.kv_cache_tokens
+        if tokens is None:
+            tokens = min(config.max_num_seqs * self.max_model_len, config.kv_cache_bytes // per_token)
+        if tokens < self.max_model_len:
+            raise ColossusError(
+                f"the KV cache holds {tokens} tokens, less than one full context of {self.max_model_len}; "
+                f"give it more memory or lower the served context length (--max-model-len)")
+        return -(-tokens // config.block_size)
+
+
+__all__ = ["EngineConfig", "EngineStats", "LLMEngine", "SamplingParams"]

@@ -1,0 +1,99 @@
+"""Load a checkpoint for inference: weights from safetensors (never pickle), config, tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from colossuslm.config import Config, load_config
+from colossuslm.data.tokenizer import EOS_TOKEN, IM_END, load_tokenizer
+from colossuslm.errors import ColossusError
+from colossuslm.models.transformer import Transformer, rope_tables
+from colossuslm.train.checkpoint import resolve_checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    path: Path  # the checkpoint directory actually loaded
+    config: Config
+    model: Transformer  # eval mode, on `device`, in `dtype`
+    tokenizer: Tokenizer
+    name: str  # default name to serve the model under
+    eos_token_id: int
+    im_end_token_id: int | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ColossusError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ColossusError(f"--device {device!r} is not a device; use auto, cpu or cuda") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory traffic on GPUs; CPU bf16 matmuls are slower than fp32 on most cores.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ColossusError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_model_name(ckpt_dir: Path) -> str:
+    """`runs/NAME/checkpoints/step_X` serves as NAME; a loose checkpoint directory by its own name."""
+    if ckpt_dir.parent.name == "checkpoints":
+        return ckpt_dir.parent.parent.name
+    return ckpt_dir.name
+
+
+def build_model(config: Config, state: dict[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype) -> Transformer:
+    """A Transformer holding `state`, without spending time on a random init first."""
+    with torch.device("meta"):
+        model = Transformer(config.model)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ColossusError(f"checkpoint weights do not match its config.toml ({exc}); "
+                            f"the checkpoint is damaged or was written by a different model version") from None
+    # RoPE tables are non-persistent buffers (not in the file); rebuild them on a real device.
+    cos, sin = rope_tables(config.model.resolved_head_dim, config.model.max_seq_len, config.model.rope_theta)
+    model.rope_cos, model.rope_sin = cos, sin
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """A checkpoint directory, or a run directory (its newest valid checkpoint)."""
+    ckpt_dir = resolve_checkpoint(path)
+    config = load_config([ckpt_dir / "config.toml"])
+    weights = ckpt_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ColossusError(f"checkpoint {ckpt_dir} has no model.safetensors")
+    torch_device = resolve_device(device)
+    state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
+    model = build_model(config, state, torch_device, resolve_dtype(dtype, torch_device))
+    tokenizer = load_tokenizer(ckpt_dir)
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise ColossusError(f"the tokenizer in {ckpt_dir} has no {EOS_TOKEN} token; it was not made "
+                            f"by `colossus data prepare`")
+    if tokenizer.get_vocab_size(with_added_tokens=True) > config.model.vocab_size:
+        raise ColossusError(f"tokenizer in {ckpt_dir} has {tokenizer.get_vocab_size()} tokens but the "
+                            f"model only {config.model.vocab_size}; they do not belong together")
+    return LoadedModel(path=ckpt_dir, config=config, model=model, tokenizer=tokenizer,
+                       name=default_model_name(ckpt_dir), eos_token_id=eos,
+                       im_end_token_id=tokenizer.token_to_id(IM_END))

@@ -1,0 +1,95 @@
+"""Server metrics in the Prometheus text exposition format (counters, gauges, histograms).
+
+Small enough to own rather than add a dependency; names follow Prometheus conventions
+(`_total` counters, `_seconds` histograms). Updated from the event loop only, so no locks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _format_labels(labels: Labels, extra: str = "") -> str:
+    parts = [f'{key}="{value}"' for key, value in labels]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str):
+        self.name, self.help = name, help_text
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        lines += [f"{self.name}{_format_labels(k)} {v:g}" for k, v in sorted(self.values.items())]
+        return lines
+
+
+class Gauge:
+    """Read at scrape time from a callback, so it is never stale (`kind="counter"` for totals)."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], float], kind: str = "gauge"):
+        self.name, self.help, self.read, self.kind = name, help_text, read, kind
+
+    def render(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", f"{self.name} {self.read():g}"]
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.name, self.help, self.buckets = name, help_text, buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, count in zip([*map(str, self.buckets), "+Inf"], self.counts):
+            cumulative += count
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
+        lines += [f"{self.name}_sum {self.total:g}", f"{self.name}_count {self.count}"]
+        return lines
+
+
+class ServerMetrics:
+    def __init__(self, engine_stats: Callable[[], object]):
+        self.requests = Counter("colossus_requests_total", "HTTP requests by endpoint and status code.")
+        self.prompt_tokens = Counter("colossus_prompt_tokens_total", "Prompt tokens processed.")
+        self.generation_tokens = Counter("colossus_generation_tokens_total", "Tokens generated.")
+        self.ttft = Histogram("colossus_time_to_first_token_seconds", "Time from request to first generated token.")
+        self.latency = Histogram("colossus_request_latency_seconds", "Time from request to its last token.")
+        self.gauges = [
+            Gauge("colossus_requests_running", "Requests in the running batch.", lambda: engine_stats().running),
+            Gauge("colossus_requests_waiting", "Requests queued for a batch slot.", lambda: engine_stats().waiting),
+            Gauge("colossus_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.",
+                  lambda: engine_stats().kv_cache_usage),
+            Gauge("colossus_preemptions_total", "Requests preempted because the KV cache was full.",
+                  lambda: engine_stats().preemptions, kind="counter"),
+        ]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.latency,
+                       *self.gauges):
+            lines += metric.render()
+        return "\n".join(lines) + "\n"
+
+
+__all__ = ["Counter", "Gauge", "Histogram", "ServerMetrics"]

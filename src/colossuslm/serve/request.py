@@ -1,0 +1,73 @@
+"""One generation request's state inside the engine, and what the engine reports about it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from colossuslm.serve.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV-cache blocks and is decoded every step
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_total_tokens: int  # prompt + the most it may generate (never beyond the context window)
+    stop_token_ids: frozenset[int]
+    generator: torch.Generator
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens (from the start) whose keys/values are in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: deltas since the previous output."""
+
+    request_id: str
+    text: str  # new text (may be "" while a character or a possible stop string is incomplete)
+    token_ids: list[int]  # new token ids
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class GenerationResult:
+    """A whole completion, as `LLMEngine.generate` returns it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+__all__ = ["GenerationResult", "Request", "RequestOutput", "Status"]

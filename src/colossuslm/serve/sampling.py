@@ -1,0 +1,102 @@
+"""Sampling parameters and a batched sampler (temperature, top-k, top-p, per-request seeds)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+from colossuslm.serve.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = 16  # None: until the context window is full
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) = no top-k cut
+    seed: int | None = None  # same seed, prompt and parameters -> same text
+    stop: list[str] = field(default_factory=list)  # stop before any of these strings; not returned
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
+    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+
+    def validate(self) -> "SamplingParams":
+        if self.top_k == -1:
+            self.top_k = 0
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be -1 or 0 (off) or a positive number of tokens"),
+            (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"takes at most {MAX_STOP_STRINGS} strings"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "entries must be non-empty strings"),
+            (self.seed is None or -2**63 <= self.seed < 2**64, "seed", "must fit in 64 bits"),
+        ]
+        for ok, param, why in checks:
+            if not ok:
+                raise InvalidRequestError(f"{param} = {getattr(self, param)!r} is invalid: {why}", param=param)
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A request's own random stream, so its samples do not depend on what else is batched."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed % 2**64 if seed is not None else secrets.randbits(63))
+    return generator
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row of fp32 `logits` [B, V]."""
+    chosen = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled_rows:
+        return chosen.tolist()
+    rows = torch.tensor(sampled_rows, device=logits.device)
+    sub_params = [params[i] for i in sampled_rows]
+    temperature = torch.tensor([p.temperature for p in sub_params], device=logits.device)
+    scaled = logits[rows] / temperature.unsqueeze(1)
+
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in sub_params]
+    top_p = [p.top_p for p in sub_params]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        candidates, candidate_ids = _truncate(scaled, top_k, top_p)
+    else:
+        candidates, candidate_ids = scaled, None
+
+    probs = candidates.softmax(dim=-1)
+    for row, (index, generator) in enumerate(zip(sampled_rows, [generators[i] for i in sampled_rows])):
+        # Exponential-race sampling: argmax(p / E), E ~ Exp(1), picks index i with probability p_i,
+        # and draws from the request's own generator.
+        noise = torch.empty_like(probs[row]).exponential_(generator=generator)
+        pick = torch.argmax(probs[row] / noise)
+        chosen[index] = pick if candidate_ids is None else candidate_ids[row, pick]
+    return chosen.tolist()
+
+
+def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row once and mask, in sorted order, what top-k and top-p exclude.
+
+    Returns (masked sorted logits, their token ids).
+    """
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+    keep_k = torch.tensor(top_k, device=logits.device).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(rank >= keep_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
+    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill((mass_before >= p) & (rank > 0), float("-inf"))
+    return sorted_logits, sorted_ids
+
+
+__all__ = ["SamplingParams", "make_generator", "sample"]
