@@ -35,7 +35,7 @@ def test_warmup_cosine_and_wsd_shapes():
 def _save(tmp_path, step, keep=2):
     model = Transformer(small_cfg())
     opt = build_optimizer(model, TrainConfig())
-    return ckpt.save_checkpoint(tmp_path, step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+    return ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=opt,
                                 trainer_state={"step": step}, config_toml="", tokenizer_json=None,
                                 keep_last=keep)
 
@@ -47,7 +47,7 @@ def test_atomic_save_keep_last_and_resolve(tmp_path):
     assert names == ["step_00000020", "step_00000030"]
     assert ckpt.resolve_checkpoint(tmp_path).name == "step_00000030"
     manifest = ckpt.verify_checkpoint(tmp_path / "checkpoints" / "step_00000030")
-    assert set(manifest["files"]) >= {"model.safetensors", "optimizer.pt", "rng.json", "trainer_state.json"}
+    assert set(manifest["files"]) >= {"model.safetensors", "rng/rank_0.json", "trainer_state.json", "dcp/.metadata"}
 
 
 def test_interrupted_write_is_ignored_and_corruption_falls_back(tmp_path):
@@ -55,8 +55,8 @@ def test_interrupted_write_is_ignored_and_corruption_falls_back(tmp_path):
     _save(root, 10)
     good = _save(root, 20)
     # A writer killed mid-save leaves only a temp directory: it is never taken for a checkpoint.
-    (root / ".tmp-step_00000030-999").mkdir()
-    (root / ".tmp-step_00000030-999" / "model.safetensors").write_bytes(b"partial")
+    (root / ".tmp-step_00000030").mkdir()
+    (root / ".tmp-step_00000030" / "model.safetensors").write_bytes(b"partial")
     assert ckpt.latest_checkpoint(root) == good
     # A bit flip in the newest is caught by its checksum, named, and resume falls back.
     original = (good / "model.safetensors").read_bytes()
@@ -70,8 +70,8 @@ def test_interrupted_write_is_ignored_and_corruption_falls_back(tmp_path):
     assert "step_00000020" in warnings[0]
     # Truncation is reported by size.
     (good / "model.safetensors").write_bytes(original)
-    (good / "optimizer.pt").write_bytes(b"")
-    with pytest.raises(ColossusError, match="optimizer.pt has 0 bytes"):
+    (good / "dcp" / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(ColossusError, match="dcp/__0_0.distcp has 0 bytes"):
         ckpt.verify_checkpoint(good)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,18 +114,30 @@ class Meshes:
     dp_mod_ep: DeviceMesh
     ep: DeviceMesh
     tp: DeviceMesh
+    hsdp: DeviceMesh | None  # 2-D (dp_replicate, dp_shard) for hybrid sharding, when dp_replicate > 1
+
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
     names = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
     root = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp),
                             mesh_dim_names=names)
+    dp_shard = root["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
     return Meshes(
         root=root,
         dp=root["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp"),
-        dp_shard=root["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
+        dp_shard=dp_shard,
         dp_replicate=root["dp_replicate"],
         dp_mod_ep=root["dp_replicate", "dp_shard_mod_ep"]._flatten("dp_mod_ep"),
         ep=root["ep"],
         tp=root["tp"],
+        hsdp=_hsdp_mesh(root) if dims.dp_replicate > 1 else None,
     )
+
+
+def _hsdp_mesh(root: DeviceMesh) -> DeviceMesh:
+    # FSDP2 takes HSDP as a 2-D mesh; the shard dimension is the flattened one, which only
+    # slicing the root can give (torch warns that this will change; there is no other way yet).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return root["dp_replicate", "dp_shard"]

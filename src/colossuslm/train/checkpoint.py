@@ -1,13 +1,18 @@
 """Checkpoints that are never half-written: build in a temp directory, fsync, rename into place.
 
 Layout of one checkpoint (`runs/NAME/checkpoints/step_00000200/`):
-  model.safetensors    fp32 weights, names as `Transformer.state_dict()` (loadable without pickle)
-  optimizer.pt         optimizer state (tensors and numbers only: loads with weights_only=True)
+  dcp/                 model + optimizer via torch.distributed.checkpoint: each rank writes its
+                       own shards, and a checkpoint written by N ranks loads on M ranks
+  model.safetensors    the consolidated fp32 weights, names as `Transformer.state_dict()`, for
+                       sampling, serving and export (loadable without pickle)
   trainer_state.json   step, tokens, scheduler, data-loader and guard state
-  rng.json             torch / numpy / python RNG states
+  rng/rank_N.json      each rank's torch / numpy / python RNG states
   config.toml          the resolved config that produced it
   tokenizer.json       the tokenizer, so the checkpoint is self-contained for sampling and serving
   manifest.json        written last: every file's size and sha256; its presence marks completion
+
+Every rank writes into one temporary directory; rank 0 then adds the manifest and renames it into
+place, so a crash at any moment leaves either the previous checkpoints or a complete new one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 from colossuslm.errors import ColossusError
 
@@ -84,37 +93,82 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([_text_to_bytes(s) for s in state["cuda"]])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any],
-                    config_toml: str, tokenizer_json: Path | None, keep_last: int) -> Path:
-    """Write a checkpoint atomically and prune to the newest `keep_last`. Returns its directory."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+class _Collectives:
+    """Barrier/rank helpers that degrade to no-ops in a single process."""
+
+    @staticmethod
+    def active() -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @classmethod
+    def rank(cls) -> int:
+        return dist.get_rank() if cls.active() else 0
+
+    @classmethod
+    def barrier(cls) -> None:
+        if cls.active():
+            dist.barrier()
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], config_toml: str, tokenizer_json: Path | None,
+                    keep_last: int) -> Path:
+    """Write a checkpoint atomically (collective: every rank calls it) and prune to `keep_last`."""
+    rank = _Collectives.rank()
     final = ckpt_root / checkpoint_name(step)
-    tmp = ckpt_root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in model_state.items()},
-              str(tmp / "model.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "rng.json").write_text(json.dumps(rng_state()))
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    (tmp / "config.toml").write_text(config_toml)
-    if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-    files = {}
-    for path in sorted(tmp.iterdir()):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(), "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():  # a re-run of the same step (e.g. after a restart): replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
-    prune_checkpoints(ckpt_root, keep_last)
+    tmp = ckpt_root / f".tmp-{checkpoint_name(step)}"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _Collectives.barrier()
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "dcp"))
+    # Collective too: every rank takes part, rank 0 receives the gathered full tensors.
+    full_model = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    (tmp / "rng" / f"rank_{rank}.json").write_text(json.dumps(rng_state()))
+    _Collectives.barrier()
+
+    if rank == 0:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in full_model.items()},
+                  str(tmp / "model.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (tmp / "config.toml").write_text(config_toml)
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
+                    "world_size": dist.get_world_size() if _Collectives.active() else 1, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for directory in (tmp / "dcp", tmp / "rng", tmp):
+            _fsync_dir(directory)
+        if final.exists():  # a re-run of the same step (e.g. after a restart): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+        prune_checkpoints(ckpt_root, keep_last)
+    _Collectives.barrier()
     return final
+
+
+def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load model and optimizer (resharding to this run's layout) and return
+    (trainer state, this rank's RNG state or None when the world size changed)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    rng_path = ckpt_dir / "rng" / f"rank_{_Collectives.rank()}.json"
+    manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+    world = dist.get_world_size() if _Collectives.active() else 1
+    rng = json.loads(rng_path.read_text()) if rng_path.is_file() and manifest.get("world_size") == world else None
+    return trainer_state, rng
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -130,8 +184,7 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".tmp-*"):  # left behind by a writer that was killed
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
@@ -186,11 +239,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt_dir / "model.safetensors"))
-
-
-def load_training_state(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(optimizer state, trainer state, rng state) — all loaded without unpickling code."""
-    optimizer_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
-    rng = json.loads((ckpt_dir / "rng.json").read_text())
-    trainer_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-    return optimizer_state, trainer_state, rng

@@ -47,6 +47,16 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 logs the globally reduced figures)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from colossuslm.config import Config, config_to_dict, save_config
 from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
 from colossuslm.train import checkpoint as ckpt
-from colossuslm.train.metrics import MetricsLogger, ProgressDisplay, read_metrics
+from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay, read_metrics
+from colossuslm.parallel.grads import clip_grad_norm
+from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
+from colossuslm.parallel.parallelize import parallelize_model
 from colossuslm.train.optim import build_optimizer, build_scheduler
 from colossuslm.train.peak import device_name, peak_flops
 
@@ -46,11 +50,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def forward_backward(step_model: torch.nn.Module, model: torch.nn.Module, batches, grad_accum: int,
-                     autocast: torch.autocast, grad_clip: float, device: torch.device) -> tuple[float, float]:
+                     autocast: torch.autocast, grad_clip: float, device: torch.device,
+                     dp_group: dist.ProcessGroup | None = None) -> tuple[float, float]:
     """Accumulate gradients over `grad_accum` micro-batches and clip them.
 
-    Returns (mean loss, gradient norm before clipping). `step_model` may be the compiled wrapper
-    of `model`; gradients live on `model`'s parameters either way.
+    Returns (mean loss over micro-batches and data-parallel ranks, gradient norm before
+    clipping). `step_model` may be the compiled wrapper of `model`; gradients live on `model`'s
+    parameters either way. A non-finite loss on any rank makes the returned loss non-finite on
+    every rank, so all ranks take the same skip decision.
     """
     model.train()
     total_loss = torch.zeros((), device=device)
@@ -60,39 +67,53 @@ def forward_backward(step_model: torch.nn.Module, model: torch.nn.Module, batche
             loss, aux_loss = step_model(inputs, targets)
         ((loss + aux_loss) / grad_accum).backward()
         total_loss += loss.detach() / grad_accum
-    clip = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    return total_loss.item(), grad_norm.item()
+    if dp_group is not None:
+        dist.all_reduce(total_loss, group=dp_group)
+        total_loss /= dist.get_world_size(dp_group)
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return total_loss.item(), float(grad_norm)
 
 
 class Trainer:
     def __init__(self, cfg: Config, *, log: Callable[[str], None] | None = None):
         self.cfg = cfg
-        self.rank, self.world_size = 0, 1
-        self.device = pick_device(cfg.train.device)
-        self.run_dir = Path(cfg.train.run_dir) / cfg.train.name
+        tc = cfg.train
+        self.env = init_distributed(tc.device)
+        self.device = self.env.device if self.env.world_size > 1 else pick_device(tc.device)
+        self.dims = ParallelDims.resolve(cfg.parallel, self.env.world_size)
+        self.meshes = build_mesh(self.dims, self.device.type) if self.env.world_size > 1 else None
+        self.world_size = self.env.world_size
+        # Ranks that read different data; TP ranks of one replica read the same batches.
+        self.dp_rank = self.meshes.dp.get_local_rank() if self.meshes else 0
+        self.dp_size = self.dims.dp_size
+        self.dp_group = self.meshes.dp.get_group() if self.meshes and self.dp_size > 1 else None
+        self.is_main = self.env.is_main
+        self.run_dir = Path(tc.run_dir) / tc.name
         self.ckpt_root = self.run_dir / "checkpoints"
-        self._log = log or print
-        torch.manual_seed(cfg.train.seed)
+        self._log = (log or print) if self.is_main else (lambda _message: None)
+        torch.manual_seed(tc.seed)
 
         from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
         from colossuslm.data.loader import TokenLoader
 
-        self.dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)
-        tc = cfg.train
+        self.dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)  # file-locked across ranks
         loader_args = dict(seq_len=cfg.data.seq_len, batch_size=tc.micro_batch_size, seed=tc.seed,
-                           rank=self.rank, world_size=self.world_size)
+                           rank=self.dp_rank, world_size=self.dp_size)
         self.train_loader = TokenLoader(self.dataset_dir, split="train", **loader_args)
         self.val_loader = TokenLoader(self.dataset_dir, split="val", **loader_args)
 
+        # Every rank builds the same full model from the same seed; parallelize() then keeps each
+        # rank's shards, so a sharded run starts from exactly the single-process weights.
         self.model = Transformer(cfg.model).to(self.device)
+        bf16 = tc.dtype == "bf16"
+        fsdp_casts = parallelize_model(self.model, self.meshes, self.dims, bf16=bf16) if self.meshes else False
         self.step_model = torch.compile(self.model) if tc.compile else self.model
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bf16")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
 
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
-        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.world_size
+        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
         self.peak_flops = peak_flops(self.device)
         self.step = 0
         self.tokens_seen = 0
@@ -106,7 +127,7 @@ class Trainer:
         start = time.perf_counter()
         batches = (self.train_loader.next_batch() for _ in range(tc.grad_accum))
         loss_value, norm_value = forward_backward(self.step_model, self.model, batches, tc.grad_accum,
-                                                  self.autocast, tc.grad_clip, self.device)
+                                                  self.autocast, tc.grad_clip, self.device, self.dp_group)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped:  # keep the weights: one bad batch must not poison the run
@@ -127,13 +148,15 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         self.val_loader.reset()
-        losses = []
+        total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
             inputs, targets = self.val_loader.next_batch()
             with self.autocast:
                 loss, _ = self.step_model(inputs.to(self.device), targets.to(self.device))
-            losses.append(loss.item())
-        return sum(losses) / len(losses)
+            total += loss.float()
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)
+        return total.item() / (self.cfg.train.eval_batches * self.dp_size)
 
     # ---------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
@@ -145,25 +168,33 @@ class Trainer:
         import tomli_w
 
         return ckpt.save_checkpoint(
-            self.ckpt_root, self.step, model_state=self.model.state_dict(),
-            optimizer_state=self.optimizer.state_dict(), trainer_state=self.trainer_state(),
-            config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
+            self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
+            trainer_state=self.trainer_state(), config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
             tokenizer_json=self.dataset_dir / "tokenizer.json", keep_last=self.cfg.train.keep_last)
 
+    def _agree_on_checkpoint(self) -> Path | None:
+        """Rank 0 picks (and verifies) the checkpoint; every rank then loads the same one."""
+        found = ckpt.latest_checkpoint(self.ckpt_root, log=self._log) if self.is_main else None
+        if self.world_size > 1:
+            box = [str(found) if found else None]
+            dist.broadcast_object_list(box, src=0)
+            found = Path(box[0]) if box[0] else None
+        return found
+
     def resume(self) -> Path | None:
-        found = ckpt.latest_checkpoint(self.ckpt_root, log=self._log)
+        found = self._agree_on_checkpoint()
         if found is None:
             return None
-        optimizer_state, state, rng = ckpt.load_training_state(found)
+        state = json.loads((found / "trainer_state.json").read_text())
         if state["model_config"] != asdict(self.cfg.model):
             raise ColossusError(
                 f"{found} was written for a different model configuration than this run's; "
                 f"pick a new run name (--set train.name=...) or set train.resume=false with a new name")
-        self.model.load_state_dict(ckpt.load_model_state(found))
-        self.optimizer.load_state_dict(optimizer_state)
+        state, rng = ckpt.load_checkpoint(found, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["train_loader"])
-        ckpt.set_rng_state(rng)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
         self.step, self.tokens_seen = state["step"], state["tokens"]
         self.skipped_steps = state["skipped_steps"]
         return found
@@ -172,6 +203,33 @@ class Trainer:
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+    def _stop_agreed(self) -> bool:
+        """True once any rank got a stop signal, on every rank at the same step."""
+        stop = self._stop_signal is not None
+        if self.world_size > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM
+        return stop
+
+    def _straggler_report(self, step_times: list[float]) -> dict[str, Any]:
+        """Each rank's median step time; names the slowest rank and the spread."""
+        mine = statistics.median(step_times) if step_times else float("nan")
+        medians = [mine]
+        if self.world_size > 1:
+            medians = [None] * self.world_size
+            dist.all_gather_object(medians, mine)
+        slowest = max(range(len(medians)), key=lambda r: medians[r])
+        fastest = min(medians)
+        return {"per_rank_median_step_s": medians, "slowest_rank": slowest,
+                "step_time_spread": medians[slowest] / fastest - 1 if fastest > 0 else float("nan")}
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
     def _memory_gb(self) -> float:
         if self.device.type == "cuda":
@@ -190,8 +248,9 @@ class Trainer:
         if self.step >= tc.steps:
             self._log(f"run {tc.name!r} is already complete at step {self.step}; raise train.steps to go on")
             return self._read_summary()
-        save_config(cfg, self.run_dir / "config.toml")
-        metrics = MetricsLogger(self.run_dir, resume_step=self.step)
+        if self.is_main:
+            save_config(cfg, self.run_dir / "config.toml")
+        metrics = MetricsLogger(self.run_dir, resume_step=self.step) if self.is_main else NullMetrics()
         a = self.arithmetic
         self._log(f"model: {a.total_params / 1e6:.2f}M parameters ({a.active_params / 1e6:.2f}M active), "
                   f"{a.flops_per_token / 1e6:.1f} MFLOP/token; device {device_name(self.device)} "
@@ -203,8 +262,8 @@ class Trainer:
             if self.step == 0:
                 first_val = val_loss = self.evaluate()
                 metrics.log({"step": 0, "tokens": 0, "val_loss": val_loss})
-            with ProgressDisplay(tc.steps, self.step, tc.progress) as bar:
-                while self.step < tc.steps and self._stop_signal is None:
+            with ProgressDisplay(tc.steps, self.step, tc.progress and self.is_main) as bar:
+                while self.step < tc.steps and not self._stop_agreed():
                     result = self.train_step()
                     window.append(result)
                     step_times.append(result.step_time_s)
@@ -233,14 +292,19 @@ class Trainer:
                     # checkpoint should always be a state the run was healthy in.
                     if (self.step % tc.ckpt_every == 0 or self.step == tc.steps) and not self.bad_steps_in_row:
                         self.save_checkpoint()
-                if self._stop_signal is not None:
+                if self.step < tc.steps:  # left the loop on a signal
                     path = self.save_checkpoint()
                     bar.print(f"stopped by signal {self._stop_signal}: checkpoint saved to {path}")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             metrics.close()
-        return self._write_summary(step_times, time.perf_counter() - started, first_val, val_loss)
+        stragglers = self._straggler_report(step_times)
+        if not self.is_main:
+            return {}
+        summary = self._write_summary(step_times, time.perf_counter() - started, first_val, val_loss) | stragglers
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
 
     def _window_record(self, window: list[StepResult]) -> dict[str, Any]:
         good = [r for r in window if not r.skipped] or window
@@ -269,6 +333,8 @@ class Trainer:
             "wall_time_s": wall_s, "median_step_time_s": median_step, "median_tokens_per_s": tokens_per_s,
             "mfu": self.mfu(tokens_per_s) if steady else float("nan"),
             "device": device_name(self.device), "n_devices": self.world_size, "peak_flops": self.peak_flops,
+            "layout": {"dp_replicate": self.dims.dp_replicate, "dp_shard": self.dims.dp_shard,
+                       "tp": self.dims.tp, "ep": self.dims.ep},
             "params": self.arithmetic.total_params, "active_params": self.arithmetic.active_params,
             "flops_per_token": self.arithmetic.flops_per_token,
             "first_val_loss": first_val,
@@ -276,7 +342,6 @@ class Trainer:
             "interrupted": self.step < self.cfg.train.steps,
             "planner_prediction": self._planner_prediction(),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     def _planner_prediction(self) -> dict[str, Any] | None:

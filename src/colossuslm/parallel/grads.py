@@ -1,0 +1,40 @@
+"""Gradient-norm clipping that works when parameters live on different device meshes.
+
+`torch.nn.utils.clip_grad_norm_` assumes one mesh; with FSDP shards, TP shards and EP shards side
+by side we take the norm per (mesh, placements) group, reduce each to a full value, and combine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+        groups[key].append(grad)
+    total_sq = None
+    for tensors in groups.values():
+        norm = torch.nn.utils.get_total_norm(tensors, 2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq = norm.float() ** 2 if total_sq is None else total_sq + norm.float() ** 2
+    if total_sq is None:
+        return torch.zeros(())
+    total = total_sq.sqrt()
+    if math.isfinite(max_norm):
+        # Grads on different meshes cannot share one foreach kernel, so scale them one by one.
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            for grad in grads:
+                grad.mul_(coef)
+    return total

@@ -1,0 +1,28 @@
+"""Apply the configured parallelism to an unchanged model: TP, then EP, then FSDP2."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from colossuslm.parallel.mesh import Meshes, ParallelDims
+
+
+def parallelize_model(model: nn.Module, meshes: Meshes, dims: ParallelDims, *, bf16: bool) -> bool:
+    """Shard `model` in place. Returns True when FSDP2 manages its mixed precision (the caller
+    then runs without autocast, as FSDP casts parameters to bf16 when it gathers them)."""
+    if dims.tp > 1:
+        from colossuslm.parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(model, meshes.tp)
+    expert_params: set[nn.Parameter] = set()
+    if dims.ep > 1:
+        from colossuslm.parallel.expert import apply_expert_parallel
+
+        expert_params = apply_expert_parallel(model, meshes)
+    if dims.dp_size > 1:
+        from colossuslm.parallel.fsdp import apply_fsdp
+
+        mesh = meshes.dp_shard if dims.dp_replicate == 1 else meshes.hsdp
+        apply_fsdp(model, mesh, bf16=bf16, ignored_params=expert_params or None)
+        return True
+    return False
