@@ -1,9 +1,12 @@
-"""`colossus train [CONFIG.toml ...] [--set section.key=value ...]`"""
+"""`colossus train [CONFIG.toml ...] [--set section.key=value ...] [--nproc N]`"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,10 +19,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes on this machine (one per GPU; on CPU, gloo processes): runs torchrun for you")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                        help="with --nproc: restart the whole group up to R times when a worker dies; "
+                             "the run resumes from its newest valid checkpoint")
     parser.set_defaults(handler=run)
 
 
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    """torchrun (standalone rendezvous on this machine) running this same command in each worker."""
+    worker_args = list(args.configs)
+    for override in args.overrides:
+        worker_args += ["--set", override]
+    if args.no_progress:
+        worker_args.append("--no-progress")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+            f"--max-restarts={args.max_restarts}", "-m", "colossuslm.train", *worker_args]
+
+
 def run(args: argparse.Namespace) -> int:
+    from colossuslm.errors import ColossusError
+
+    if args.nproc < 1 or args.max_restarts < 0:
+        raise ColossusError("--nproc must be >= 1 and --max-restarts >= 0")
+    if args.nproc > 1 and "RANK" not in os.environ:
+        from colossuslm.config import load_config
+
+        load_config(args.configs, args.overrides)  # report config mistakes once, before spawning
+        return subprocess.call(torchrun_command(args))
+
     from colossuslm.config import load_config
     from colossuslm.train.trainer import Trainer
 
@@ -27,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides.append("train.progress=false")
     cfg = load_config(args.configs, overrides)  # the defaults are the tiny preset on the embedded corpus
-    summary = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    if not summary:  # ranks other than 0 report nothing
+        return 0
     print(format_summary(summary))
     return 1 if summary.get("interrupted") else 0
 
@@ -40,13 +75,16 @@ def format_summary(s: dict) -> str:
         f"run {s['name']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_time_s']:.0f} s",
         f"  throughput {num(s['median_tokens_per_s'], ',.0f')} tokens/s (median), "
         f"MFU {num(100 * s['mfu'] if s['mfu'] == s['mfu'] else None, '.1f')}% of "
-        f"{s['peak_flops'] / 1e12:.2f} TFLOP/s on {s['device']}",
+        f"{s['peak_flops'] / 1e12:.2f} TFLOP/s x {s['n_devices']} on {s['device']}",
         f"  validation loss {num(s['first_val_loss'], '.3f')} -> {num(s['final_val_loss'], '.3f')}",
     ]
     plan = s.get("planner_prediction")
     if plan:
         lines.append(f"  planner predicted {num(plan.get('tokens_per_s'), ',.0f')} tokens/s, "
                      f"MFU {num(100 * plan['mfu'] if plan.get('mfu') is not None else None, '.1f')}%")
+    if s.get("n_devices", 1) > 1 and "slowest_rank" in s:
+        lines.append(f"  slowest rank {s['slowest_rank']}: median step time spread "
+                     f"{100 * s['step_time_spread']:.1f}% across ranks")
     if s.get("skipped_steps"):
         lines.append(f"  skipped {s['skipped_steps']} steps with a non-finite loss or gradient")
     return "\n".join(lines)

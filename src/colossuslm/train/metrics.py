@@ -65,13 +65,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 class ProgressDisplay:
     """A rich progress bar with the latest loss, throughput and MFU; silent when disabled."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool):
-        self.console = Console(stderr=True)
-        self.enabled = enabled
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, silent: bool = False):
+        self.console = Console(stderr=True, quiet=silent)
+        self.enabled = enabled and not silent
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=self.console, disable=not enabled, refresh_per_second=4)
+            console=self.console, disable=not self.enabled, refresh_per_second=4)
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
 
     def __enter__(self) -> "ProgressDisplay":

@@ -262,7 +262,7 @@ class Trainer:
             if self.step == 0:
                 first_val = val_loss = self.evaluate()
                 metrics.log({"step": 0, "tokens": 0, "val_loss": val_loss})
-            with ProgressDisplay(tc.steps, self.step, tc.progress and self.is_main) as bar:
+            with ProgressDisplay(tc.steps, self.step, tc.progress, silent=not self.is_main) as bar:
                 while self.step < tc.steps and not self._stop_agreed():
                     result = self.train_step()
                     window.append(result)

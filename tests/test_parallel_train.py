@@ -1,0 +1,62 @@
+"""Real torchrun process groups (gloo, CPU, fp32): every layout trains exactly like one process
+on the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from colossuslm.train.metrics import read_metrics
+
+MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+         "data.seq_len=32", "train.dtype=fp32", "train.progress=false", "train.warmup_steps=2", "train.steps=4",
+         "train.log_every=1", "train.eval_every=4", "train.eval_batches=2", "train.ckpt_every=100"]
+GLOBAL_BATCH = 8
+
+
+def train(run_dir: Path, name: str, nproc: int, layout: list[str], extra: list[str] = (), dp: int = 1,
+          max_restarts: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    overrides = [*MICRO, f"train.run_dir={run_dir}", f"train.name={name}",
+                 f"train.micro_batch_size={GLOBAL_BATCH // dp}", *layout, *extra]
+    cmd = [sys.executable, "-m", "colossuslm.cli.main", "train", "--nproc", str(nproc),
+           "--max-restarts", str(max_restarts), *[a for o in overrides for a in ("--set", o)]]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def losses(run_dir: Path, name: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / name) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs")
+    return {kind: (train(run_dir, f"single-{kind}", 1, [], extra) and losses(run_dir, f"single-{kind}"))
+            for kind, extra in (("dense", []), ("moe", ["model.n_experts=4", "model.top_k=2"]))}
+
+
+LAYOUTS = {
+    "ddp": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], 2, "dense"),
+    "fsdp": (2, ["parallel.dp_shard=2"], 2, "dense"),
+    "tp": (2, ["parallel.tp=2", "parallel.dp_shard=1"], 1, "dense"),
+    "fsdp_tp": (4, ["parallel.dp_shard=2", "parallel.tp=2"], 2, "dense"),
+    "hsdp": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 4, "dense"),
+    "ep": (2, ["parallel.ep=2", "parallel.dp_shard=2"], 2, "moe"),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, reference, tmp_path):
+    nproc, overrides, dp, kind = LAYOUTS[layout]
+    extra = ["model.n_experts=4", "model.top_k=2"] if kind == "moe" else []
+    train(tmp_path, layout, nproc, overrides, extra, dp=dp)
+    got, expected = losses(tmp_path, layout), reference[kind]
+    assert len(got) == len(expected) == 4
+    for step, (a, b) in enumerate(zip(got, expected), start=1):
+        assert a == pytest.approx(b, rel=2e-5), f"{layout} step {step}: {a} vs single-process {b}"
+    assert got[-1] < got[0]
