@@ -1,0 +1,138 @@
+"""Compare the planner with a real training run, and predict a run for the trainer's summary.
+
+A run directory written by `colossus train` holds config.toml (the resolved config),
+metrics.jsonl (one record per logged step) and summary.json (device, device count, the peak
+FLOP/s its MFU used, median step time and throughput). No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from colossuslm.config.schema import Config
+from colossuslm.errors import ColossusError
+from colossuslm.plan.costmodel import CostModel, StepEstimate
+from colossuslm.plan.hardware import GPU, load_catalogue
+from colossuslm.plan.layout import Layout, Software
+from colossuslm.plan.workload import Workload
+
+
+def device_gpu(device: str, peak_flops: float | None = None, hardware_file: str | None = None) -> GPU:
+    """The catalogue entry for a runtime device name; a CPU (or an unknown accelerator with a
+    known peak) takes the measured peak as its own."""
+    catalogue = load_catalogue(hardware_file)
+    gpu = catalogue.match_device(device)
+    if gpu is None:
+        if not peak_flops:
+            raise ColossusError(f"device {device!r} is not in the hardware catalogue; add it with "
+                                "--hardware-file or give its peak FLOP/s")
+        # Unknown accelerator: an H100's efficiencies and memory system, scaled to its peak.
+        gpu = dataclasses.replace(catalogue.gpu("h100"), name=device, description=device,
+                                  peak_bf16=float(peak_flops), peak_fp8=float(peak_flops))
+    elif gpu.name == "cpu" and peak_flops:
+        gpu = dataclasses.replace(gpu, peak_bf16=float(peak_flops), peak_fp8=float(peak_flops))
+    return gpu
+
+
+def run_layout(config: Config, n_devices: int) -> Layout:
+    """The trainer's layout: data parallel over everything TP leaves (EP borrows from it),
+    FSDP when the shard group is larger than one, no recomputation, no pipeline."""
+    par = config.parallel
+    if n_devices % (par.tp * par.pp):
+        raise ColossusError(f"parallel.tp x parallel.pp = {par.tp * par.pp} does not divide {n_devices} devices")
+    dp = n_devices // (par.tp * par.pp)
+    dp_shard = par.dp_shard if par.dp_shard != -1 else dp // max(1, par.dp_replicate)
+    return Layout(tp=par.tp, pp=par.pp, cp=1, dp=dp, ep=par.ep, micro_batch=config.train.micro_batch_size,
+                  grad_accum=config.train.grad_accum, vp=1, recompute="none",
+                  zero=3 if dp_shard > 1 else 0, software=Software())
+
+
+def predict_run(config: Config, device: str, n_devices: int, peak_flops: float | None = None) -> dict:
+    """The planner's step time, tokens/s and MFU for a trainer config on `n_devices` devices.
+
+    MFU uses `peak_flops` when given (the peak the trainer's own MFU used), so the two compare.
+    """
+    work = Workload(name=config.model.preset or "model", cfg=config.model, seq_len=config.data.seq_len)
+    gpu = device_gpu(device, peak_flops)
+    est: StepEstimate = CostModel(work, gpu).estimate(run_layout(config, n_devices))
+    peak = float(peak_flops) if peak_flops else gpu.peak_bf16
+    mfu = work.arithmetic.flops_per_token * est.tokens_per_s / (n_devices * peak)
+    return {"step_time_s": est.step_time, "tokens_per_s": est.tokens_per_s, "mfu": mfu,
+            "device_model": gpu.name, "memory_gb": est.memory.total / 1e9,
+            "breakdown_s": dict(est.breakdown)}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    run_dir: str
+    device: str
+    n_devices: int
+    measured: dict[str, float]
+    predicted: dict[str, Any]
+
+    def error(self, key: str) -> float:
+        m, p = self.measured.get(key, math.nan), self.predicted.get(key, math.nan)
+        return p / m - 1 if m and not math.isnan(m) else math.nan
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted run
+    return records
+
+
+def calibrate(run_dir: str | Path) -> Calibration:
+    from colossuslm.config.load import load_config  # TOML only
+
+    run = Path(run_dir)
+    config_path, summary_path = run / "config.toml", run / "summary.json"
+    if not config_path.is_file():
+        raise ColossusError(f"{run}: no config.toml; give a run directory written by `colossus train`")
+    config = load_config([config_path])
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    records = [r for r in _read_metrics(run / "metrics.jsonl") if "step_time_s" in r]
+    if not summary and not records:
+        raise ColossusError(f"{run}: neither summary.json nor step records in metrics.jsonl; let the run log some steps")
+    device = summary.get("device") or "cpu"
+    n_devices = int(summary.get("n_devices") or 1)
+    peak = summary.get("peak_flops")
+
+    def measured(summary_key: str, record_key: str) -> float:
+        value = summary.get(summary_key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return float(value)
+        values = [float(r[record_key]) for r in records[1:] or records if r.get(record_key) is not None]
+        return statistics.median(values) if values else math.nan
+
+    observed = {"step_time_s": measured("median_step_time_s", "step_time_s"),
+                "tokens_per_s": measured("median_tokens_per_s", "tokens_per_s"),
+                "mfu": measured("mfu", "mfu")}
+    return Calibration(run_dir=str(run), device=device, n_devices=n_devices, measured=observed,
+                       predicted=predict_run(config, device, n_devices, peak_flops=peak))
+
+
+def calibration_text(cal: Calibration) -> str:
+    lines = [f"run {cal.run_dir}: {cal.n_devices} x {cal.device} (catalogue: {cal.predicted['device_model']})",
+             f"{'':<12} {'measured':>12} {'predicted':>12} {'error':>8}"]
+    for key, label, fmt in (("step_time_s", "step time", "{:.4g} s"), ("tokens_per_s", "tokens/s", "{:.4g}"),
+                            ("mfu", "MFU", "{:.2%}")):
+        m, p = cal.measured.get(key, math.nan), cal.predicted.get(key, math.nan)
+        err = cal.error(key)
+        lines.append(f"{label:<12} {fmt.format(m):>12} {fmt.format(p):>12} {err:>+8.1%}")
+    lines.append("error = predicted / measured - 1; the planner's constants are fitted to large GPU runs, "
+                 "so small CPU runs mostly measure framework overhead")
+    return "\n".join(lines)

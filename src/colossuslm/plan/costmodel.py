@@ -1,0 +1,376 @@
+"""Step time of a layout: compute, communication, pipeline bubble and optimizer, per GPU.
+
+One micro-batch on the busiest pipeline stage is costed term by term:
+  GEMMs from their shapes after the TP/EP split (roofline of a GEMM whose efficiency falls for
+  small dimensions), attention (fused flash kernel, or materialised scores plus softmax traffic),
+  memory-bound element-wise work, activation recompute, and the collectives of TP, CP and EP,
+  each hidden behind the compute it can overlap with.
+Then a step is `(m + (pp - 1) / vp)` micro-batch times (1F1B / interleaved 1F1B), plus the
+data-parallel gradient traffic that backward could not hide, plus the optimizer update.
+
+Every constant below applies to every prediction; the validation table (plan/validate.py) is
+predicted with this one model and no per-run factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from colossuslm.models.arithmetic import MatmulShape
+from colossuslm.plan import comm
+from colossuslm.plan.hardware import GPU
+from colossuslm.plan.layout import Layout, Software
+from colossuslm.plan.memory import MemoryBreakdown, memory_per_gpu, params_per_gpu, stage_layers
+from colossuslm.plan.workload import Workload
+
+# A GEMM dimension of this size loses about half its efficiency to tile quantisation and
+# too few thread blocks; large dimensions approach the GPU's `gemm_efficiency`.
+GEMM_SIZE_KNEE = 128
+# Achieved over peak HBM bandwidth for streaming, memory-bound kernels.
+HBM_EFFICIENCY = 0.75
+# Overlapped communication still slows compute: NCCL kernels take SMs and memory bandwidth.
+OVERLAP_INTERFERENCE = 0.15
+# Flash attention's backward runs five matmuls to the forward's two (it recomputes the scores).
+FLASH_BACKWARD_RATIO = 2.5
+# Materialised attention: bytes moved per score element in the forward pass
+# (write scores, scale-mask-softmax read+write, dropout read+write+mask).
+SCORE_BYTES_FORWARD = 11
+# Cross-entropy over the vocabulary: fp32 logits read and written a few times, forward and back.
+LOSS_BYTES_PER_LOGIT = 16
+# Adam update per locally owned parameter: read fp32 weight, grad, two moments; write them and
+# the bf16 copy.
+OPTIMIZER_BYTES_PER_PARAM = 34
+# Kernels launched per layer (norms, projections, rope, attention, activation, residuals).
+KERNELS_PER_LAYER_FORWARD = 14
+# Eager (unfused) PyTorch runs an RMSNorm, a SwiGLU or a rotary embedding as several kernels,
+# each a full pass over memory; fused kernels make one.
+EAGER_PASSES = 3
+
+
+def exposed(comm_time: float, window: float, overlap: bool) -> float:
+    """Communication time left on the critical path after hiding it behind `window` of compute."""
+    if not overlap:
+        return comm_time
+    return max(0.0, comm_time - window) + OVERLAP_INTERFERENCE * min(comm_time, window)
+
+
+def gemm_time(m: float, n: float, k: float, gpu: GPU, fp8: bool = False, batch: float = 1.0) -> float:
+    """Seconds for `batch` GEMMs of (m x k) @ (k x n): roofline of compute and memory traffic."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    size = 1.0 / (1.0 + GEMM_SIZE_KNEE / m + GEMM_SIZE_KNEE / n + GEMM_SIZE_KNEE / k)
+    peak = gpu.peak_fp8 if fp8 else gpu.peak_bf16
+    compute = batch * 2.0 * m * n * k / (peak * gpu.gemm_efficiency * size)
+    in_bytes = 1 if fp8 else 2
+    bandwidth = gpu.hbm_bandwidth * HBM_EFFICIENCY
+    traffic = batch * (in_bytes * (m * k + k * n) + 2 * m * n) / bandwidth
+    # fp8 first casts the activation operand (read bf16, write fp8, scale), a separate pass.
+    cast = batch * 3 * m * k / bandwidth + gpu.kernel_overhead if fp8 else 0.0
+    return max(compute, traffic) + cast + gpu.kernel_overhead
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Seconds one layer takes for one micro-batch on one GPU, by phase and kind."""
+
+    gemm: float  # forward GEMMs
+    expert_gemm: float  # the routed-expert part of `gemm`
+    attention: float  # forward attention core
+    elementwise: float  # forward memory-bound work
+    tp: float  # forward tensor-parallel collectives
+    cp: float  # forward context-parallel K/V exchange
+    ep: float  # forward expert all-to-alls (dispatch + combine)
+    overhead: float  # forward kernel launches
+    attention_backward_ratio: float
+
+    def ep_window(self, sw: Software, scale: float) -> float:
+        # DualPipe-style schedules hide one micro-batch's all-to-all behind another's whole
+        # layer; otherwise only the expert GEMMs could overlap, and plain stacks do not.
+        return scale * (self.gemm + self.attention) if sw.ep_overlap else 0.0
+
+    def forward(self, sw: Software) -> float:
+        return (self.gemm + self.attention + self.elementwise + self.overhead
+                + exposed(self.tp, self.gemm, sw.tp_overlap)
+                + exposed(self.cp, self.attention, True)
+                + exposed(self.ep, self.ep_window(sw, 1), sw.ep_overlap))
+
+    def backward(self, sw: Software) -> float:
+        gemm = 2 * self.gemm
+        attention = self.attention_backward_ratio * self.attention
+        return (gemm + attention + 2 * self.elementwise + 2 * self.overhead
+                + exposed(self.tp, gemm, sw.tp_overlap)
+                + exposed(self.cp, attention, True)
+                + exposed(self.ep, self.ep_window(sw, 2), sw.ep_overlap))
+
+    def total(self, sw: Software, recompute: str) -> float:
+        selective = self.attention + self.elementwise  # attention core, norms, MLP activation
+        extra = {"none": 0.0, "selective": selective, "full": self.forward(sw)}[recompute]
+        return self.forward(sw) + self.backward(sw) + extra
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    layout: Layout
+    step_time: float
+    tokens_per_step: int
+    tokens_per_s: float
+    mfu: float
+    memory: MemoryBreakdown
+    breakdown: dict[str, float] = field(default_factory=dict)  # seconds per step by cause
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_s / self.layout.n_gpus
+
+
+class CostModel:
+    """Costs layouts of one workload on one GPU type; caches per-layer costs across a search."""
+
+    def __init__(self, work: Workload, gpu: GPU):
+        self.work = work
+        self.gpu = gpu
+        self._layers: dict[tuple, tuple[LayerCost, LayerCost | None]] = {}
+        self._parts: dict[tuple, dict[str, float]] = {}
+        self._params: dict[tuple, tuple[float, float]] = {}
+
+    def params(self, lay: Layout) -> tuple[float, float]:
+        """(dense, expert) parameters on the fullest GPU, cached by the splits that set them."""
+        key = (lay.tp, lay.pp, lay.ep)
+        if key not in self._params:
+            self._params[key] = params_per_gpu(self.work, lay, stage_layers(self.work.cfg.n_layers, lay.pp))
+        return self._params[key]
+
+    def memory(self, lay: Layout) -> MemoryBreakdown:
+        return memory_per_gpu(self.work, lay, self.gpu, self.params(lay))
+
+    # -- one layer --------------------------------------------------------------------------
+    def _matmuls(self, shapes: tuple[MatmulShape, ...], tokens: float, tp: int, ep: int, fp8: bool) -> tuple[float, float]:
+        cfg, gpu = self.work.cfg, self.gpu
+        total = expert_total = 0.0
+        for s in shapes:
+            n = s.out_features / tp if s.split == "column" else s.out_features
+            k = s.in_features / tp if s.split == "row" else s.in_features
+            if s.expert:
+                # Each GPU holds n_experts/ep experts and receives tokens * top_k rows in all
+                # (balanced routing), one grouped GEMM of that many rows split by expert.
+                local = cfg.n_experts / ep
+                rows = tokens * s.uses / local
+                t = local * (gemm_time(rows, n, k, gpu, fp8) - gpu.kernel_overhead) + gpu.kernel_overhead
+                expert_total += t
+            else:
+                t = gemm_time(tokens, n, k, gpu, fp8) * s.uses
+            total += t
+        return total, expert_total
+
+    def _attention(self, micro_batch: int, tp: int, cp: int, sw: Software) -> tuple[float, float]:
+        """(forward seconds, backward/forward ratio) of the attention core on one GPU."""
+        cfg, gpu, s = self.work.cfg, self.gpu, self.work.seq_len
+        heads = cfg.n_heads / tp
+        hd = cfg.resolved_head_dim
+        if sw.flash_attention:
+            # Causal: a fused kernel skips the masked half. With CP each GPU owns s/cp queries
+            # against all s keys (load-balanced chunks).
+            flops = 4.0 * micro_batch * (s / cp) * s * hd * heads * 0.5
+            t = flops / (gpu.peak_bf16 * gpu.attention_efficiency) + gpu.kernel_overhead
+            return t, FLASH_BACKWARD_RATIO
+        # Materialised: batched QK^T and AV over the full s x s (the mask is applied, not skipped),
+        # plus the softmax/dropout traffic over every score.
+        batch = micro_batch * heads
+        q = s / cp
+        t = gemm_time(q, s, hd, gpu, batch=batch) + gemm_time(q, hd, s, gpu, batch=batch)
+        t += batch * q * s * SCORE_BYTES_FORWARD / (gpu.hbm_bandwidth * HBM_EFFICIENCY)
+        return t, 2.0
+
+    def _elementwise(self, tokens: float, tp: int, moe: bool, sw: Software) -> float:
+        cfg = self.work.cfg
+        d, hd = cfg.d_model, cfg.resolved_head_dim
+        # Norms (2 x in+out), residual adds (2 x two reads + a write): all d-wide.
+        model_wide = 10 * d
+        rope = 2 * (cfg.n_heads + cfg.n_kv_heads) * hd / tp
+        if moe:
+            routed = cfg.top_k + cfg.n_shared_experts
+            ffn = routed * 3 * cfg.expert_hidden / tp + 4 * cfg.top_k * d  # activation, permute/unpermute
+        else:
+            ffn = 3 * cfg.ffn_hidden / tp
+        split = tp if sw.sequence_parallel else 1
+        elements = model_wide / split + rope + ffn
+        passes = 1 if sw.fused_elementwise else EAGER_PASSES
+        return passes * 2.0 * elements * tokens / (self.gpu.hbm_bandwidth * HBM_EFFICIENCY)
+
+    def layer_cost(self, tp: int, cp: int, ep: int, micro_batch: int, sw: Software) -> tuple[LayerCost, LayerCost | None]:
+        """(dense layer, MoE layer or None) costs for one micro-batch."""
+        key = (tp, cp, ep, micro_batch, sw)
+        if key in self._layers:
+            return self._layers[key]
+        cfg, gpu, work = self.work.cfg, self.gpu, self.work
+        tokens = micro_batch * work.seq_len / cp
+        tp_group = comm.group(tp, 1, gpu.nvlink_domain)
+        activation = tokens * cfg.d_model * 2
+        # Two all-reduces (or all-gather + reduce-scatter pairs) per block per pass, of the
+        # full activation: attention output and MLP output.
+        tp_time = 2 * comm.all_reduce(activation, tp_group, gpu)
+        cp_group = comm.group(cp, tp, gpu.nvlink_domain)
+        kv = micro_batch * work.seq_len * 2 * cfg.n_kv_heads * cfg.resolved_head_dim * 2 / max(1, tp)
+        cp_time = comm.all_gather(kv, cp_group, gpu)
+        attention, back_ratio = self._attention(micro_batch, tp, cp, sw)
+        overhead = KERNELS_PER_LAYER_FORWARD * gpu.kernel_overhead
+
+        def build(moe: bool) -> LayerCost:
+            shapes = work.moe_matmuls if moe else work.dense_matmuls
+            gemm, expert = self._matmuls(shapes, tokens, tp, ep, sw.fp8)
+            ep_time = self._expert_exchange(tokens, tp, ep, sw) if moe else 0.0
+            return LayerCost(gemm=gemm, expert_gemm=expert, attention=attention,
+                             elementwise=self._elementwise(tokens, tp, moe, sw), tp=tp_time, cp=cp_time,
+                             ep=ep_time, overhead=overhead, attention_backward_ratio=back_ratio)
+
+        result = (build(False), build(True) if cfg.is_moe else None)
+        self._layers[key] = result
+        return result
+
+    def _expert_exchange(self, tokens: float, tp: int, ep: int, sw: Software) -> float:
+        """Forward dispatch + combine of the routed tokens (backward repeats it in reverse)."""
+        cfg, gpu = self.work.cfg, self.gpu
+        g = comm.group(ep, tp, gpu.nvlink_domain)
+        if g.n <= 1:
+            return 0.0
+        tokens = tokens / (tp if sw.sequence_parallel else 1)
+        dispatch_bytes, combine_bytes = (1 if sw.fp8 else 2), 2
+        copies = tokens * cfg.top_k * cfg.d_model
+        if sw.ep_max_domains and g.domains > 1:
+            # Node-limited routing: one network copy per remote domain the token's experts sit
+            # in (expected distinct domains of top_k random experts, capped), then NVLink fan-out.
+            domains = g.domains
+            touched = min(sw.ep_max_domains, domains * (1 - (1 - 1 / domains) ** cfg.top_k))
+            network = tokens * touched * (domains - 1) / domains * cfg.d_model
+            nvlink = copies * (g.local - 1) / g.local
+            return sum(comm.exchange(nvlink * b, network * b, g, gpu) for b in (dispatch_bytes, combine_bytes))
+        return comm.all_to_all(copies * dispatch_bytes, g, gpu) + comm.all_to_all(copies * combine_bytes, g, gpu)
+
+    # -- one micro-batch on the busiest stage -------------------------------------------------
+    def _head_time(self, tokens: float, tp: int, sw: Software) -> float:
+        cfg, gpu = self.work.cfg, self.gpu
+        forward = gemm_time(tokens, cfg.vocab_size / tp, cfg.d_model, gpu, sw.fp8)
+        loss = tokens * cfg.vocab_size / tp * LOSS_BYTES_PER_LOGIT / (gpu.hbm_bandwidth * HBM_EFFICIENCY)
+        gather = comm.all_gather(tokens * cfg.d_model * 2, comm.group(tp, 1, gpu.nvlink_domain), gpu)
+        return 3 * forward + loss + 2 * gather
+
+    def stage_time(self, lay: Layout) -> tuple[float, dict[str, float]]:
+        """Seconds of one micro-batch (forward + backward) on the busiest pipeline stage, and
+        those seconds by cause."""
+        cfg, sw = self.work.cfg, lay.software
+        key = (lay.tp, lay.cp, lay.ep, lay.micro_batch, sw, lay.recompute)
+        parts = self._parts.get(key)
+        if parts is None:
+            dense, moe = self.layer_cost(lay.tp, lay.cp, lay.ep, lay.micro_batch, sw)
+            moe_share = self.work.n_moe_layers / cfg.n_layers
+            parts = self._parts[key] = self._layer_parts(dense, moe, moe_share, sw, lay.recompute)
+        per_layer = sum(parts.values())
+        tokens = lay.micro_batch * self.work.seq_len / lay.cp
+        head = self._head_time(tokens, lay.tp, sw)
+        if lay.pp == 1:
+            layers, with_head = cfg.n_layers, True
+        else:
+            # The head goes on a stage with the fewest layers (Megatron's last stage, or a
+            # lighter one when the layers do not divide evenly); the busiest stage is either it
+            # or a full one.
+            most = stage_layers(cfg.n_layers, lay.pp)
+            fewest = most if cfg.n_layers % lay.pp == 0 else most - 1
+            layers, with_head = (most, False) if most * per_layer >= fewest * per_layer + head else (fewest, True)
+        result = {k: v * layers for k, v in parts.items()}
+        if with_head:
+            result["compute"] += head
+        return sum(result.values()), result
+
+    @staticmethod
+    def _layer_parts(dense: LayerCost, moe: LayerCost | None, moe_share: float, sw: Software,
+                     recompute: str) -> dict[str, float]:
+        """Seconds of one (average) layer by cause: compute, recompute and exposed traffic."""
+        def parts(c: LayerCost) -> dict[str, float]:
+            comm_fwd = {"tp_comm": exposed(c.tp, c.gemm, sw.tp_overlap),
+                        "cp_comm": exposed(c.cp, c.attention, True),
+                        "ep_comm": exposed(c.ep, c.ep_window(sw, 1), sw.ep_overlap)}
+            comm_bwd = {"tp_comm": exposed(c.tp, 2 * c.gemm, sw.tp_overlap),
+                        "cp_comm": exposed(c.cp, c.attention_backward_ratio * c.attention, True),
+                        "ep_comm": exposed(c.ep, c.ep_window(sw, 2), sw.ep_overlap)}
+            out = {k: comm_fwd[k] + comm_bwd[k] for k in comm_fwd}
+            if recompute == "full":  # the rerun forward repeats its collectives
+                for k in out:
+                    out[k] += comm_fwd[k]
+            out["compute"] = (c.forward(sw) - sum(comm_fwd.values())) + (c.backward(sw) - sum(comm_bwd.values()))
+            out["recompute"] = c.total(sw, recompute) - c.forward(sw) - c.backward(sw)
+            if recompute == "full":
+                out["recompute"] -= sum(comm_fwd.values())
+            return out
+
+        result = {k: (1 - moe_share) * v for k, v in parts(dense).items()}
+        if moe is not None:
+            for k, v in parts(moe).items():
+                result[k] += moe_share * v
+        return result
+
+    # -- a whole step -------------------------------------------------------------------------
+    def estimate(self, lay: Layout) -> StepEstimate:
+        work, gpu, sw = self.work, self.gpu, lay.software
+        cfg = work.cfg
+        stage, parts = self.stage_time(lay)
+        breakdown = {k: v * lay.grad_accum for k, v in parts.items()}
+
+        # Pipeline: activations to the next stage, gradients back; split over TP ranks.
+        tokens = lay.micro_batch * work.seq_len / lay.cp
+        p2p = 0.0
+        if lay.pp > 1:
+            across = lay.tp * lay.cp * lay.dp >= gpu.nvlink_domain
+            # Megatron splits the send over the TP ranks (each ships 1/tp); DeepSpeed's pipeline
+            # engine sends the whole activation from every rank and waits for it.
+            split = lay.tp if sw.pp_overlap else 1
+            hop = comm.send_recv(tokens * cfg.d_model * 2 / split, gpu, across)
+            p2p = exposed(2 * lay.vp * hop, stage, sw.pp_overlap)
+        dense_p, expert_p = self.params(lay)
+        dense_group = comm.group(lay.dp * lay.cp, lay.tp, gpu.nvlink_domain)
+        expert_dp = max(1, lay.dp * lay.cp // lay.ep)
+        expert_group = comm.group(expert_dp, lay.tp * lay.ep, gpu.nvlink_domain)
+
+        def reduce_scatter(bytes_per_param: float) -> float:
+            return (comm.reduce_scatter(bytes_per_param * dense_p, dense_group, gpu)
+                    + comm.reduce_scatter(bytes_per_param * expert_p, expert_group, gpu))
+
+        per_micro_dp = 0.0
+        if lay.zero >= 3:
+            # FSDP: gather weights for forward and again for backward, reduce-scatter gradients,
+            # every micro-batch; prefetching hides it behind that micro-batch's compute.
+            traffic = 2 * reduce_scatter(2) + reduce_scatter(4)
+            per_micro_dp = exposed(traffic, stage, sw.dp_overlap)
+            step_dp = 0.0
+        elif lay.zero >= 1:
+            # Distributed optimizer: reduce-scatter fp32 gradients, all-gather bf16 weights once a step.
+            step_dp = exposed(reduce_scatter(4) + reduce_scatter(2), stage, sw.dp_overlap)
+        else:
+            step_dp = exposed(2 * reduce_scatter(4), stage, sw.dp_overlap)
+
+        micro = stage + p2p + per_micro_dp
+        m = lay.grad_accum
+        if lay.pp == 1:
+            pipeline = m * micro
+            bubble = 0.0
+        else:
+            bubble = (lay.pp - 1) / lay.vp * micro
+            pipeline = m * micro + bubble
+
+        owned = (dense_p / dense_group.n + expert_p / expert_group.n) if lay.zero >= 1 else dense_p + expert_p
+        optimizer = owned * OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_bandwidth * HBM_EFFICIENCY)
+
+        step = pipeline + step_dp + optimizer
+        breakdown.update(pp_comm=p2p * m, bubble=bubble, dp_comm=step_dp + per_micro_dp * m, optimizer=optimizer)
+        tokens_per_step = lay.global_batch * work.seq_len
+        tokens_per_s = tokens_per_step / step
+        mfu = work.arithmetic.flops_per_token * tokens_per_s / (lay.n_gpus * gpu.peak_bf16)
+        return StepEstimate(layout=lay, step_time=step, tokens_per_step=tokens_per_step,
+                            tokens_per_s=tokens_per_s, mfu=mfu, memory=self.memory(lay),
+                            breakdown=breakdown)
+
+
+def estimate(work: Workload, lay: Layout, gpu: GPU) -> StepEstimate:
+    """One-off estimate (a search should keep one CostModel to share its caches)."""
+    return CostModel(work, gpu).estimate(lay)
+

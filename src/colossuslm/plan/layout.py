@@ -1,0 +1,78 @@
+"""A parallel layout (how a job splits over GPUs) and the software features it runs with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Activation recomputation, cheapest compute first and least memory last:
+#   none       keep every activation the backward pass needs;
+#   selective  keep GEMM inputs and outputs, recompute the cheap parts in backward (norm outputs,
+#              the MLP activation, the attention core -- Korthikanti et al. 2022 and its successors);
+#   full       keep only each layer's input and rerun the whole layer forward in backward.
+RECOMPUTE_LEVELS = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Software:
+    """Features of the training stack that change cost but not the maths.
+
+    Defaults describe a common 2024 stack (flash attention, sequence parallelism, overlapped
+    gradient reduction and pipeline sends); features that only some stacks have (overlapped TP
+    collectives, hidden expert all-to-alls, fp8) are off unless asked for.
+    """
+
+    flash_attention: bool = True  # fused attention; False materialises the s x s scores
+    sequence_parallel: bool = True  # TP ranks also split norms/residuals along the sequence
+    tp_overlap: bool = False  # TP collectives overlapped with GEMMs (Megatron-Core TP overlap, async TP)
+    dp_overlap: bool = True  # gradient reduction overlapped with the backward pass
+    pp_overlap: bool = True  # asynchronous pipeline sends, split over TP ranks (Megatron scatter/gather)
+    ep_overlap: bool = False  # expert all-to-alls hidden behind another micro-batch's compute (DualPipe)
+    ep_max_domains: int = 0  # node-limited routing: a token reaches at most this many NVLink domains
+    # and crosses the network once per domain (DeepSeek-V3 / DeepEP); 0 = plain all-to-all
+    fp8: bool = False  # GEMMs (and the expert dispatch) in fp8; attention and the rest stay bf16
+    fused_elementwise: bool = True  # norms, activations and rotary embeddings as fused kernels
+    # (torch.compile, Transformer Engine, Apex); eager PyTorch runs each as several passes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of parallelism and per-GPU batch. GPUs = tp * pp * cp * dp.
+
+    `ep` carves expert shards out of the dp * cp ranks (experts are also split by tp).
+    `zero`: 1 shards optimizer states over data-parallel ranks, 2 also gradients, 3 also the
+    weights (FSDP). `vp` is the number of interleaved pipeline chunks per GPU.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    ep: int = 1
+    micro_batch: int = 1  # sequences per micro-batch per data-parallel rank
+    grad_accum: int = 1  # micro-batches per step per data-parallel rank
+    vp: int = 1
+    recompute: str = "none"
+    zero: int = 1
+    software: Software = field(default_factory=Software)
+
+    @property
+    def n_gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step."""
+        return self.dp * self.micro_batch * self.grad_accum
+
+    def short(self, compact: bool = False) -> str:
+        """ "TP8 PP16x4 CP1 EP1 DP64" (xN: interleaved chunks); `compact` drops CP1 and EP1."""
+        parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vp}" if self.vp > 1 else "")]
+        parts += [f"{name}{degree}" for name, degree in (("CP", self.cp), ("EP", self.ep))
+                  if degree > 1 or not compact]
+        return " ".join(parts + [f"DP{self.dp}"])
+
+    def family(self) -> str:
+        """The combination of parallelisms in use, e.g. "DP+TP+PP"; rejections are grouped by it."""
+        names = ["DP"] + [name for name, degree in (("TP", self.tp), ("PP", self.pp), ("CP", self.cp),
+                                                    ("EP", self.ep)) if degree > 1]
+        return "+".join(names)

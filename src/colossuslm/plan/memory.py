@@ -1,0 +1,141 @@
+"""Memory per GPU: weights, gradients, optimizer states, activations, and a safety margin.
+
+Mixed-precision Adam keeps, per parameter: bf16 weights (2 bytes), fp32 gradients (4) and fp32
+master weights plus two moments (12). ZeRO stage 1 shards the 12 over the data-parallel group,
+stage 2 also the gradients. Stage 3 (FSDP) shards fp32 weights, fp32 gradients and the moments
+(16 bytes; the fp32 weight is the master copy) and gathers bf16 weights a layer at a time. The first pipeline stage holds the most
+activations (1F1B keeps up to `pp` micro-batches in flight there); the last holds the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from colossuslm.models.arithmetic import logits_bytes_per_token
+from colossuslm.plan.hardware import GPU
+from colossuslm.plan.layout import Layout
+from colossuslm.plan.workload import Workload
+
+WEIGHT_BYTES = 2
+GRAD_BYTES = 4
+OPTIMIZER_BYTES = 12
+# FSDP: fp32 weight (the master copy), fp32 gradient and two fp32 moments, all sharded.
+FSDP_WEIGHT_BYTES, FSDP_GRAD_BYTES, FSDP_OPTIMIZER_BYTES = 4, 4, 8
+# The caching allocator's fragmentation, as a share of what is allocated.
+FRAGMENTATION = 0.10
+# CUDA context, NCCL buffers and GEMM workspaces that no tensor accounts for.
+RESERVED_BYTES = 3e9
+# Materialised attention (no flash attention) keeps, per score: softmax output (2 bytes),
+# dropout mask (1) and dropout output (2) -- Korthikanti et al. 2022, section 4.1.
+SCORE_BYTES = 5
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    total: float  # with fragmentation and the reserved bytes
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("weights", "gradients", "optimizer", "activations", "logits", "total")}
+
+
+def stage_layers(n_layers: int, pp: int) -> int:
+    """Layers on the fullest pipeline stage."""
+    return math.ceil(n_layers / pp)
+
+
+def vocab_matrices(work: Workload, pp: int) -> int:
+    """Vocabulary-sized matrices on the fullest stage: the input embedding, plus the output head
+    when it is untied and on the same stage (no pipeline); with a pipeline the first stage holds
+    the embedding and the last the head (a tied head is a copy there)."""
+    return 2 if pp == 1 and not work.cfg.tie_embeddings else 1
+
+
+def params_per_gpu(work: Workload, lay: Layout, layers: int) -> tuple[float, float]:
+    """(dense, expert) parameters on one GPU of a stage with `layers` layers and a vocabulary matrix."""
+    cfg = work.cfg
+    moe_share = work.n_moe_layers / cfg.n_layers
+    dense_l, _ = work.layer_params(moe=False)
+    moe_l, routed = work.layer_params(moe=True) if cfg.is_moe else (0, 0)
+    per_layer_dense = (1 - moe_share) * dense_l + moe_share * moe_l
+    dense = layers * per_layer_dense / lay.tp
+    expert = layers * moe_share * routed / (lay.tp * lay.ep)
+    dense += vocab_matrices(work, lay.pp) * work.embedding_params / lay.tp
+    return dense, expert
+
+
+def _sharded(bytes_per_param: float, dense: float, expert: float, dense_group: int, expert_group: int) -> float:
+    return bytes_per_param * (dense / dense_group + expert / expert_group)
+
+
+def selective_savings_per_token(work: Workload, bytes_per_value: int = 2) -> float:
+    """Bytes per token and layer that selective recomputation frees: the two norm outputs and
+    the MLP activation's output, which backward recomputes from what it keeps."""
+    cfg = work.cfg
+    dense_act = cfg.ffn_hidden
+    moe_act = (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden if cfg.is_moe else 0
+    moe_share = work.n_moe_layers / cfg.n_layers
+    return bytes_per_value * (2 * cfg.d_model + (1 - moe_share) * dense_act + moe_share * moe_act)
+
+
+def activation_bytes_per_layer_token(work: Workload, lay: Layout) -> float:
+    """Bytes one token leaves alive per layer until its backward pass, on one GPU."""
+    cfg = work.cfg
+    if lay.recompute == "full":
+        kept = work.activation_per_token["full"]
+    else:
+        kept = work.activation_per_token["none"]
+        if lay.recompute == "selective":
+            kept -= selective_savings_per_token(work)
+        elif not lay.software.flash_attention:
+            kept += SCORE_BYTES * cfg.n_heads * work.seq_len
+    return kept / lay.tp  # sequence parallelism splits the rest of the block's tensors too
+
+
+def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU,
+                   params: tuple[float, float] | None = None) -> MemoryBreakdown:
+    """Bytes on the fullest GPU; `params` may pass in `params_per_gpu` already computed."""
+    cfg = work.cfg
+    tokens = lay.micro_batch * work.seq_len / lay.cp
+    layers = stage_layers(cfg.n_layers, lay.pp)
+    dense_group = lay.dp * lay.cp
+    expert_group = max(1, dense_group // lay.ep)
+
+    def states(dense: float, expert: float) -> tuple[float, float, float]:
+        if lay.zero >= 3:
+            w = _sharded(FSDP_WEIGHT_BYTES, dense, expert, dense_group, expert_group)
+            # FSDP gathers bf16 weights two layers at a time (the current one and the prefetched next).
+            w += 2 * WEIGHT_BYTES * (dense + expert) / max(1, layers)
+            g = _sharded(FSDP_GRAD_BYTES, dense, expert, dense_group, expert_group)
+            o = _sharded(FSDP_OPTIMIZER_BYTES, dense, expert, dense_group, expert_group)
+            return w, g, o
+        w = WEIGHT_BYTES * (dense + expert)
+        g = _sharded(GRAD_BYTES, dense, expert, dense_group, expert_group) if lay.zero >= 2 else GRAD_BYTES * (dense + expert)
+        o = _sharded(OPTIMIZER_BYTES, dense, expert, dense_group, expert_group) if lay.zero >= 1 else OPTIMIZER_BYTES * (dense + expert)
+        return w, g, o
+
+    per_layer = activation_bytes_per_layer_token(work, lay) * tokens
+    if lay.pp > 1:
+        in_flight = min(lay.grad_accum, lay.pp) * (1 + (lay.pp - 1) / (lay.pp * lay.vp) if lay.vp > 1 else 1)
+    else:
+        in_flight = 1
+    working_layer = work.activation_per_token["none"] * tokens / lay.tp if lay.recompute == "full" else 0.0
+    logits = logits_bytes_per_token(cfg) * tokens / lay.tp
+
+    # First stage: most activations in flight, plus the input embedding.
+    w1, g1, o1 = states(*(params or params_per_gpu(work, lay, layers)))
+    act1 = in_flight * layers * per_layer + working_layer
+    first = (w1, g1, o1, act1, logits if lay.pp == 1 else 0.0)
+    # Last stage: as many weights (the head instead of the embedding), one micro-batch in
+    # flight, and the output logits.
+    last = first
+    if lay.pp > 1:
+        last = (w1, g1, o1, layers * per_layer + working_layer, logits)
+    worst = max(first, last, key=sum)
+    total = sum(worst) * (1 + FRAGMENTATION) + RESERVED_BYTES
+    return MemoryBreakdown(*worst, total=total)

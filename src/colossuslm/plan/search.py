@@ -1,0 +1,165 @@
+"""Enumerate parallel layouts, drop those that cannot run or do not fit, rank by throughput.
+
+TP stays inside an NVLink domain; PP, CP, EP and DP take the rest. For each layout shape the
+cheapest recomputation that fits is chosen (recomputing never makes a step faster) under ZeRO-1,
+and ZeRO-3 (FSDP) is costed only where its smaller footprint allows less recomputation (with
+the same recomputation its extra traffic can only be slower).
+Families of layouts (which parallelisms are in use) that never fit keep the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from colossuslm.errors import ColossusError
+from colossuslm.plan.costmodel import CostModel, StepEstimate
+from colossuslm.plan.hardware import GPU
+from colossuslm.plan.layout import RECOMPUTE_LEVELS, Layout, Software
+from colossuslm.plan.workload import Workload
+
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+MIN_CP_CHUNK = 1024  # tokens per GPU below which context parallelism is not worth considering
+
+
+@dataclass
+class FamilyOutcome:
+    """What happened to one family of layouts (e.g. DP+TP+PP)."""
+
+    best: StepEstimate | None = None
+    tried: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    least_memory: float = math.inf  # smallest footprint seen among layouts that did not fit
+
+    def reject(self, reason: str) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def why(self, capacity: float) -> str:
+        if self.best is not None:
+            return "fits"
+        if self.least_memory < math.inf:
+            return (f"does not fit: needs at least {self.least_memory / 1e9:.0f} GB per GPU "
+                    f"(even with full recomputation and ZeRO-3) > {capacity / 1e9:.0f} GB")
+        if self.reasons:
+            return max(self.reasons, key=self.reasons.get)
+        return "no valid layout"
+
+
+@dataclass
+class SearchResult:
+    ranked: list[StepEstimate]
+    families: dict[str, FamilyOutcome]
+    evaluated: int
+
+    @property
+    def best(self) -> StepEstimate:
+        if not self.ranked:
+            raise ColossusError("no layout fits this model on this hardware; see the rejected families "
+                                "(more GPUs, more memory per GPU, or a shorter sequence)")
+        return self.ranked[0]
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def tensor_parallel_options(work: Workload, gpu: GPU) -> list[int]:
+    cfg = work.cfg
+    out = []
+    for tp in divisors(max(1, gpu.nvlink_domain)):
+        kv_ok = cfg.n_kv_heads % tp == 0 or tp % cfg.n_kv_heads == 0  # split or replicate K/V heads
+        if cfg.n_heads % tp == 0 and kv_ok:
+            out.append(tp)
+    return out
+
+
+def context_parallel_options(work: Workload) -> list[int]:
+    return [cp for cp in (1, 2, 4, 8, 16, 32) if work.seq_len % cp == 0 and (cp == 1 or work.seq_len // cp >= MIN_CP_CHUNK)]
+
+
+def expert_parallel_options(work: Workload) -> list[int]:
+    return divisors(work.cfg.n_experts) if work.cfg.is_moe else [1]
+
+
+def virtual_stage_options(n_layers: int, pp: int) -> list[int]:
+    if pp == 1:
+        return [1]
+    per_stage = math.ceil(n_layers / pp)
+    return [v for v in divisors(per_stage) if v <= 8]
+
+
+def search(work: Workload, gpu: GPU, n_gpus: int, global_batch: int, software: Software = Software(),
+           fixed: dict | None = None, exact_batch: bool = False, top: int = 10) -> SearchResult:
+    """Best layouts for `global_batch` sequences per step on `n_gpus` of `gpu`.
+
+    `fixed` pins layout fields (tp, pp, cp, ep, micro_batch, vp, recompute, zero); the rest are
+    searched. With `exact_batch` the global batch must be met exactly (published runs);
+    otherwise gradient accumulation rounds up to reach at least the requested batch.
+    """
+    fixed = dict(fixed or {})
+    cfg = work.cfg
+    model = CostModel(work, gpu)
+    capacity = gpu.hbm_bytes
+
+    def options(name: str, default: list) -> list:
+        return [fixed[name]] if name in fixed else default
+
+    recompute_levels = options("recompute", list(RECOMPUTE_LEVELS))
+    zero_levels = options("zero", [1, 3])
+    families: dict[str, FamilyOutcome] = {}
+    fits: list[StepEstimate] = []
+    evaluated = 0
+    for tp in options("tp", tensor_parallel_options(work, gpu)):
+        for cp in options("cp", context_parallel_options(work)):
+            for pp in options("pp", [p for p in divisors(n_gpus) if p <= cfg.n_layers]):
+                if n_gpus % (tp * cp * pp):
+                    continue
+                dp = n_gpus // (tp * cp * pp)
+                for ep in options("ep", expert_parallel_options(work)):
+                    family = Layout(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep).family()
+                    outcome = families.setdefault(family, FamilyOutcome())
+                    if (dp * cp) % ep:
+                        outcome.reject(f"expert parallelism {ep} does not divide the {dp * cp} data x context ranks")
+                        continue
+                    for mb in options("micro_batch", list(MICRO_BATCHES)):
+                        if exact_batch:
+                            if global_batch % (dp * mb):
+                                outcome.reject("the global batch is not a multiple of data-parallel ranks x micro-batch")
+                                continue
+                            accum = global_batch // (dp * mb)
+                        else:
+                            if dp * mb > global_batch and mb > 1:
+                                continue
+                            if dp > global_batch:
+                                outcome.reject(f"{dp} data-parallel ranks exceed the global batch of {global_batch} sequences")
+                                continue
+                            accum = max(1, math.ceil(global_batch / (dp * mb)))
+                        for vp in options("vp", virtual_stage_options(cfg.n_layers, pp)):
+                            if vp > 1 and accum < pp:
+                                outcome.reject("interleaving needs at least as many micro-batches as stages")
+                                continue
+                            outcome.tried += 1
+                            best_level = len(recompute_levels)  # a later ZeRO stage must beat this
+                            for zero in zero_levels:
+                                for rank, level in enumerate(recompute_levels[:best_level]):
+                                    lay = Layout(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, micro_batch=mb,
+                                                 grad_accum=accum, vp=vp, recompute=level, zero=zero,
+                                                 software=software)
+                                    need = model.memory(lay).total
+                                    if need > capacity:
+                                        outcome.least_memory = min(outcome.least_memory, need)
+                                        continue
+                                    # More sharding only pays if it allows less recomputation.
+                                    best_level = rank
+                                    est = model.estimate(lay)
+                                    evaluated += 1
+                                    fits.append(est)
+                                    if outcome.best is None or est.tokens_per_s > outcome.best.tokens_per_s:
+                                        outcome.best = est
+                                    break
+    for outcome in families.values():
+        if outcome.best is not None:
+            outcome.least_memory = math.inf
+    fits.sort(key=lambda e: -e.tokens_per_s)
+    return SearchResult(ranked=fits[:top], families=families, evaluated=evaluated)

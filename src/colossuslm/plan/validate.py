@@ -1,0 +1,163 @@
+"""Predict published training runs with the one cost model and report the error per run.
+
+Each row of `published_runs.toml` states its hardware, GPU count, layout, batch and figure; the
+figure is converted to tokens/s per GPU and compared with the best prediction for that layout
+(knobs the source does not state are searched, as its authors tuned them).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from colossuslm.errors import ColossusError
+from colossuslm.plan.costmodel import StepEstimate
+from colossuslm.plan.hardware import load_catalogue
+from colossuslm.plan.layout import Software
+from colossuslm.plan.search import search
+from colossuslm.plan.workload import Workload, model_from_table
+
+RUNS_FILE = Path(__file__).with_name("published_runs.toml")
+TARGET_MEDIAN = 0.10
+TARGET_MAX = 0.25
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    id: str
+    source: str
+    work: Workload
+    gpu_name: str
+    gpus: int
+    global_batch: int
+    fixed: dict[str, Any]
+    software: Software
+    published: dict[str, Any]
+    scaleout_bandwidth: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    run: PublishedRun
+    published_tps: float  # tokens/s per GPU
+    predicted: StepEstimate | None
+    fits: bool
+    peak: float
+
+    @property
+    def predicted_tps(self) -> float:
+        return self.predicted.tokens_per_s_per_gpu if self.predicted else float("nan")
+
+    @property
+    def published_flops_per_token(self) -> float:
+        """FLOPs per token of the published model: the row's own count when our preset only
+        approximates the architecture, else the shared arithmetic."""
+        return float(self.run.published.get("flops_per_token", self.run.work.arithmetic.flops_per_token))
+
+    @property
+    def compared_on(self) -> str:
+        return "MFU" if "flops_per_token" in self.run.published else "tokens/s"
+
+    @property
+    def published_mfu(self) -> float:
+        return self.published_tps * self.published_flops_per_token / self.peak
+
+    @property
+    def predicted_mfu(self) -> float:
+        return self.predicted.mfu if self.predicted else float("nan")
+
+    @property
+    def error(self) -> float:
+        """Relative error of the prediction: on tokens/s, or on MFU for approximated models."""
+        if self.compared_on == "MFU":
+            return self.predicted_mfu / self.published_mfu - 1
+        return self.predicted_tps / self.published_tps - 1
+
+
+def megatron_flops_per_token(work: Workload, recompute: bool) -> float:
+    """The Megatron-LM papers' count (Narayanan et al. 2021, eq. 3), per token."""
+    cfg, s = work.cfg, work.seq_len
+    h, l, v = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    if recompute:
+        return 96 * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    return 72 * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+
+
+def published_tokens_per_s_per_gpu(run: PublishedRun, peak: float) -> float:
+    p = run.published
+    if "tokens_per_s_per_gpu" in p:
+        return float(p["tokens_per_s_per_gpu"])
+    if "step_time_s" in p:
+        return run.global_batch * run.work.seq_len / p["step_time_s"] / run.gpus
+    if "megatron_tflops" in p:
+        return p["megatron_tflops"] * 1e12 / megatron_flops_per_token(run.work, bool(p.get("recompute")))
+    if "megatron_mfu" in p:
+        return p["megatron_mfu"] * peak / megatron_flops_per_token(run.work, recompute=False)
+    if "model_tflops" in p:
+        return p["model_tflops"] * 1e12 / run.work.arithmetic.flops_per_token
+    if "gpu_hours_per_trillion_tokens" in p:
+        return 1e12 / (p["gpu_hours_per_trillion_tokens"] * 3600)
+    raise ColossusError(f"published run {run.id}: unknown figure {sorted(p)}")
+
+
+def _fixed_layout(table: dict[str, Any]) -> dict[str, Any]:
+    """A row's degrees of parallelism are facts: an absent one was not used (1). Micro-batch,
+    interleaving, recomputation and ZeRO stage stay free when the source does not state them."""
+    return {"tp": 1, "pp": 1, "cp": 1, "ep": 1, **table}
+
+
+@lru_cache(maxsize=2)
+def load_runs(path: str = str(RUNS_FILE)) -> tuple[PublishedRun, ...]:
+    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    bases = data.get("models", {})
+    runs = []
+    for row in data.get("run", []):
+        table = dict(row["model"])
+        base = table.pop("base", None)
+        if base:
+            table = {**bases[base], **table}
+        work = model_from_table(row["id"], table, int(row["seq_len"]))
+        runs.append(PublishedRun(
+            id=row["id"], source=row["source"], work=work, gpu_name=row["gpu"], gpus=int(row["gpus"]),
+            global_batch=int(row["global_batch"]), fixed=_fixed_layout(row.get("layout", {})),
+            software=Software(**row.get("software", {})), published=dict(row["published"]),
+            scaleout_bandwidth=row.get("scaleout_bandwidth"), note=row.get("note", "")))
+    return tuple(runs)
+
+
+def predict_published(run: PublishedRun, catalogue_file: str | None = None) -> Comparison:
+    gpu = load_catalogue(catalogue_file).gpu(run.gpu_name)
+    if run.scaleout_bandwidth:
+        gpu = replace(gpu, scaleout_bandwidth=float(run.scaleout_bandwidth))
+    result = search(run.work, gpu, run.gpus, run.global_batch, software=run.software,
+                    fixed=run.fixed, exact_batch=True, top=1)
+    fits = bool(result.ranked)
+    best = result.ranked[0] if fits else None
+    if best is None:  # report what it would do, memory notwithstanding
+        relaxed = replace(gpu, hbm_bytes=1e15)
+        loose = search(run.work, relaxed, run.gpus, run.global_batch, software=run.software,
+                       fixed=run.fixed, exact_batch=True, top=1)
+        best = loose.ranked[0] if loose.ranked else None
+    return Comparison(run=run, published_tps=published_tokens_per_s_per_gpu(run, gpu.peak_bf16),
+                      predicted=best, fits=fits, peak=gpu.peak_bf16)
+
+
+def validate(catalogue_file: str | None = None) -> list[Comparison]:
+    return [predict_published(run, catalogue_file) for run in load_runs()]
+
+
+def summary(rows: list[Comparison]) -> dict[str, float]:
+    errors = [abs(r.error) for r in rows if r.predicted is not None]
+    return {"rows": len(rows), "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
+            "within_25pct": sum(e <= TARGET_MAX for e in errors),
+            "meets_target": statistics.median(errors) <= TARGET_MEDIAN and max(errors) <= TARGET_MAX}

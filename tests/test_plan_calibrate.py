@@ -1,0 +1,68 @@
+"""Calibration against a run directory, and predict_run for the trainer's summary."""
+
+import json
+import math
+
+import pytest
+
+from colossuslm.config import load_config, save_config
+from colossuslm.errors import ColossusError
+from colossuslm.plan.calibrate import calibrate, calibration_text, device_gpu, predict_run, run_layout
+
+
+@pytest.fixture()
+def config():
+    return load_config([], ["model.preset=tiny", "data.seq_len=256", "train.micro_batch_size=8",
+                            "train.grad_accum=2"])
+
+
+def test_predict_run_on_gpu(config):
+    out = predict_run(config, "NVIDIA H100 80GB HBM3", 8)
+    assert {"step_time_s", "tokens_per_s", "mfu"} <= set(out)
+    assert out["device_model"] == "h100"
+    tokens = 8 * 2 * 256 * 8
+    assert out["tokens_per_s"] == pytest.approx(tokens / out["step_time_s"])
+
+
+def test_predict_run_mfu_uses_the_given_peak(config):
+    cpu = predict_run(config, "cpu", 1, peak_flops=5e11)
+    from colossuslm.models.arithmetic import model_arithmetic
+    flops = model_arithmetic(config.model, 256).flops_per_token
+    assert cpu["mfu"] == pytest.approx(flops * cpu["tokens_per_s"] / 5e11)
+    assert device_gpu("cpu", 5e11).peak_bf16 == 5e11
+
+
+def test_unknown_device(config):
+    with pytest.raises(ColossusError, match="not in the hardware catalogue"):
+        predict_run(config, "Some New Accelerator", 1)
+    out = predict_run(config, "Some New Accelerator", 1, peak_flops=100e12)  # the trainer always passes one
+    assert out["step_time_s"] > 0
+
+
+def test_trainer_layout(config):
+    lay = run_layout(config, 8)
+    assert (lay.dp, lay.tp, lay.zero, lay.micro_batch, lay.grad_accum) == (8, 1, 3, 8, 2)
+
+
+def test_calibrate_reads_a_run_directory(tmp_path, config):
+    save_config(config, tmp_path / "config.toml")
+    records = [{"step": s, "tokens": s * 4096, "loss": 4.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 9000.0,
+                "mfu": 0.3, "mem_gb": 0.4, "step_time_s": 0.45, "skipped_steps": 0} for s in (10, 20, 30)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"truncated\n")
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"device": "cpu", "n_devices": 1, "peak_flops": 4e11, "median_step_time_s": 0.5,
+         "median_tokens_per_s": 8192.0, "mfu": 0.31}))
+    cal = calibrate(tmp_path)
+    assert cal.measured == {"step_time_s": 0.5, "tokens_per_s": 8192.0, "mfu": 0.31}
+    assert cal.error("step_time_s") == pytest.approx(cal.predicted["step_time_s"] / 0.5 - 1)
+    assert "step time" in calibration_text(cal)
+    # Without a summary the metrics' medians are used.
+    (tmp_path / "summary.json").unlink()
+    cal = calibrate(tmp_path)
+    assert cal.measured["step_time_s"] == pytest.approx(0.45) and cal.device == "cpu"
+    assert not math.isnan(cal.error("mfu"))
+
+
+def test_calibrate_needs_a_run_directory(tmp_path):
+    with pytest.raises(ColossusError, match="config.toml"):
+        calibrate(tmp_path)
