@@ -75,3 +75,10 @@ def test_mixed_cluster_runs_at_the_slower_pool():
     assert c.n_gpus == 200_000
     assert c.pace_gpu.name == "h100"
     assert c.with_gpus(1000).n_gpus == 1000
+
+
+def test_pinned_tensor_parallelism_must_stay_in_the_nvlink_domain():
+    work = resolve_model("grok-1", 8192)
+    result = search(work, load_catalogue().gpu("h100"), 1024, 512, fixed={"tp": 16})
+    assert not result.ranked
+    assert "NVLink domain" in result.families["DP+TP"].why(85e9)

@@ -14,7 +14,7 @@ from colossuslm.errors import ColossusError
 EXAMPLES = """examples:
   colossus plan --model grok-1 --cluster colossus-100k --tokens 6e12
   colossus plan --model llama3-405b --cluster h100 --gpus 16384 --seq-len 8192 --batch-tokens 16e6 --tokens 15.6e12
-  colossus plan --model deepseek-v3-like --cluster h800 --gpus 2048 --fp8 --ep-overlap --tokens 14.8e12 --json
+  colossus plan --model deepseek-v3-like --cluster h800 --gpus 2048 --fp8 --ep-overlap --ep-max-domains 4 --tokens 14.8e12
   colossus plan --model grok-1 --cluster colossus-100k --sweep gpus=1024,...,1000000 --plot scaling.png
   colossus plan validate
   colossus plan calibrate runs/tiny
@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tp-overlap", action="store_true", help="assume TP collectives overlap GEMMs")
     parser.add_argument("--ep-overlap", action="store_true",
                         help="assume expert all-to-alls hide behind another micro-batch (DualPipe-style)")
+    parser.add_argument("--ep-max-domains", type=int, default=0, metavar="N",
+                        help="node-limited routing: each token's experts span at most N NVLink domains "
+                             "(DeepSeek-V3 uses 4); 0 = plain all-to-all")
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     parser.add_argument("--hardware-file", metavar="TOML", help="extra [gpu.NAME]/[cluster.NAME] tables")
     parser.add_argument("--sweep", metavar="gpus=N1,N2,...",
@@ -103,7 +106,10 @@ def parse_fixed(items: list[str]) -> dict:
 def _software(args: argparse.Namespace):
     from colossuslm.plan.layout import Software
 
-    return Software(fp8=args.fp8, tp_overlap=args.tp_overlap, ep_overlap=args.ep_overlap)
+    if args.ep_max_domains < 0:
+        raise ColossusError("--ep-max-domains must be >= 0")
+    return Software(fp8=args.fp8, tp_overlap=args.tp_overlap, ep_overlap=args.ep_overlap,
+                    ep_max_domains=args.ep_max_domains)
 
 
 def _plan(args: argparse.Namespace) -> int:

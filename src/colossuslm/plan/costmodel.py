@@ -14,7 +14,6 @@ predicted with this one model and no per-run factors.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from colossuslm.models.arithmetic import MatmulShape

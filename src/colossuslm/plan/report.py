@@ -62,7 +62,8 @@ def plan_text(plan: Plan, search_seconds: float | None = None) -> str:
             lines.append(f"  {family:<16} rejected: {outcome.why(gpu.hbm_bytes)}")
     if plan.projection is None:
         lines.append("")
-        lines.append("No layout fits: add GPUs, pick GPUs with more memory, or shorten the sequence.")
+        lines.append("No layout fits (reasons above): add GPUs, pick GPUs with more memory, shorten the "
+                     "sequence, or loosen --fix.")
         return "\n".join(lines)
     lines.append("")
     lines += projection_lines(plan)

@@ -110,7 +110,13 @@ def search(work: Workload, gpu: GPU, n_gpus: int, global_batch: int, software: S
     families: dict[str, FamilyOutcome] = {}
     fits: list[StepEstimate] = []
     evaluated = 0
-    for tp in options("tp", tensor_parallel_options(work, gpu)):
+    allowed_tp = tensor_parallel_options(work, gpu)
+    for tp in options("tp", allowed_tp):
+        if tp not in allowed_tp:
+            families.setdefault(Layout(tp=tp).family(), FamilyOutcome()).reject(
+                f"TP {tp} must divide the NVLink domain ({gpu.nvlink_domain} GPUs) and the attention heads "
+                f"({cfg.n_heads} query, {cfg.n_kv_heads} key/value); allowed: {', '.join(map(str, allowed_tp))}")
+            continue
         for cp in options("cp", context_parallel_options(work)):
             for pp in options("pp", [p for p in divisors(n_gpus) if p <= cfg.n_layers]):
                 if n_gpus % (tp * cp * pp):
