@@ -42,7 +42,8 @@ def device_gpu(device: str, peak_flops: float | None = None, hardware_file: str 
 
 def run_layout(config: Config, n_devices: int) -> Layout:
     """The trainer's layout: data parallel over everything TP leaves (EP borrows from it),
-    FSDP when the shard group is larger than one, no recomputation, no pipeline."""
+    FSDP when the shard group is larger than one, no recomputation, no pipeline; element-wise
+    work is fused only when the run uses torch.compile."""
     par = config.parallel
     if n_devices % (par.tp * par.pp):
         raise ColossusError(f"parallel.tp x parallel.pp = {par.tp * par.pp} does not divide {n_devices} devices")
@@ -50,7 +51,7 @@ def run_layout(config: Config, n_devices: int) -> Layout:
     dp_shard = par.dp_shard if par.dp_shard != -1 else dp // max(1, par.dp_replicate)
     return Layout(tp=par.tp, pp=par.pp, cp=1, dp=dp, ep=par.ep, micro_batch=config.train.micro_batch_size,
                   grad_accum=config.train.grad_accum, vp=1, recompute="none",
-                  zero=3 if dp_shard > 1 else 0, software=Software())
+                  zero=3 if dp_shard > 1 else 0, software=Software(fused_elementwise=config.train.compile))
 
 
 def predict_run(config: Config, device: str, n_devices: int, peak_flops: float | None = None) -> dict:
