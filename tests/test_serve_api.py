@@ -84,6 +84,13 @@ def test_models_health_and_completion(server, client):
     assert reply.usage.completion_tokens == 7 and reply.usage.total_tokens == reply.usage.prompt_tokens + 7
 
 
+def test_prompt_given_as_token_ids(server, client):
+    ids = server.engine.tokenizer.encode("The quick brown fox").ids
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0)
+    by_text = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+
+
 def test_chat_plain_and_streamed_agree(client):
     plain = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, temperature=0)
     choice = plain.choices[0]

@@ -13,6 +13,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="weights and KV cache; auto = bf16 on GPU, fp32 on CPU")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context window to serve (default: the model's max_seq_len)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: its own choice, one per core); on a busy or "
+                             "small machine 1 is often fastest for small models")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
@@ -32,7 +35,18 @@ def sampling_params(args: argparse.Namespace):
                           top_k=args.top_k, seed=args.seed).validate()
 
 
-def engine_config(args: argparse.Namespace, **extra):
-    from colossuslm.serve.engine import EngineConfig
+def load_engine(args: argparse.Namespace, **engine_config):
+    """(LLMEngine, LoadedModel) for the checkpoint and options in `args`."""
+    import torch
 
-    return EngineConfig(max_model_len=args.max_model_len, **extra)
+    from colossuslm.errors import ColossusError
+    from colossuslm.serve.engine import EngineConfig, LLMEngine
+    from colossuslm.serve.loading import load_for_inference
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ColossusError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    loaded = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype)
+    engine = LLMEngine.from_loaded(loaded, EngineConfig(max_model_len=args.max_model_len, **engine_config))
+    return engine, loaded

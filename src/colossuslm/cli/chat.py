@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from colossuslm.cli._serve_args import add_model_args, add_sampling_args, engine_config, sampling_params
+from colossuslm.cli._serve_args import add_model_args, add_sampling_args, load_engine, sampling_params
 
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops a reply"
 
@@ -22,10 +22,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from colossuslm.errors import ColossusError
     from colossuslm.serve.chat_session import ChatSession
-    from colossuslm.serve.engine import LLMEngine
 
-    engine = LLMEngine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
-                                       config=engine_config(args, max_num_seqs=1))
+    engine, _ = load_engine(args, max_num_seqs=1)
     session = ChatSession(engine, sampling_params(args), system=args.system)
     interactive = sys.stdin.isatty()
     print(f"chatting with {args.checkpoint} ({HELP})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from colossuslm.cli._serve_args import add_model_args, add_sampling_args, engine_config, sampling_params
+from colossuslm.cli._serve_args import add_model_args, add_sampling_args, load_engine, sampling_params
 
 
 def register(subparsers) -> None:
@@ -22,11 +22,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from colossuslm.data.chat import encode_chat
     from colossuslm.data.tokenizer import IM_END
-    from colossuslm.serve.engine import LLMEngine
+    from colossuslm.errors import ColossusError
 
     params = sampling_params(args)
-    engine = LLMEngine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
-                                       config=engine_config(args, max_num_seqs=1))
+    engine, _ = load_engine(args, max_num_seqs=1)
     tokenizer = engine.tokenizer
     if args.chat:
         prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])
@@ -36,8 +35,6 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode(args.prompt).ids or [engine.eos_token_id]
     room = engine.max_model_len - len(prompt_ids)
     if room < 1:
-        from colossuslm.errors import ColossusError
-
         raise ColossusError(f"the prompt is {len(prompt_ids)} tokens; the context window is {engine.max_model_len}")
     params.max_tokens = min(params.max_tokens, room)
     for output in engine.stream(prompt_ids, params):

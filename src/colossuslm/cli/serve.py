@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from colossuslm.cli._serve_args import add_model_args, engine_config
+from colossuslm.cli._serve_args import add_model_args, load_engine
 
 API_KEY_ENV = "COLOSSUS_API_KEY"
 
@@ -40,15 +40,14 @@ def run(args: argparse.Namespace) -> int:
     from colossuslm.errors import ColossusError
     from colossuslm.serve.api import ServerSettings, create_app
     from colossuslm.serve.async_engine import AsyncEngine
-    from colossuslm.serve.engine import LLMEngine
-    from colossuslm.serve.loading import load_for_inference
 
     for name in ("max_num_seqs", "max_concurrent_requests", "max_body_bytes", "port"):
         if getattr(args, name) < 1:
             raise ColossusError(f"--{name.replace('_', '-')} must be at least 1")
-    loaded = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype)
-    config = engine_config(args, max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * 2**30))
-    engine = AsyncEngine(LLMEngine.from_loaded(loaded, config)).start()
+    if args.kv_cache_gb <= 0:
+        raise ColossusError("--kv-cache-gb must be > 0")
+    llm, loaded = load_engine(args, max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * 2**30))
+    engine = AsyncEngine(llm).start()
     settings = ServerSettings(model_name=args.served_model_name or loaded.name, api_key=args.api_key,
                               max_concurrent_requests=args.max_concurrent_requests,
                               max_body_bytes=args.max_body_bytes)

@@ -58,6 +58,7 @@ class _Job:
     stream: RequestStream
     include_usage: bool
     started: float
+    closed: bool = False
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings):
@@ -168,8 +169,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         in_flight += 1
         return _Job(kind, request_id, stream, include_usage, time.monotonic())
 
-    def finish(job: _Job, prompt_tokens: int, completion_tokens: int, first_token: float | None) -> None:
+    def finish(job: _Job, prompt_tokens: int = 0, completion_tokens: int = 0, first_token: float | None = None) -> None:
+        """Release the job's admission and engine slot, and record it; idempotent."""
         nonlocal in_flight
+        if job.closed:
+            return
+        job.closed = True
         in_flight -= 1
         job.stream.abort()  # no-op if it finished; frees the slot if the client left early
         metrics.prompt_tokens.inc(prompt_tokens)
@@ -202,8 +207,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         return JSONResponse(completion_body(job.id, settings.model_name, text, last.finish_reason, counts))
 
     def streaming(job: _Job, events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ClosingStreamingResponse(events, on_close=lambda: finish(job), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def completion_events(job: _Job) -> AsyncIterator[str]:
         def chunk(text: str, reason: str | None) -> dict:
@@ -241,6 +246,22 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         metrics.requests.inc(endpoint=path if path in ENDPOINTS else "other", status=str(status))
 
     return RequestGuard(app, settings.api_key, settings.max_body_bytes, on_response)
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Runs `on_close` however the response ends. A client that disconnects before the first
+    chunk cancels the response before our event generator has even started, so the generator's
+    own `finally` cannot be relied on to release the request."""
+
+    def __init__(self, *args, on_close, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 async def collect(stream: RequestStream):

@@ -1,8 +1,9 @@
 """Paged KV cache: fixed-size blocks of token slots handed out to sequences on demand.
 
-Memory is one tensor per layer for keys and one for values, `[num_blocks * block_size, kv_heads,
+Memory is one tensor per layer for keys and one for values, `[kv_heads, num_blocks * block_size,
 head_dim]`. A sequence owns a list of blocks (its block table); token t of the sequence lives in
-slot `table[t // block_size] * block_size + t % block_size`. Paging (as in vLLM) means a sequence
+slot `table[t // block_size] * block_size + t % block_size`. Heads come first so that gathering a
+batch's slots gives `[kv_heads, batch, length, head_dim]`, ready for attention with no further copy. Paging (as in vLLM) means a sequence
 holds memory for the tokens it has, not for the longest sequence the model allows, so many more
 requests fit in the same memory, and finished requests give their blocks straight back.
 """
@@ -41,7 +42,7 @@ class PagedKVCache:
                  device: torch.device, dtype: torch.dtype):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, cfg.n_kv_heads, cfg.resolved_head_dim)
+        shape = (cfg.n_kv_heads, num_blocks * block_size, cfg.resolved_head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.allocator = BlockAllocator(num_blocks)

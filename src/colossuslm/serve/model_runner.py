@@ -92,8 +92,8 @@ class ModelRunner:
         k = apply_rope(attn.wk(x).view(tokens, -1, self.head_dim), cos, sin)  # [T, KVH, hd]
         v = attn.wv(x).view(tokens, -1, self.head_dim)
         keys, values = self.cache.keys[layer_index], self.cache.values[layer_index]
-        keys.index_copy_(0, batch.slots, k.to(keys.dtype))
-        values.index_copy_(0, batch.slots, v.to(values.dtype))
+        keys.index_copy_(1, batch.slots, k.transpose(0, 1).to(keys.dtype))
+        values.index_copy_(1, batch.slots, v.transpose(0, 1).to(values.dtype))
 
         outputs = []
         start = 0
@@ -119,21 +119,23 @@ class ModelRunner:
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           batch: _BatchTensors) -> torch.Tensor:
-        """One token per sequence over its cached history. q: [B, H, hd] -> [B, H, hd]."""
+        """One token per sequence over its cached history. q: [B, H, hd] -> [B, H, hd].
+
+        Computed head-group-major ([KVH, B, ...]) because that is the order the gather from the
+        cache produces; query heads sharing a key/value head form one small matrix.
+        """
         slots, valid = batch.decode_slots, batch.decode_valid
         n_seqs, length = slots.shape
-        kv_heads = keys.shape[1]
-        k = keys.index_select(0, slots.flatten()).view(n_seqs, length, kv_heads, self.head_dim)
-        v = values.index_select(0, slots.flatten()).view(n_seqs, length, kv_heads, self.head_dim)
-        # Group query heads by the key/value head they share: [B, KVH, group, hd], no K/V copies per head.
-        q = q.view(n_seqs, kv_heads, -1, self.head_dim)
-        scores = torch.matmul(q, k.permute(0, 2, 3, 1).to(q.dtype)).float() / math.sqrt(self.head_dim)
+        kv_heads = keys.shape[0]
+        k = keys.index_select(1, slots.flatten()).view(kv_heads, n_seqs, length, self.head_dim)
+        v = values.index_select(1, slots.flatten()).view(kv_heads, n_seqs, length, self.head_dim)
+        q = q.view(n_seqs, kv_heads, -1, self.head_dim).transpose(0, 1).to(k.dtype)  # [KVH, B, group, hd]
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # [KVH, B, group, L]
         if self.softcap > 0:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.permute(0, 2, 1, 3).to(q.dtype))  # [B, KVH, group, hd]
-        return out.reshape(n_seqs, -1, self.head_dim)
+        scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # [KVH, B, group, hd]
+        return out.transpose(0, 1).reshape(n_seqs, -1, self.head_dim).to(q.dtype)
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
                     ) -> torch.Tensor:
