@@ -26,7 +26,8 @@ from torch.distributed.tensor import DTensor
 from colossuslm.config.schema import ModelConfig, ParallelConfig
 from colossuslm.errors import ColossusError
 from colossuslm.models.transformer import Transformer
-from colossuslm.parallel.expert import apply_expert_parallel, clip_grad_norm_
+from colossuslm.parallel.expert import apply_expert_parallel
+from colossuslm.parallel.grads import clip_grad_norm
 from colossuslm.parallel.mesh import ParallelDims, build_mesh
 
 SEED = 1234
@@ -126,7 +127,7 @@ def run_fsdp(model, meshes, expert_params, dp_rank, dp_size) -> dict:
     for step in range(FSDP_STEPS):
         loss = rank_loss(model, *rank_slice(global_batch(step, dp_size), dp_rank))
         loss.backward()
-        grad_norms.append(clip_grad_norm_(model.parameters(), MAX_GRAD_NORM, foreach=True).item())
+        grad_norms.append(clip_grad_norm(model.parameters(), MAX_GRAD_NORM).item())
         optimizer.step()
         optimizer.zero_grad()
         dist.all_reduce(loss := loss.detach(), group=meshes.dp.get_group())

@@ -26,7 +26,6 @@ is accumulated into `.grad`, so gradient accumulation stays correct without any 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -157,31 +156,4 @@ def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> set[nn.Parameter]
     return expert_params
 
 
-@torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, foreach: bool | None = None) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` (2-norm) for gradients that live on several device meshes.
-
-    With expert parallelism the expert gradients are DTensors on `ep` while FSDP's are on
-    `dp_shard`; torch's version stacks all per-tensor norms into one DTensor and fails on mixed
-    meshes. Here each mesh's norm is reduced on its own mesh, then the totals are combined. Expert
-    replicas hold identical gradients after the backward sync, so they are not double counted.
-    Returns the total norm before clipping (a plain tensor, the same on every rank).
-    """
-    params_by_mesh: dict[DeviceMesh | None, list[nn.Parameter]] = {}
-    for p in parameters:
-        if p.grad is not None:
-            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-            params_by_mesh.setdefault(mesh, []).append(p)
-    if not params_by_mesh:
-        return torch.zeros(())
-    norms = []
-    for params in params_by_mesh.values():  # same order on every rank: same model, same traversal
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=foreach)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for params in params_by_mesh.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
-    return total
-
-
-__all__ = ["apply_expert_parallel", "ExpertParallelExperts", "clip_grad_norm_"]
+__all__ = ["apply_expert_parallel", "ExpertParallelExperts"]

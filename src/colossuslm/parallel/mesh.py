@@ -96,8 +96,13 @@ def init_distributed(device_kind: str = "auto", timeout_s: float = 300.0) -> Dis
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        # torchrun may hand a restarted group the same store: without a per-attempt prefix, gloo
+        # would read the dead incarnation's addresses and fail to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=device if use_cuda else None)
     return DistributedEnv(rank, local_rank, world_size, device)
 

@@ -349,7 +349,11 @@ class Trainer:
             from colossuslm.plan.calibrate import predict_run
         except ImportError:
             return None
-        return predict_run(self.cfg, device_name(self.device), self.world_size, peak_flops=self.peak_flops)
+        try:
+            return predict_run(self.cfg, device_name(self.device), self.world_size, peak_flops=self.peak_flops)
+        except ColossusError as exc:  # e.g. a device the planner's catalogue does not know
+            self._log(f"planner: no prediction for this run ({exc})")
+            return None
 
     def _read_summary(self) -> dict[str, Any]:
         path = self.run_dir / "summary.json"
