@@ -94,6 +94,9 @@ class DataConfig:
     # "default" = the embedded corpus (Python's own documentation text), prepared once and cached;
     # otherwise a directory written by `colossus data prepare`.
     dataset: str = "default"
+    # tokens: a prepared token dataset. chat: conversation JSONL ({"messages": [...]}) for chat
+    # fine-tuning, loss on assistant tokens only ("default" = the bundled conversation set).
+    format: str = "tokens"
     seq_len: int = 256
     val_fraction: float = 0.01
     jsonl_field: str = "text"
@@ -103,6 +106,7 @@ class DataConfig:
         _positive("data", self, "seq_len")
         _require(self.dataset != "", "data.dataset", self.dataset,
                  "give a prepared dataset directory or 'default'")
+        _require(self.format in ("tokens", "chat"), "data.format", self.format, "choose tokens or chat")
         _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
                  "must be in (0, 0.5)")
         _require(self.prepare_workers >= 0, "data.prepare_workers", self.prepare_workers, "must be >= 0")
@@ -135,6 +139,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 3
     resume: bool = True  # continue from the latest checkpoint in the run directory
+    init_from: str = ""  # start from these weights (a checkpoint or run directory), e.g. to fine-tune
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True
 
@@ -188,6 +193,8 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.parallel.validate()
+        _require(self.data.format == "tokens" or self.train.init_from != "", "data.format", self.data.format,
+                 "chat fine-tuning starts from a trained model: set train.init_from to its checkpoint or run directory")
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                  f"must be <= model.max_seq_len = {self.model.max_seq_len}")
         if self.parallel.ep > 1:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from colossuslm.config import Config, config_to_dict, save_config
+from colossuslm.config import Config, config_to_dict, load_config, save_config
 from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
@@ -93,18 +93,23 @@ class Trainer:
         self._log = (log or print) if self.is_main else (lambda _message: None)
         torch.manual_seed(tc.seed)
 
-        from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
-        from colossuslm.data.loader import TokenLoader
-
-        self.dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)  # file-locked across ranks
-        loader_args = dict(seq_len=cfg.data.seq_len, batch_size=tc.micro_batch_size, seed=tc.seed,
-                           rank=self.dp_rank, world_size=self.dp_size)
-        self.train_loader = TokenLoader(self.dataset_dir, split="train", **loader_args)
-        self.val_loader = TokenLoader(self.dataset_dir, split="val", **loader_args)
+        self.init_checkpoint = ckpt.resolve_checkpoint(tc.init_from) if tc.init_from else None
+        if self.init_checkpoint is not None:
+            # Fine-tuning keeps the architecture the weights were trained with.
+            trained = load_config([self.init_checkpoint / "config.toml"]).model
+            if trained != cfg.model:
+                self._log(f"train.init_from: using the architecture {self.init_checkpoint} was trained with "
+                          f"(the [model] settings of this config are ignored)")
+            cfg.model = trained
+            cfg.validate()
+        self.train_loader, self.val_loader, self.tokenizer_json = self._build_loaders()
 
         # Every rank builds the same full model from the same seed; parallelize() then keeps each
         # rank's shards, so a sharded run starts from exactly the single-process weights.
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = Transformer(cfg.model)
+        if self.init_checkpoint is not None:
+            self.model.load_state_dict(ckpt.load_model_state(self.init_checkpoint))
+        self.model.to(self.device)
         bf16 = tc.dtype == "bf16"
         fsdp_casts = parallelize_model(self.model, self.meshes, self.dims, bf16=bf16) if self.meshes else False
         self.step_model = torch.compile(self.model) if tc.compile else self.model
@@ -120,6 +125,27 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_steps_in_row = 0
         self._stop_signal: int | None = None
+
+    def _build_loaders(self):
+        cfg, tc = self.cfg, self.cfg.train
+        loader_args = dict(seq_len=cfg.data.seq_len, batch_size=tc.micro_batch_size, seed=tc.seed,
+                           rank=self.dp_rank, world_size=self.dp_size)
+        if cfg.data.format == "chat":
+            from colossuslm.data.chat_loader import ChatLoader
+            from colossuslm.data.tokenizer import load_tokenizer
+
+            tokenizer_json = self.init_checkpoint / "tokenizer.json"
+            tokenizer = load_tokenizer(tokenizer_json)
+            path = None if cfg.data.dataset == "default" else cfg.data.dataset
+            return (ChatLoader(path, tokenizer, split="train", **loader_args),
+                    ChatLoader(path, tokenizer, split="val", **loader_args), tokenizer_json)
+
+        from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
+        from colossuslm.data.loader import TokenLoader
+
+        dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)  # file-locked across ranks
+        return (TokenLoader(dataset_dir, split="train", **loader_args),
+                TokenLoader(dataset_dir, split="val", **loader_args), dataset_dir / "tokenizer.json")
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self) -> StepResult:
@@ -170,7 +196,7 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
             trainer_state=self.trainer_state(), config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
-            tokenizer_json=self.dataset_dir / "tokenizer.json", keep_last=self.cfg.train.keep_last)
+            tokenizer_json=self.tokenizer_json, keep_last=self.cfg.train.keep_last)
 
     def _agree_on_checkpoint(self) -> Path | None:
         """Rank 0 picks (and verifies) the checkpoint; every rank then loads the same one."""
