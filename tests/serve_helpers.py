@@ -4,7 +4,6 @@ and a small random-weight Transformer, saved with the trainer's own `save_checkp
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import socket
 import threading
 import time

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
 from colossuslm.errors import ColossusError
@@ -24,7 +23,7 @@ from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.kv_cache import PagedKVCache
 from colossuslm.serve.loading import LoadedModel, load_for_inference
 from colossuslm.serve.model_runner import ModelRunner, StepItem
-from colossuslm.serve.request import GenerationResult, Request, RequestOutput, Status
+from colossuslm.serve.request import GenerationResult, Request, RequestOutput
 from colossuslm.serve.sampling import SamplingParams, make_generator, sample
 from colossuslm.serve.scheduler import Scheduler
 
@@ -176,7 +175,11 @@ class LLMEngine:
     # ----------------------------------------------------------------------------- conveniences
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
-        """Generate for one prompt, yielding deltas as they come (the CLI's path)."""
+        """Generate for one prompt, yielding deltas as they come (the CLI's path).
+
+        This drives `step()` itself, so use it (and `generate`) only on an engine nobody else is
+        stepping; outputs of other requests in the batch are not returned here.
+        """
         request_id = self.add_request(prompt_ids, params)
         try:
             while True:
@@ -198,6 +201,8 @@ class LLMEngine:
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
             for out in self.step():
+                if out.request_id not in texts:
+                    continue  # someone else's request
                 texts[out.request_id].append(out.text)
                 tokens[out.request_id].extend(out.token_ids)
                 if out.finished:
