@@ -138,6 +138,9 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 200
     keep_last: int = 3
+    # Write checkpoints in the background: a save stalls training only while the state is copied to
+    # CPU memory (costs a RAM copy of each rank's shards); promoted atomically once every rank is done.
+    async_checkpoint: bool = False
     resume: bool = True  # continue from the latest checkpoint in the run directory
     init_from: str = ""  # start from these weights (a checkpoint or run directory), e.g. to fine-tune
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops

@@ -13,6 +13,7 @@ Layout of one checkpoint (`runs/NAME/checkpoints/step_00000200/`):
 
 Every rank writes into one temporary directory; rank 0 then adds the manifest and renames it into
 place, so a crash at any moment leaves either the previous checkpoints or a complete new one.
+With train.async_checkpoint the same steps run in the background (see async_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -93,7 +95,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([_text_to_bytes(s) for s in state["cuda"]])
 
 
-class _Collectives:
+class Collectives:
     """Barrier/rank helpers that degrade to no-ops in a single process."""
 
     @staticmethod
@@ -105,54 +107,100 @@ class _Collectives:
         return dist.get_rank() if cls.active() else 0
 
     @classmethod
+    def world_size(cls) -> int:
+        return dist.get_world_size() if cls.active() else 1
+
+    @classmethod
     def barrier(cls) -> None:
         if cls.active():
             dist.barrier()
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], config_toml: str, tokenizer_json: Path | None,
-                    keep_last: int) -> Path:
-    """Write a checkpoint atomically (collective: every rank calls it) and prune to `keep_last`."""
-    rank = _Collectives.rank()
+def prepare_temp_dir(ckpt_root: Path, step: int) -> tuple[Path, Path]:
+    """(temporary, final) directories of one checkpoint; rank 0 empties the temporary one, which a
+    killed writer of the same step may have left behind. Every rank must wait for rank 0 after this."""
     final = ckpt_root / checkpoint_name(step)
     tmp = ckpt_root / f".tmp-{checkpoint_name(step)}"
-    if rank == 0:
+    if Collectives.rank() == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
-    _Collectives.barrier()
+    return tmp, final
+
+
+def gather_full_model(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: every rank takes part, rank 0 receives the gathered full fp32 tensors on the CPU."""
+    full_model = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().float().contiguous().cpu() for k, v in full_model.items()}
+
+
+def consolidate_model(dcp_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights assembled from the DCP shards of all ranks by this process alone (no
+    collectives): what `gather_full_model` returns, for a writer that must not join collectives."""
+    metadata = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    full = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    state = {"model": full}
+    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
+    return {k: v.float().contiguous() for k, v in state["model"].items()}
+
+
+def write_rank_files(tmp: Path, rng: dict[str, Any]) -> None:
+    """What every rank adds next to its DCP shards."""
+    (tmp / "rng" / f"rank_{Collectives.rank()}.json").write_text(json.dumps(rng))
+
+
+def write_main_files(tmp: Path, *, full_model: dict[str, torch.Tensor], trainer_state_json: str,
+                     config_toml: str, tokenizer_json: Path | None) -> None:
+    """What rank 0 alone adds: the consolidated weights and the run's metadata."""
+    save_file(full_model, str(tmp / "model.safetensors"))
+    (tmp / "trainer_state.json").write_text(trainer_state_json)
+    (tmp / "config.toml").write_text(config_toml)
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+
+
+def promote(tmp: Path, final: Path, step: int, world_size: int, keep_last: int) -> None:
+    """Rank 0, once every rank's files are in `tmp`: fsync them, write the manifest, rename into place."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
+                "world_size": world_size, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for directory in (tmp / "dcp", tmp / "rng", tmp):
+        _fsync_dir(directory)
+    if final.exists():  # a re-run of the same step (e.g. after a restart): replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    prune_checkpoints(final.parent, keep_last)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], config_toml: str, tokenizer_json: Path | None,
+                    keep_last: int) -> Path:
+    """Write a checkpoint atomically (collective: every rank calls it) and prune to `keep_last`.
+
+    Blocks until the checkpoint is promoted; `async_checkpoint.AsyncCheckpointer` writes the same
+    layout in the background instead."""
+    tmp, final = prepare_temp_dir(ckpt_root, step)
+    Collectives.barrier()
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "dcp"))
-    # Collective too: every rank takes part, rank 0 receives the gathered full tensors.
-    full_model = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    (tmp / "rng" / f"rank_{rank}.json").write_text(json.dumps(rng_state()))
-    _Collectives.barrier()
+    full_model = gather_full_model(model)
+    write_rank_files(tmp, rng_state())
+    Collectives.barrier()
 
-    if rank == 0:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in full_model.items()},
-                  str(tmp / "model.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        (tmp / "config.toml").write_text(config_toml)
-        if tokenizer_json is not None:
-            shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-            files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
-                    "world_size": dist.get_world_size() if _Collectives.active() else 1, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for directory in (tmp / "dcp", tmp / "rng", tmp):
-            _fsync_dir(directory)
-        if final.exists():  # a re-run of the same step (e.g. after a restart): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
-        prune_checkpoints(ckpt_root, keep_last)
-    _Collectives.barrier()
+    if Collectives.rank() == 0:
+        write_main_files(tmp, full_model=full_model, trainer_state_json=json.dumps(trainer_state, indent=1),
+                         config_toml=config_toml, tokenizer_json=tokenizer_json)
+        promote(tmp, final, step, Collectives.world_size(), keep_last)
+    Collectives.barrier()
     return final
 
 
@@ -164,9 +212,9 @@ def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     trainer_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-    rng_path = ckpt_dir / "rng" / f"rank_{_Collectives.rank()}.json"
+    rng_path = ckpt_dir / "rng" / f"rank_{Collectives.rank()}.json"
     manifest = json.loads((ckpt_dir / MANIFEST).read_text())
-    world = dist.get_world_size() if _Collectives.active() else 1
+    world = Collectives.world_size()
     rng = json.loads(rng_path.read_text()) if rng_path.is_file() and manifest.get("world_size") == world else None
     return trainer_state, rng
 

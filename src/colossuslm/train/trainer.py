@@ -24,6 +24,7 @@ from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
 from colossuslm.train import checkpoint as ckpt
+from colossuslm.train.async_checkpoint import AsyncCheckpointer
 from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay, read_metrics
 from colossuslm.parallel.grads import clip_grad_norm
 from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
@@ -125,6 +126,7 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_steps_in_row = 0
         self._stop_signal: int | None = None
+        self.async_checkpointer = AsyncCheckpointer() if tc.async_checkpoint else None
 
     def _build_loaders(self):
         cfg, tc = self.cfg, self.cfg.train
@@ -191,12 +193,20 @@ class Trainer:
                 "model_config": asdict(self.cfg.model)}
 
     def save_checkpoint(self) -> Path:
+        """Collective. With train.async_checkpoint it returns once the state is copied to CPU memory and
+        the checkpoint appears later; `wait_for_checkpoint` blocks until it has."""
         import tomli_w
 
-        return ckpt.save_checkpoint(
+        save = self.async_checkpointer.save if self.async_checkpointer else ckpt.save_checkpoint
+        return save(
             self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
             trainer_state=self.trainer_state(), config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
             tokenizer_json=self.tokenizer_json, keep_last=self.cfg.train.keep_last)
+
+    def wait_for_checkpoint(self) -> None:
+        """Collective. Returns once a background save in flight (if any) is promoted on every rank."""
+        if self.async_checkpointer is not None:
+            self.async_checkpointer.wait()
 
     def _agree_on_checkpoint(self) -> Path | None:
         """Rank 0 picks (and verifies) the checkpoint; every rank then loads the same one."""
@@ -320,11 +330,13 @@ class Trainer:
                         self.save_checkpoint()
                 if self.step < tc.steps:  # left the loop on a signal
                     path = self.save_checkpoint()
+                    self.wait_for_checkpoint()
                     bar.print(f"stopped by signal {self._stop_signal}: checkpoint saved to {path}")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             metrics.close()
+            self.wait_for_checkpoint()  # never leave with a save in flight, even on an error
         stragglers = self._straggler_report(step_times)
         if not self.is_main:
             return {}
