@@ -33,9 +33,11 @@ def test_gemm_time_compute_bound(h100):
     size = 1 / (1 + 3 * costmodel.GEMM_SIZE_KNEE / 8192)
     expected = 2 * m * n * k / (h100.peak_bf16 * h100.gemm_efficiency * size) + h100.kernel_overhead
     assert gemm_time(m, n, k, h100) == pytest.approx(expected)
-    # fp8 doubles the peak and adds one cast pass over the activation operand
+    # fp8 doubles the peak, moves the size knee out by the same 2x (128 -> 256: fixed per-tile
+    # time is twice the share of a twice-as-fast main loop) and adds one cast pass
+    size_fp8 = 1 / (1 + 3 * 128 * (h100.peak_fp8 / h100.peak_bf16) / 8192)
     cast = 3 * m * k / (h100.hbm_bandwidth * costmodel.HBM_EFFICIENCY) + h100.kernel_overhead
-    expected_fp8 = 2 * m * n * k / (h100.peak_fp8 * h100.gemm_efficiency * size) + h100.kernel_overhead + cast
+    expected_fp8 = 2 * m * n * k / (h100.peak_fp8 * h100.gemm_efficiency * size_fp8) + h100.kernel_overhead + cast
     assert gemm_time(m, n, k, h100, fp8=True) == pytest.approx(expected_fp8)
 
 
@@ -132,3 +134,72 @@ def test_materialised_attention_costs_more_than_flash(h100):
     flash = cm.estimate(Layout(dp=8, micro_batch=1, grad_accum=1))
     plain = cm.estimate(Layout(dp=8, micro_batch=1, grad_accum=1, software=Software(flash_attention=False)))
     assert plain.step_time > 1.2 * flash.step_time
+
+
+def test_fp8_knee_scales_with_the_fp8_to_bf16_peak_ratio(h100):
+    a100 = load_catalogue().gpu("a100-80gb")
+    ratio = h100.peak_fp8 / h100.peak_bf16  # 1979 / 989
+    assert costmodel.gemm_knee(h100, fp8=False) == costmodel.GEMM_SIZE_KNEE
+    assert costmodel.gemm_knee(h100, fp8=True) == pytest.approx(ratio * costmodel.GEMM_SIZE_KNEE)
+    assert costmodel.gemm_knee(a100, fp8=True) == costmodel.GEMM_SIZE_KNEE  # no fp8 tensor cores
+    # A 2048-cube (per-expert sized) GEMM: bf16 size factor 1/(1 + 3*128/2048) = 16/19, fp8
+    # 1/(1 + 3*256/2048) = 8/11, so fp8's compute speed-up is 2 x (8/11)/(16/19) = 1.73, not 2.
+    n = 2048
+    bf16 = gemm_time(n, n, n, h100) - h100.kernel_overhead
+    cast = 3 * n * n / (h100.hbm_bandwidth * costmodel.HBM_EFFICIENCY) + h100.kernel_overhead
+    fp8 = gemm_time(n, n, n, h100, fp8=True) - h100.kernel_overhead - cast
+    knee = ratio * 128
+    assert bf16 / fp8 == pytest.approx(ratio * (1 / (1 + 3 * knee / n)) / (16 / 19))
+    assert 1.72 < bf16 / fp8 < 1.74
+
+
+def _deepseek(mtp_depth=0):
+    from colossuslm.plan.workload import LatentAttention
+    mla = LatentAttention(n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                          qk_rope_head_dim=64, v_head_dim=128)
+    return dataclasses.replace(resolve_model("deepseek-v3-like", 4096), mla=mla, mtp_depth=mtp_depth)
+
+
+def test_mla_flops_and_attention_core_by_hand(h100):
+    work = _deepseek()
+    d, L, s = 7168, 61, 4096
+    mla_params = d * 1536 + 1536 * 128 * 192 + d * (512 + 64) + 512 * 128 * 256 + 128 * 128 * d
+    gqa_params = d * 128 * (64 + 32) + 64 * 128 * d
+    base = work.arithmetic
+    expected = (base.flops_per_token - base.attention_flops_per_token + 6 * L * (mla_params - gqa_params)
+                + 6 * L * 128 * (192 + 128) * s)
+    assert work.flops_per_token == pytest.approx(expected)
+    # Active matmul parameters ~36.1B as DeepSeek states (37B with both vocabulary matrices):
+    # 6 x 36.1e9 plus the non-causal attention 6 L H (192 + 128) s = 6.14e10.
+    assert work.flops_per_token == pytest.approx(6 * 36.1e9 + 6.14e10, rel=0.02)
+    # Flash attention core, one layer, micro-batch 1: 2 x s x s x 128 x (192 + 128) / 2 FLOPs.
+    t, ratio = CostModel(work, h100)._attention(1, 1, 1, Software())
+    assert t == pytest.approx(2 * s * s * 128 * 320 * 0.5 / (h100.peak_bf16 * h100.attention_efficiency)
+                              + h100.kernel_overhead)
+    assert ratio == costmodel.FLASH_BACKWARD_RATIO
+
+
+def test_mtp_flops_are_one_block_a_projection_and_a_head():
+    plain, mtp = _deepseek(), _deepseek(mtp_depth=1)
+    d, v = 7168, 129280
+    block = sum(m.params * m.uses for m in plain.moe_matmuls)
+    expected = 6 * (2 * d * d + block + v * d) + plain.attention_flops_per_token / 61
+    assert mtp.flops_per_token - plain.flops_per_token == pytest.approx(expected)
+
+
+def test_mtp_goes_on_the_head_stage_which_sheds_layers_to_the_others(h100):
+    # 61 layers on 16 stages leave 3 free layer slots: the head stage takes fewer layers so the
+    # MTP block and second head pass need not make it the busiest (vp = 1 schedules only).
+    lay = Layout(pp=16, dp=1, ep=1, grad_accum=16, recompute="selective", software=Software(fp8=True))
+    model = CostModel(_deepseek(mtp_depth=1), h100)
+    stage, parts = model.stage_time(lay)
+    dense, moe = model.layer_cost(1, 1, 1, 1, lay.software)
+    per_layer = sum(model._layer_parts(dense, moe, 58 / 61, lay.software, "selective").values())
+    tokens = 4096
+    head = model._head_time(tokens, 1, lay.software)
+    extra = head + sum(model._mtp_parts(lay, tokens, head).values())
+    # By hand: k layers on the head stage, ceil((61 - k) / 15) on each other stage.
+    options = [max(-(-(61 - k) // 15) * per_layer, k * per_layer + extra) for k in range(4)]
+    assert stage == pytest.approx(min(options))
+    assert stage == pytest.approx(4 * per_layer)  # a full 4-layer stage stays the busiest
+    assert extra > per_layer  # ...although the head stage's extra work exceeds one layer

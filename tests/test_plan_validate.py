@@ -45,3 +45,12 @@ def test_validation_meets_the_median_target_and_flags_every_outlier():
         if abs(r.error) > TARGET_MAX:  # an outlier must say so in its own row, not be fudged
             assert r.run.note.startswith("Not matched"), r.run.id
     assert sum(e <= TARGET_MAX for e in errors) >= len(rows) - 1
+
+
+def test_deepseek_rows_cost_the_declared_architecture_and_compare_tokens_per_s():
+    for run_id in ("automodel-deepseek-v3-h100-256", "automodel-deepseek-v3-h100-1024", "deepseek-v3-h800"):
+        run = _run(run_id)
+        assert run.work.mla is not None and run.work.mla.n_heads == 128
+        assert "flops_per_token" not in run.published  # no cross-convention MFU comparison
+    assert _run("deepseek-v3-h800").work.mtp_depth == 1
+    assert _run("automodel-deepseek-v3-h100-256").work.mtp_depth == 0

@@ -63,7 +63,7 @@ def predict_run(config: Config, device: str, n_devices: int, peak_flops: float |
     gpu = device_gpu(device, peak_flops)
     est: StepEstimate = CostModel(work, gpu).estimate(run_layout(config, n_devices))
     peak = float(peak_flops) if peak_flops else gpu.peak_bf16
-    mfu = work.arithmetic.flops_per_token * est.tokens_per_s / (n_devices * peak)
+    mfu = work.flops_per_token * est.tokens_per_s / (n_devices * peak)
     return {"step_time_s": est.step_time, "tokens_per_s": est.tokens_per_s, "mfu": mfu,
             "device_model": gpu.name, "memory_gb": est.memory.total / 1e9,
             "breakdown_s": dict(est.breakdown)}

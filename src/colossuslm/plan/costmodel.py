@@ -54,11 +54,28 @@ def exposed(comm_time: float, window: float, overlap: bool) -> float:
     return max(0.0, comm_time - window) + OVERLAP_INTERFERENCE * min(comm_time, window)
 
 
+def gemm_knee(gpu: GPU, fp8: bool) -> float:
+    """The dimension at which a GEMM runs at half its large-size efficiency.
+
+    The losses the knee stands for (tile and wave quantisation, each tile's prologue and
+    epilogue, pipeline fill) cost time, not FLOPs: an fp8 tile's main loop finishes
+    peak_fp8 / peak_bf16 times sooner while its epilogue (bf16 output, scaling) does not, so the
+    same fixed time is a larger share and the knee moves out by that ratio. This is why fp8
+    GEMMs reach their 2x-over-bf16 speed only at large sizes (H100 cuBLAS: ~1.9x at 8192^3,
+    ~1.4x for 2048-wide shapes), and it costs most in small per-expert GEMMs. On parts with no
+    fp8 tensor cores (A100: fp8 peak = bf16 peak) it changes nothing.
+    """
+    if not fp8:
+        return GEMM_SIZE_KNEE
+    return GEMM_SIZE_KNEE * max(1.0, gpu.peak_fp8 / gpu.peak_bf16)
+
+
 def gemm_time(m: float, n: float, k: float, gpu: GPU, fp8: bool = False, batch: float = 1.0) -> float:
     """Seconds for `batch` GEMMs of (m x k) @ (k x n): roofline of compute and memory traffic."""
     if m <= 0 or n <= 0 or k <= 0:
         return 0.0
-    size = 1.0 / (1.0 + GEMM_SIZE_KNEE / m + GEMM_SIZE_KNEE / n + GEMM_SIZE_KNEE / k)
+    knee = gemm_knee(gpu, fp8)
+    size = 1.0 / (1.0 + knee / m + knee / n + knee / k)
     peak = gpu.peak_fp8 if fp8 else gpu.peak_bf16
     compute = batch * 2.0 * m * n * k / (peak * gpu.gemm_efficiency * size)
     in_bytes = 1 if fp8 else 2
@@ -164,29 +181,29 @@ class CostModel:
 
     def _attention(self, micro_batch: int, tp: int, cp: int, sw: Software) -> tuple[float, float]:
         """(forward seconds, backward/forward ratio) of the attention core on one GPU."""
-        cfg, gpu, s = self.work.cfg, self.gpu, self.work.seq_len
-        heads = cfg.n_heads / tp
-        hd = cfg.resolved_head_dim
+        work, gpu, s = self.work, self.gpu, self.work.seq_len
+        heads = work.attention_heads / tp
+        qk, v = work.qk_head_dim, work.v_head_dim  # equal for GQA; MLA's keys are wider
         if sw.flash_attention:
             # Causal: a fused kernel skips the masked half. With CP each GPU owns s/cp queries
             # against all s keys (load-balanced chunks).
-            flops = 4.0 * micro_batch * (s / cp) * s * hd * heads * 0.5
+            flops = 2.0 * micro_batch * (s / cp) * s * (qk + v) * heads * 0.5
             t = flops / (gpu.peak_bf16 * gpu.attention_efficiency) + gpu.kernel_overhead
             return t, FLASH_BACKWARD_RATIO
         # Materialised: batched QK^T and AV over the full s x s (the mask is applied, not skipped),
         # plus the softmax/dropout traffic over every score.
         batch = micro_batch * heads
         q = s / cp
-        t = gemm_time(q, s, hd, gpu, batch=batch) + gemm_time(q, hd, s, gpu, batch=batch)
+        t = gemm_time(q, s, qk, gpu, batch=batch) + gemm_time(q, v, s, gpu, batch=batch)
         t += batch * q * s * SCORE_BYTES_FORWARD / (gpu.hbm_bandwidth * HBM_EFFICIENCY)
         return t, 2.0
 
     def _elementwise(self, tokens: float, tp: int, moe: bool, sw: Software) -> float:
         cfg = self.work.cfg
-        d, hd = cfg.d_model, cfg.resolved_head_dim
+        d = cfg.d_model
         # Norms (2 x in+out), residual adds (2 x two reads + a write): all d-wide.
         model_wide = 10 * d
-        rope = 2 * (cfg.n_heads + cfg.n_kv_heads) * hd / tp
+        rope = 2 * self.work.rope_width / tp
         if moe:
             routed = cfg.top_k + cfg.n_shared_experts
             ffn = routed * 3 * cfg.expert_hidden / tp + 4 * cfg.top_k * d  # activation, permute/unpermute
@@ -210,7 +227,7 @@ class CostModel:
         # full activation: attention output and MLP output.
         tp_time = 2 * comm.all_reduce(activation, tp_group, gpu)
         cp_group = comm.group(cp, tp, gpu.nvlink_domain)
-        kv = micro_batch * work.seq_len * 2 * cfg.n_kv_heads * cfg.resolved_head_dim * 2 / max(1, tp)
+        kv = micro_batch * work.seq_len * work.kv_width * 2 / max(1, tp)
         cp_time = comm.all_gather(kv, cp_group, gpu)
         attention, back_ratio = self._attention(micro_batch, tp, cp, sw)
         overhead = KERNELS_PER_LAYER_FORWARD * gpu.kernel_overhead
@@ -267,19 +284,54 @@ class CostModel:
         per_layer = sum(parts.values())
         tokens = lay.micro_batch * self.work.seq_len / lay.cp
         head = self._head_time(tokens, lay.tp, sw)
+        # Work that sits with the output head on the last stage: the head itself and, for
+        # multi-token prediction, each module's projection, block and head pass.
+        mtp = self._mtp_parts(lay, tokens, head)
+        extra = head + sum(mtp.values())
+        n = cfg.n_layers
         if lay.pp == 1:
-            layers, with_head = cfg.n_layers, True
+            layers, with_head = n, True
         else:
             # The head goes on a stage with the fewest layers (Megatron's last stage, or a
             # lighter one when the layers do not divide evenly); the busiest stage is either it
             # or a full one.
-            most = stage_layers(cfg.n_layers, lay.pp)
-            fewest = most if cfg.n_layers % lay.pp == 0 else most - 1
-            layers, with_head = (most, False) if most * per_layer >= fewest * per_layer + head else (fewest, True)
+            most = stage_layers(n, lay.pp)
+            fewest = most if n % lay.pp == 0 else most - 1
+            layers, with_head = (most, False) if most * per_layer >= fewest * per_layer + extra else (fewest, True)
+            if mtp and lay.vp == 1:
+                # A schedule without interleaving may also give the head stage fewer layers
+                # still (Megatron's decoder_last_pipeline_num_layers; DualPipe pairs each
+                # rank's first and last chunks), the other stages taking the rest, whenever
+                # that shortens the busiest stage. With MTP the head stage carries one more
+                # block and head per module, which is what this balances.
+                def busiest(k: int) -> tuple[float, int, bool]:
+                    others = -(-(n - k) // (lay.pp - 1))
+                    if others * per_layer >= k * per_layer + extra:
+                        return others * per_layer, others, False
+                    return k * per_layer + extra, k, True
+
+                _, layers, with_head = min((busiest(k) for k in range(fewest + 1)), key=lambda b: b[0])
         result = {k: v * layers for k, v in parts.items()}
         if with_head:
             result["compute"] += head
+            for k, v in mtp.items():
+                result[k] += v
         return sum(result.values()), result
+
+    def _mtp_parts(self, lay: Layout, tokens: float, head: float) -> dict[str, float]:
+        """Seconds of the multi-token-prediction modules per micro-batch, by cause (empty when
+        the workload has none): per module a 2d -> d projection (forward + backward = 3
+        GEMMs), one more block costed like the model's own (MoE when the model is) and one
+        more pass through the shared output head."""
+        work, sw = self.work, lay.software
+        if not work.mtp_depth:
+            return {}
+        dense, moe = self.layer_cost(lay.tp, lay.cp, lay.ep, lay.micro_batch, sw)
+        block = self._layer_parts(dense, moe, 1.0 if moe is not None else 0.0, sw, lay.recompute)
+        proj = 3 * gemm_time(tokens, work.cfg.d_model / lay.tp, 2 * work.cfg.d_model, self.gpu, sw.fp8)
+        out = {k: work.mtp_depth * v for k, v in block.items()}
+        out["compute"] += work.mtp_depth * (proj + head)
+        return out
 
     @staticmethod
     def _layer_parts(dense: LayerCost, moe: LayerCost | None, moe_share: float, sw: Software,
@@ -363,7 +415,7 @@ class CostModel:
         breakdown.update(pp_comm=p2p * m, bubble=bubble, dp_comm=step_dp + per_micro_dp * m, optimizer=optimizer)
         tokens_per_step = lay.global_batch * work.seq_len
         tokens_per_s = tokens_per_step / step
-        mfu = work.arithmetic.flops_per_token * tokens_per_s / (lay.n_gpus * gpu.peak_bf16)
+        mfu = work.flops_per_token * tokens_per_s / (lay.n_gpus * gpu.peak_bf16)
         return StepEstimate(layout=lay, step_time=step, tokens_per_step=tokens_per_step,
                             tokens_per_s=tokens_per_s, mfu=mfu, memory=self.memory(lay),
                             breakdown=breakdown)

@@ -24,7 +24,7 @@ from colossuslm.plan.costmodel import StepEstimate
 from colossuslm.plan.hardware import load_catalogue
 from colossuslm.plan.layout import Software
 from colossuslm.plan.search import search
-from colossuslm.plan.workload import Workload, model_from_table
+from colossuslm.plan.workload import LatentAttention, Workload, model_from_table
 
 RUNS_FILE = Path(__file__).with_name("published_runs.toml")
 TARGET_MEDIAN = 0.10
@@ -62,7 +62,7 @@ class Comparison:
     def published_flops_per_token(self) -> float:
         """FLOPs per token of the published model: the row's own count when our preset only
         approximates the architecture, else the shared arithmetic."""
-        return float(self.run.published.get("flops_per_token", self.run.work.arithmetic.flops_per_token))
+        return float(self.run.published.get("flops_per_token", self.run.work.flops_per_token))
 
     @property
     def compared_on(self) -> str:
@@ -104,7 +104,7 @@ def published_tokens_per_s_per_gpu(run: PublishedRun, peak: float) -> float:
     if "megatron_mfu" in p:
         return p["megatron_mfu"] * peak / megatron_flops_per_token(run.work, recompute=False)
     if "model_tflops" in p:
-        return p["model_tflops"] * 1e12 / run.work.arithmetic.flops_per_token
+        return p["model_tflops"] * 1e12 / run.work.flops_per_token
     if "gpu_hours_per_trillion_tokens" in p:
         return 1e12 / (p["gpu_hours_per_trillion_tokens"] * 3600)
     raise ColossusError(f"published run {run.id}: unknown figure {sorted(p)}")
@@ -120,6 +120,7 @@ def _fixed_layout(table: dict[str, Any]) -> dict[str, Any]:
 def load_runs(path: str = str(RUNS_FILE)) -> tuple[PublishedRun, ...]:
     data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     bases = data.get("models", {})
+    latent = data.get("mla", {})
     runs = []
     for row in data.get("run", []):
         table = dict(row["model"])
@@ -127,6 +128,11 @@ def load_runs(path: str = str(RUNS_FILE)) -> tuple[PublishedRun, ...]:
         if base:
             table = {**bases[base], **table}
         work = model_from_table(row["id"], table, int(row["seq_len"]))
+        # Architecture beyond the trainer's config, as the row's source describes the model.
+        if "mla" in row:
+            work = replace(work, mla=LatentAttention(**latent[row["mla"]]))
+        if row.get("mtp_depth"):
+            work = replace(work, mtp_depth=int(row["mtp_depth"]))
         runs.append(PublishedRun(
             id=row["id"], source=row["source"], work=work, gpu_name=row["gpu"], gpus=int(row["gpus"]),
             global_batch=int(row["global_batch"]), fixed=_fixed_layout(row.get("layout", {})),
