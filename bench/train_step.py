@@ -76,19 +76,27 @@ class OurStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def time_steps(step, inputs, targets, steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        step(inputs, targets)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(inputs, targets)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(step, inputs, targets, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(inputs, targets)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(steps: dict, inputs, targets, rounds: int, warmup: int, device) -> dict[str, float]:
+    """Median step time of each implementation, alternating them step by step so that a change in
+    machine load hits both alike (the ratio is what we report)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step(inputs, targets)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(timed(step, inputs, targets, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -96,7 +104,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,small,moe-tiny,moe-small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each implementation (interleaved)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
@@ -115,10 +123,11 @@ def main() -> None:
         inputs = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
         targets = torch.roll(inputs, -1, dims=1)
         tokens = args.batch * args.seq
-        ours = time_steps(OurStep(cfg, device, args.compile), inputs, targets, args.steps, args.warmup, device)
-        theirs = None
+        steps = {"ours": OurStep(cfg, device, args.compile)}
         if not args.no_hf:
-            theirs = time_steps(HFStep(cfg, device), inputs, targets, args.steps, args.warmup, device)
+            steps["hf"] = HFStep(cfg, device)
+        medians = interleaved_medians(steps, inputs, targets, args.steps, args.warmup, device)
+        ours, theirs = medians["ours"], medians.get("hf")
         arithmetic = model_arithmetic(cfg, args.seq)
         flops_fraction = arithmetic.flops_per_token * tokens / ours / peak
         hf_cell = f"{tokens / theirs:>10,.0f} {theirs / ours:>5.2f}x" if theirs else f"{'-':>10} {'-':>6}"
