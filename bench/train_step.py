@@ -5,7 +5,7 @@ AdamW and the same batch; we time full optimizer steps (forward, backward, clip,
 report median tokens/s, the ratio, and our achieved FLOP/s as a fraction of the measured bf16
 GEMM peak of this machine.
 
-    python bench/train_step.py                      # tiny, small (dense) and moe-tiny, moe-small
+    python bench/train_step.py                      # tiny, moe-tiny and small
     python bench/train_step.py --models small --steps 8 --batch 8 --seq 512
 """
 
@@ -101,7 +101,8 @@ def interleaved_medians(steps: dict, inputs, targets, rounds: int, warmup: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny,small,moe-tiny,moe-small")
+    # moe-small (511M) needs more than 24 GB with both implementations resident; name it to run it.
+    parser.add_argument("--models", default="tiny,moe-tiny,small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each implementation (interleaved)")
