@@ -116,7 +116,7 @@ class DataConfig:
 class TrainConfig:
     name: str = "tiny"
     run_dir: str = "runs"
-    steps: int = 600
+    steps: int = 450
     micro_batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -136,7 +136,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
-    ckpt_every: int = 200
+    ckpt_every: int = 150
     keep_last: int = 3
     # Write checkpoints in the background: a save stalls training only while the state is copied to
     # CPU memory (costs a RAM copy of each rank's shards); promoted atomically once every rank is done.

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from colossuslm.errors import ColossusError
+
+# One-process runs use DCP on purpose (so their checkpoints reshard onto N ranks later); DCP warns
+# about it on every save and load, which only alarms users.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
