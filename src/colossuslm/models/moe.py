@@ -50,6 +50,9 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
+    # Token counts per expert change every step; compiled, this loop would recompile for each new
+    # set of shapes. It runs eagerly (one GEMM chain per expert) while the rest of the block compiles.
+    @torch.compiler.disable
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted: [N, d] tokens grouped by expert, `counts[e]` rows for expert e."""
         # Cast each stacked weight once (not once per expert) and unbind it: indexing w[e] per
