@@ -133,7 +133,7 @@ class Workload:
         attention scores counted non-causally. Equals `arithmetic.flops_per_token` unless the
         run declares MLA (its projections and its wider heads replace the GQA ones) or MTP
         modules (each adds a projection, a block and a head pass)."""
-        a, cfg, s = self.arithmetic, self.cfg, self.seq_len
+        a, cfg = self.arithmetic, self.cfg
         flops = a.flops_per_token
         if self.mla:
             gqa = sum(m.params for m in layer_matmuls(cfg, moe=False) if m.name in ("qkv", "attn_out"))
