@@ -19,7 +19,8 @@ from colossuslm.train.checkpoint import latest_checkpoint, list_checkpoints, ver
 from colossuslm.train.metrics import read_metrics
 from tests.test_parallel_train import MICRO, losses, train
 
-FAULT_RUN = ["train.steps=12", "train.ckpt_every=2", "train.eval_every=100"]
+# Long enough that the run is still going when a kill aims at a late step (steps take ~30 ms here).
+FAULT_RUN = ["train.steps=24", "train.ckpt_every=2", "train.eval_every=100"]
 
 
 def _children(pid: int) -> list[int]:
@@ -67,21 +68,24 @@ def test_killed_workers_are_restarted_and_the_result_is_bitwise_identical(tmp_pa
            *[a for o in overrides for a in ("--set", o)]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
-    kill_after = sorted(rng.sample(range(3, 11), 2))  # two kills at random steps
+    kill_after = sorted(rng.sample(range(3, 15), 2))  # two kills at random steps
     killed = []
     deadline = time.time() + 240
     for target in kill_after:
         while time.time() < deadline and proc.poll() is None and newest_step(tmp_path / "faulty") < target:
-            time.sleep(0.05)
+            time.sleep(0.02)
         workers = worker_pids(proc.pid)
-        if proc.poll() is not None or not workers:
+        while time.time() < deadline and proc.poll() is None and len(workers) < 2:  # a group restarting
+            time.sleep(0.02)
+            workers = worker_pids(proc.pid)
+        if proc.poll() is not None:
             break
         victim = rng.choice(workers)
         os.kill(victim, signal.SIGKILL)
         killed.append((target, victim))
         # Wait until the group has been torn down and restarted (the victim is gone).
         while time.time() < deadline and victim in worker_pids(proc.pid):
-            time.sleep(0.05)
+            time.sleep(0.02)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
     assert len(killed) == 2, f"the run ended before both kills: {killed}"
