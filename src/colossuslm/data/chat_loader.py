@@ -55,11 +55,15 @@ class ChatLoader:
         self.tokens_in_split = int((self._targets != IGNORE).sum())
         self.fingerprint = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         self._samples_seen = 0
+        self._order, self._order_epoch = np.arange(self.n_rows), -1
 
     def _row_order(self, epoch: int) -> np.ndarray:
         if self.split == "val":
             return np.arange(self.n_rows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+        if self._order_epoch != epoch:  # one permutation per epoch, not one per sample
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._order_epoch = epoch
+        return self._order
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self._samples_seen + self.rank * self.batch_size

@@ -82,14 +82,13 @@ def launched_by_torchrun() -> bool:
 
 def init_distributed(device_kind: str = "auto", timeout_s: float = 300.0) -> DistributedEnv:
     """Join the process group torchrun set up: NCCL on GPUs, gloo on CPUs, chosen automatically."""
-    if not launched_by_torchrun():
-        device = torch.device("cuda" if device_kind != "cpu" and torch.cuda.is_available() else "cpu")
-        return DistributedEnv(0, 0, 1, device)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device_kind != "cpu" and torch.cuda.is_available()
     if device_kind == "cuda" and not use_cuda:
-        raise ColossusError("train.device = 'cuda' but no CUDA device is visible")
+        raise ColossusError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+    if not launched_by_torchrun():
+        return DistributedEnv(0, 0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -1,7 +1,8 @@
 """Peak FLOP/s of the device, the denominator of MFU.
 
-GPUs: dense bf16 tensor-core peaks from the vendors' data sheets. CPUs have no data sheet figure
-that means much, so the peak is measured once with a large bf16 GEMM and cached per machine.
+GPUs: dense bf16 tensor-core peaks from the vendors' data sheets, as kept in the planner's
+hardware catalogue. CPUs have no data-sheet figure that means much, so the peak is measured once
+with a large bf16 GEMM and cached per machine.
 """
 
 from __future__ import annotations
@@ -14,24 +15,25 @@ from pathlib import Path
 
 import torch
 
-# Dense (no sparsity) bf16 peaks, FLOP/s.
-GPU_BF16_PEAK = {
-    "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
-    "H200": 989e12, "H800": 989e12, "B200": 2250e12, "GB200": 2500e12,
-    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "MI300X": 1307e12,
-}
+from colossuslm.errors import ColossusError
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("COLOSSUS_CACHE", Path.home() / ".cache" / "colossuslm"))
 
 
-def gpu_peak_flops(device_name: str) -> float | None:
-    for key in sorted(GPU_BF16_PEAK, key=len, reverse=True):  # most specific name first
-        if key.lower() in device_name.lower():
-            return GPU_BF16_PEAK[key]
-    return None
+def gpu_peak_flops(device_name: str) -> float:
+    """Dense bf16 peak of a GPU from the planner's hardware catalogue (the one table of hardware
+    figures; `COLOSSUS_HARDWARE_FILE` may add [gpu.NAME] tables for other cards)."""
+    from colossuslm.plan.hardware import load_catalogue  # plain data, no torch
+
+    gpu = load_catalogue(os.environ.get("COLOSSUS_HARDWARE_FILE")).match_device(device_name)
+    if gpu is None or gpu.name == "cpu":
+        raise ColossusError(
+            f"no bf16 peak is known for GPU {device_name!r}, so MFU cannot be computed; add a [gpu.NAME] table "
+            f"with its figures and an alias matching that name (as in colossuslm/plan/hardware.toml) to a "
+            f"TOML file and set COLOSSUS_HARDWARE_FILE to it")
+    return gpu.peak_bf16
 
 
 def measure_cpu_bf16_peak(size: int = 2048, seconds: float = 1.5) -> float:
@@ -80,9 +82,5 @@ def device_name(device: torch.device) -> str:
 
 def peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name)
-        if peak is None:
-            raise ValueError(f"no bf16 peak known for GPU {name!r}; add it to GPU_BF16_PEAK")
-        return peak
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     return cpu_peak_flops()

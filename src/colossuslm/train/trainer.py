@@ -42,14 +42,6 @@ class StepResult:
     skipped: bool
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ColossusError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def forward_backward(step_model: torch.nn.Module, model: torch.nn.Module, batches, grad_accum: int,
                      autocast: torch.autocast, grad_clip: float, device: torch.device,
                      dp_group: dist.ProcessGroup | None = None) -> tuple[float, float]:
@@ -80,7 +72,7 @@ class Trainer:
         self.cfg = cfg
         tc = cfg.train
         self.env = init_distributed(tc.device)
-        self.device = self.env.device if self.env.world_size > 1 else pick_device(tc.device)
+        self.device = self.env.device
         self.dims = ParallelDims.resolve(cfg.parallel, self.env.world_size)
         self.meshes = build_mesh(self.dims, self.device.type) if self.env.world_size > 1 else None
         self.world_size = self.env.world_size
@@ -265,6 +257,9 @@ class Trainer:
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            # Rank 0 still writes the summary after the last collective; tearing the group down
+            # while a peer is busy has aborted gloo at exit, so every rank arrives first.
+            dist.barrier()
             dist.destroy_process_group()
 
     def _memory_gb(self) -> float:
