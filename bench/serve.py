@@ -16,7 +16,7 @@ same useful work; tokens a static batch computes beyond a request's length are n
 Without --checkpoint a random-weight model of --preset is built (throughput does not depend on the
 weights' values), with a BPE tokenizer trained on Python's reference docs.
 
-    python bench/serve.py                      # tiny preset, ~3 minutes on 2 CPU cores
+    python bench/serve.py                      # tiny preset, ~5 minutes on 2 CPU cores
     python bench/serve.py --checkpoint runs/tiny --requests 32 --load-requests 1000
 """
 
@@ -280,7 +280,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a trained checkpoint or run dir (default: random weights)")
     parser.add_argument("--preset", default="tiny", help="architecture for the random-weight model (default tiny)")
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency-16 run (default 32)")
+    # With few requests a continuous-batching run is mostly its drain (the batch emptying as the last
+    # replies finish): at 32 requests over half the steps ran with fewer than 16 sequences.
+    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency-16 run (default 128)")
     parser.add_argument("--requests-c1", type=int, default=6, help="requests per concurrency-1 run (default 6)")
     parser.add_argument("--output-tokens", type=int, nargs=2, default=(32, 192), metavar=("MIN", "MAX"),
                         help="each request asks for a length in [MIN, MAX] (default 32 192)")
@@ -291,6 +293,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for each side (default 1: on a small shared CPU, more threads mostly wait "
                              "for each other)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights and activations of both sides (default fp32)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
@@ -303,7 +307,7 @@ def main() -> int:
         ckpt, weights = resolve_checkpoint(args.checkpoint), "trained"
     else:
         ckpt, weights = build_random_checkpoint(work_dir, args.preset, args.seed), "random"
-    engine = LLMEngine.from_checkpoint(ckpt, device="cpu", dtype="fp32", config=EngineConfig(max_num_seqs=16))
+    engine = LLMEngine.from_checkpoint(ckpt, device="cpu", dtype=args.dtype, config=EngineConfig(max_num_seqs=16))
     cfg = engine.model.cfg
     params = sum(p.numel() for p in engine.model.parameters())
     prompts = make_prompts(engine.tokenizer, args.requests, *args.prompt_tokens, seed=args.seed)
@@ -311,7 +315,7 @@ def main() -> int:
     mixed = Workload("mixed", prompts, [rng.randint(*args.output_tokens) for _ in prompts])
     equal = Workload("equal", prompts, [args.output_tokens[1]] * len(prompts))
     print(f"model: {ckpt} ({weights} weights; d_model {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, "
-          f"{'MoE ' + str(cfg.n_experts) + ' experts, ' if cfg.is_moe else ''}{params / 1e6:.1f}M parameters), fp32")
+          f"{'MoE ' + str(cfg.n_experts) + ' experts, ' if cfg.is_moe else ''}{params / 1e6:.1f}M parameters), {args.dtype}")
     print(f"machine: CPU, {args.threads} torch thread(s) per side; prompts {args.prompt_tokens[0]}-"
           f"{args.prompt_tokens[1]} tokens; output {args.output_tokens[0]}-{args.output_tokens[1]} tokens (mixed) or "
           f"{args.output_tokens[1]} (equal); greedy, EOS ignored\n")
@@ -325,7 +329,7 @@ def main() -> int:
     else:
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(export_hf(ckpt, work_dir / "hf"), dtype=torch.float32).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(export_hf(ckpt, work_dir / "hf"), dtype=engine.model.tok_embeddings.weight.dtype).eval()
         pad = hf_model.generation_config.pad_token_id
         hf_generate(hf_model, prompts[:2], 8, pad)  # warm-up
         hf_c1 = run_hf_one_at_a_time(hf_model, mixed.head(args.requests_c1), 1, pad)

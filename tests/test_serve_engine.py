@@ -37,28 +37,57 @@ def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "top_k": 2}, {"attn_logit_softcap": 5.0},
-                                       {"tie_embeddings": False, "n_kv_heads": 4},
-                                       {"n_experts": 4, "n_shared_experts": 1, "first_dense_layers": 1}])
-def test_runner_matches_training_forward(overrides):
+def check_runner_against_forward(cfg: ModelConfig, block_size: int, blocks_a: list[int], blocks_b: list[int]) -> None:
+    """Two prefills, then decodes in mixed order; every step's logits must match a full forward."""
     torch.manual_seed(0)
-    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
-    cfg = ModelConfig(**(base | overrides))
     model = Transformer(cfg).eval()
-    runner = ModelRunner(model, PagedKVCache(cfg, num_blocks=16, block_size=4, device=torch.device("cpu"),
+    runner = ModelRunner(model, PagedKVCache(cfg, num_blocks=16, block_size=block_size, device=torch.device("cpu"),
                                              dtype=torch.float32))
     a, b = torch.randint(0, 97, (14,)).tolist(), torch.randint(0, 97, (9,)).tolist()
-    table_a, table_b = runner.cache.allocator.allocate(4), runner.cache.allocator.allocate(3)
 
     def expected(ids):
         return model(torch.tensor([ids]))[0][0, -1]
 
-    logits = runner.execute([StepItem(a[:10], 0, table_a), StepItem(b[:3], 0, table_b)])  # two prefills
+    logits = runner.execute([StepItem(a[:10], 0, blocks_a), StepItem(b[:3], 0, blocks_b)])  # two prefills
     torch.testing.assert_close(logits, torch.stack([expected(a[:10]), expected(b[:3])]), atol=1e-5, rtol=1e-5)
-    for step in range(4):  # decodes, in mixed order, crossing block boundaries
-        logits = runner.execute([StepItem([b[3 + step]], 3 + step, table_b), StepItem([a[10 + step]], 10 + step, table_a)])
+    for step in range(4):  # decodes, in mixed order
+        logits = runner.execute([StepItem([b[3 + step]], 3 + step, blocks_b), StepItem([a[10 + step]], 10 + step, blocks_a)])
         want = torch.stack([expected(b[:4 + step]), expected(a[:11 + step])])
         torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+
+
+BASE = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "top_k": 2}, {"attn_logit_softcap": 5.0},
+                                       {"tie_embeddings": False, "n_kv_heads": 4},
+                                       {"n_experts": 4, "n_shared_experts": 1, "first_dense_layers": 1}])
+def test_runner_matches_training_forward(overrides):
+    """Paged: block size 4, so histories span blocks (and decodes cross block boundaries)."""
+    check_runner_against_forward(ModelConfig(**(BASE | overrides)), 4, [5, 0, 9, 2], [7, 1, 3])
+
+
+@pytest.mark.parametrize("blocks_a, blocks_b", [([1], [0]),  # a range in order: attended in place
+                                                 ([3], [1]),  # a range with a filler row, out of order
+                                                 ([15], [2])])  # sparse: the two blocks are picked out
+@pytest.mark.parametrize("overrides", [{}, {"attn_logit_softcap": 5.0}])
+def test_runner_single_block_layouts_match_training_forward(blocks_a, blocks_b, overrides):
+    """Blocks as long as the context: each history is one block, read without a gather copy."""
+    check_runner_against_forward(ModelConfig(**(BASE | overrides)), 64, blocks_a, blocks_b)
+
+
+def test_engine_uses_whole_context_blocks_when_memory_allows(dense_ckpt):
+    loaded = load_for_inference(dense_ckpt, device="cpu")
+    roomy = LLMEngine.from_loaded(loaded, EngineConfig(max_num_seqs=4, max_model_len=64))
+    assert roomy.runner.cache.block_size == 64 and roomy.runner.cache.num_blocks == 4
+    assert roomy.scheduler.watermark_blocks == 0  # a whole-context block never grows
+    tight = LLMEngine.from_loaded(loaded, EngineConfig(max_num_seqs=4, max_model_len=64, kv_cache_tokens=128))
+    assert tight.runner.cache.block_size == 16 and tight.runner.cache.num_blocks == 8
+    prompts = [loaded.tokenizer.encode(t).ids for t in ["Hello there", "The quick", "Python is"]]
+    for engine in (roomy, tight):
+        results = engine.generate(prompts, SamplingParams(max_tokens=20, **GREEDY))
+        for prompt, result in zip(prompts, results):
+            assert result.token_ids == reference_greedy(loaded.model, prompt, 20)
 
 
 @pytest.mark.parametrize("which", ["dense_ckpt", "moe_ckpt"])

@@ -32,7 +32,9 @@ from colossuslm.serve.scheduler import Scheduler
 class EngineConfig:
     max_num_seqs: int = 32  # requests decoded together in one step
     max_model_len: int | None = None  # context window served; default and maximum: model.max_seq_len
-    block_size: int = 16  # tokens per KV-cache block
+    # Tokens per KV-cache block. None: a whole context when memory holds one per sequence (then
+    # decode attention reads the cache in place), else 16.
+    block_size: int | None = None
     kv_cache_tokens: int | None = None  # default: every sequence at full length, within kv_cache_bytes
     kv_cache_bytes: int = 2 << 30
     max_num_batched_tokens: int | None = None  # prompt tokens prefilled per step; default max(2048, context)
@@ -57,11 +59,16 @@ class LLMEngine:
         self.vocab_size = model.cfg.vocab_size
         self._token_bytes = token_bytes_table(tokenizer)  # built once, shared by every request
         self.max_model_len = self._check_context(config.max_model_len, model.cfg.max_seq_len)
-        cache = PagedKVCache(model.cfg, self._num_blocks(config), config.block_size, self.device,
+        cache_tokens = self._cache_tokens(config)
+        whole_contexts = cache_tokens >= config.max_num_seqs * self.max_model_len
+        block_size = config.block_size or (self.max_model_len if whole_contexts else 16)
+        cache = PagedKVCache(model.cfg, -(-cache_tokens // block_size), block_size, self.device,
                              model.tok_embeddings.weight.dtype)
         self.runner = ModelRunner(model, cache)
         self.scheduler = Scheduler(cache, config.max_num_seqs,
-                                   config.max_num_batched_tokens or max(2048, self.max_model_len))
+                                   config.max_num_batched_tokens or max(2048, self.max_model_len),
+                                   # a whole-context block never grows, so nothing need be kept free
+                                   watermark_blocks=0 if block_size >= self.max_model_len else None)
         self._ids = itertools.count()
 
     @classmethod
@@ -222,8 +229,8 @@ class LLMEngine:
                                 f"max_seq_len = {model_max} (RoPE tables end there)")
         return asked
 
-    def _num_blocks(self, config: EngineConfig) -> int:
-        if config.max_num_seqs < 1 or config.block_size < 1:
+    def _cache_tokens(self, config: EngineConfig) -> int:
+        if config.max_num_seqs < 1 or (config.block_size is not None and config.block_size < 1):
             raise ColossusError("max_num_seqs and block_size must be at least 1")
         per_token = PagedKVCache.bytes_per_token(self.model.cfg, self.model.tok_embeddings.weight.dtype)
         tokens = config.kv_cache_tokens
@@ -233,7 +240,7 @@ class LLMEngine:
             raise ColossusError(
                 f"the KV cache holds {tokens} tokens, less than one full context of {self.max_model_len}; "
                 f"give it more memory or lower the served context length (--max-model-len)")
-        return -(-tokens // config.block_size)
+        return tokens
 
 
 __all__ = ["EngineConfig", "EngineStats", "LLMEngine", "SamplingParams"]

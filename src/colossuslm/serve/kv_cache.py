@@ -1,15 +1,20 @@
 """Paged KV cache: fixed-size blocks of token slots handed out to sequences on demand.
 
-Memory is one tensor per layer for keys and one for values, `[kv_heads, num_blocks * block_size,
-head_dim]`. A sequence owns a list of blocks (its block table); token t of the sequence lives in
-slot `table[t // block_size] * block_size + t % block_size`. Heads come first so that gathering a
-batch's slots gives `[kv_heads, batch, length, head_dim]`, ready for attention with no further copy. Paging (as in vLLM) means a sequence
-holds memory for the tokens it has, not for the longest sequence the model allows, so many more
-requests fit in the same memory, and finished requests give their blocks straight back.
+Memory is one tensor per layer for keys and one for values, `[num_blocks, kv_heads, block_size,
+head_dim]`. A sequence owns a list of blocks (its block table); its token t lives in block
+`table[t // block_size]` at offset `t % block_size`. Paging (as in vLLM) means a sequence holds
+memory for the tokens it has, not for the longest sequence the model allows, so many more requests
+fit in the same memory, and finished requests give their blocks straight back.
+
+Blocks come first so that a block is one contiguous `[kv_heads, block_size, head_dim]` matrix per
+head. When blocks are as long as the context (the engine picks that whenever memory allows a full
+context per sequence), each sequence's keys are one block, and a decode batch whose blocks form a
+range of ids is a plain view of the cache: attention reads it in place, with no gather copy.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -18,11 +23,14 @@ from colossuslm.config import ModelConfig
 
 
 class BlockAllocator:
-    """Free list of block ids. Pure bookkeeping, no tensors."""
+    """Free list of block ids, lowest id first. Pure bookkeeping, no tensors.
+
+    Handing out the lowest free ids keeps the blocks in use packed at the front of the cache, so a
+    batch's blocks usually form a short range (see the module docstring)."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free = list(range(num_blocks))  # a sorted list is a valid heap
 
     @property
     def num_free(self) -> int:
@@ -31,10 +39,11 @@ class BlockAllocator:
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):
             raise RuntimeError(f"KV cache: asked for {count} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
+        return [heapq.heappop(self._free) for _ in range(count)]
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for block in blocks:
+            heapq.heappush(self._free, block)
 
 
 class PagedKVCache:
@@ -42,7 +51,7 @@ class PagedKVCache:
                  device: torch.device, dtype: torch.dtype):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (cfg.n_kv_heads, num_blocks * block_size, cfg.resolved_head_dim)
+        shape = (num_blocks, cfg.n_kv_heads, block_size, cfg.resolved_head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.allocator = BlockAllocator(num_blocks)

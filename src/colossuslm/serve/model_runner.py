@@ -38,13 +38,32 @@ class StepItem:
 
 
 @dataclass
+class _DecodeLayout:
+    """Where a step's decode tokens find their cached keys and values.
+
+    Two ways, chosen per step in `_prepare`:
+      - single-block: every sequence's history sits in its first block (blocks as long as the
+        context). `row_range` set: the cache's blocks [lo, hi) are attended as a view, no copy;
+        sequence i is row `rows[i]` of that range, rows no sequence owns are masked filler.
+        `row_range` None: the blocks `rows` are picked out (one copy) because the range is sparse.
+      - paged: histories span several blocks; `tables` [B, W] block ids are gathered (one copy).
+    """
+
+    max_len: int  # longest history in the batch, the new token included
+    allowed: torch.Tensor  # [rows or B, max_len] which positions are real
+    rows: torch.Tensor | None = None  # [B]
+    row_range: tuple[int, int] | None = None
+    tables: torch.Tensor | None = None  # [B, W]
+
+
+@dataclass
 class _BatchTensors:
     tokens: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    slots: torch.Tensor  # [T] cache slot each new token's key/value is written to
+    write_blocks: torch.Tensor  # [T] cache block each new token's key/value goes to
+    write_offsets: torch.Tensor  # [T] and its offset in that block
     prefill_lens: list[int]  # prefills come first in the flat batch, in this order
-    decode_slots: torch.Tensor | None  # [B_decode, L] slots each decode token attends to
-    decode_valid: torch.Tensor | None  # [B_decode, L] which of those slots are real
+    decode: _DecodeLayout | None
     last_token_index: torch.Tensor  # [B] row of each sequence's last token (the one we sample from)
 
 
@@ -60,15 +79,8 @@ class ModelRunner:
         cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
 
-    @torch.inference_mode()
-    def execute(self, items: list[StepItem]) -> torch.Tensor:
-        """Run one step; returns fp32 logits [len(items), vocab] for each item's last token.
-
-        Items may come in any order; prefills are moved to the front internally and the logits
-        come back in the caller's order.
-        """
-        order = sorted(range(len(items)), key=lambda i: not items[i].is_prefill)  # stable
-        batch = self._prepare([items[i] for i in order])
+    def _forward(self, batch: "_BatchTensors") -> torch.Tensor:
+        """Embeddings to fp32 logits [B, vocab] of each sequence's last token, in batch order."""
         model = self.model
         h = model.tok_embeddings(batch.tokens)
         cos = self.rope_cos[batch.positions].unsqueeze(1).to(h.dtype)  # [T, 1, hd], broadcast over heads
@@ -80,7 +92,18 @@ class ModelRunner:
             h = h + ffn_out
         last = model.norm(h[batch.last_token_index])
         weight = model.tok_embeddings.weight if model.output is None else model.output.weight
-        logits = F.linear(last, weight).float()
+        return F.linear(last, weight).float()
+
+    @torch.inference_mode()
+    def execute(self, items: list[StepItem]) -> torch.Tensor:
+        """Run one step; returns fp32 logits [len(items), vocab] for each item's last token.
+
+        Items may come in any order; prefills are moved to the front internally and the logits
+        come back in the caller's order.
+        """
+        order = sorted(range(len(items)), key=lambda i: not items[i].is_prefill)  # stable
+        batch = self._prepare([items[i] for i in order])
+        logits = self._forward(batch)
         restore = torch.empty(len(order), dtype=torch.long)
         restore[torch.tensor(order)] = torch.arange(len(order))
         return logits[restore.to(logits.device)]
@@ -92,8 +115,8 @@ class ModelRunner:
         k = apply_rope(attn.wk(x).view(tokens, -1, self.head_dim), cos, sin)  # [T, KVH, hd]
         v = attn.wv(x).view(tokens, -1, self.head_dim)
         keys, values = self.cache.keys[layer_index], self.cache.values[layer_index]
-        keys.index_copy_(1, batch.slots, k.transpose(0, 1).to(keys.dtype))
-        values.index_copy_(1, batch.slots, v.transpose(0, 1).to(values.dtype))
+        keys[batch.write_blocks, :, batch.write_offsets] = k.to(keys.dtype)
+        values[batch.write_blocks, :, batch.write_offsets] = v.to(values.dtype)
 
         outputs = []
         start = 0
@@ -101,8 +124,8 @@ class ModelRunner:
             outputs.append(self._prefill_attention(q[start:start + length], k[start:start + length],
                                                    v[start:start + length]))
             start += length
-        if batch.decode_slots is not None:
-            outputs.append(self._decode_attention(q[start:], keys, values, batch))
+        if batch.decode is not None:
+            outputs.append(self._decode_attention(q[start:], keys, values, batch.decode))
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return attn.wo(out.reshape(tokens, -1))
 
@@ -118,24 +141,42 @@ class ModelRunner:
         return out.squeeze(0).transpose(0, 1)
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          batch: _BatchTensors) -> torch.Tensor:
+                          layout: _DecodeLayout) -> torch.Tensor:
         """One token per sequence over its cached history. q: [B, H, hd] -> [B, H, hd].
 
-        Computed head-group-major ([KVH, B, ...]) because that is the order the gather from the
-        cache produces; query heads sharing a key/value head form one small matrix.
+        Query heads that share a key/value head form one small `[group, hd]` matrix, so grouped
+        attention is a batched matmul against the cache without repeating keys.
         """
-        slots, valid = batch.decode_slots, batch.decode_valid
-        n_seqs, length = slots.shape
-        kv_heads = keys.shape[0]
-        k = keys.index_select(1, slots.flatten()).view(kv_heads, n_seqs, length, self.head_dim)
-        v = values.index_select(1, slots.flatten()).view(kv_heads, n_seqs, length, self.head_dim)
-        q = q.view(n_seqs, kv_heads, -1, self.head_dim).transpose(0, 1).to(k.dtype)  # [KVH, B, group, hd]
-        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # [KVH, B, group, L]
+        n_seqs, kv_heads, length = q.shape[0], keys.shape[1], layout.max_len
+        q = q.view(n_seqs, kv_heads, -1, self.head_dim).to(keys.dtype)  # [B, KVH, group, hd]
+        if layout.tables is None:
+            scattered = layout.row_range is not None and layout.rows is not None
+            if layout.row_range is not None:
+                lo, hi = layout.row_range
+                k, v = keys[lo:hi, :, :length], values[lo:hi, :, :length]  # views of the cache
+                if scattered:  # sequence i's query goes to its block's row
+                    q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy_(0, layout.rows, q)
+            else:
+                k = keys[:, :, :length].index_select(0, layout.rows)
+                v = values[:, :, :length].index_select(0, layout.rows)
+            out = self._attend(q, k, v, layout.allowed[:, None, None, :])  # [rows, KVH, group, hd]
+            if scattered:
+                out = out.index_select(0, layout.rows)
+            return out.reshape(n_seqs, -1, self.head_dim)
+        # Paged: gather each sequence's blocks head-major, [KVH, B, W * block_size, hd], one copy.
+        flat = layout.tables.flatten()
+        k = keys.transpose(0, 1).index_select(1, flat).view(kv_heads, n_seqs, -1, self.head_dim)[:, :, :length]
+        v = values.transpose(0, 1).index_select(1, flat).view(kv_heads, n_seqs, -1, self.head_dim)[:, :, :length]
+        out = self._attend(q.transpose(0, 1), k, v, layout.allowed[None, :, None, :])  # [KVH, B, group, hd]
+        return out.transpose(0, 1).reshape(n_seqs, -1, self.head_dim)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) v over 4-D [batch, batch, rows, hd] operands, fp32 softmax."""
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
         if self.softcap > 0:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
-        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # [KVH, B, group, hd]
-        return out.transpose(0, 1).reshape(n_seqs, -1, self.head_dim).to(q.dtype)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
                     ) -> torch.Tensor:
@@ -151,7 +192,8 @@ class ModelRunner:
         block_size = self.cache.block_size
         tokens: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        write_blocks: list[int] = []
+        write_offsets: list[int] = []
         prefill_lens: list[int] = []
         last_index: list[int] = []
         decodes: list[StepItem] = []
@@ -166,25 +208,38 @@ class ModelRunner:
                 pos = item.start_pos + offset
                 tokens.append(token)
                 positions.append(pos)
-                slots.append(item.block_table[pos // block_size] * block_size + pos % block_size)
+                write_blocks.append(item.block_table[pos // block_size])
+                write_offsets.append(pos % block_size)
             last_index.append(len(tokens) - 1)
 
-        decode_slots = decode_valid = None
-        if decodes:
-            lengths = torch.tensor([d.start_pos + 1 for d in decodes])
-            width = max(len(d.block_table) for d in decodes)
-            tables = torch.tensor([d.block_table + [0] * (width - len(d.block_table)) for d in decodes])
-            pos = torch.arange(int(lengths.max()))
-            decode_slots = tables[:, pos // block_size] * block_size + pos % block_size
-            decode_valid = pos.unsqueeze(0) < lengths.unsqueeze(1)
-            decode_slots, decode_valid = decode_slots.to(self.device), decode_valid.to(self.device)
+        def on_device(values: list[int] | torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=torch.long).to(self.device)
 
-        def on_device(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(self.device)
-
-        return _BatchTensors(tokens=on_device(tokens), positions=on_device(positions), slots=on_device(slots),
-                             prefill_lens=prefill_lens, decode_slots=decode_slots, decode_valid=decode_valid,
+        return _BatchTensors(tokens=on_device(tokens), positions=on_device(positions),
+                             write_blocks=on_device(write_blocks), write_offsets=on_device(write_offsets),
+                             prefill_lens=prefill_lens, decode=self._decode_layout(decodes) if decodes else None,
                              last_token_index=on_device(last_index))
+
+    def _decode_layout(self, decodes: list[StepItem]) -> _DecodeLayout:
+        lengths = [d.start_pos + 1 for d in decodes]
+        max_len = max(lengths)
+        positions = torch.arange(max_len)
+        if max_len <= self.cache.block_size:
+            blocks = [d.block_table[0] for d in decodes]
+            lo, hi = min(blocks), max(blocks) + 1
+            if hi - lo <= 2 * len(blocks):  # attending a few filler rows beats copying the cache
+                row_lengths = torch.ones(hi - lo, dtype=torch.long)  # filler rows see one zero key
+                row_lengths[torch.tensor(blocks) - lo] = torch.tensor(lengths)
+                rows = None if blocks == list(range(lo, hi)) else torch.tensor(blocks) - lo
+                allowed = positions.unsqueeze(0) < row_lengths.unsqueeze(1)
+                return _DecodeLayout(max_len, allowed.to(self.device),
+                                     rows=None if rows is None else rows.to(self.device), row_range=(lo, hi))
+            allowed = positions.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+            return _DecodeLayout(max_len, allowed.to(self.device), rows=torch.tensor(blocks).to(self.device))
+        width = max(len(d.block_table) for d in decodes)
+        tables = torch.tensor([d.block_table + [0] * (width - len(d.block_table)) for d in decodes])
+        allowed = positions.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+        return _DecodeLayout(max_len, allowed.to(self.device), tables=tables.to(self.device))
 
 
 __all__ = ["ModelRunner", "StepItem"]

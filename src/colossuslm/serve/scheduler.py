@@ -19,13 +19,14 @@ from colossuslm.serve.request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 watermark_blocks: int | None = None):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # Blocks kept free at admission so the requests already running can grow for a while
         # without preempting the one just admitted.
-        self.watermark_blocks = max(1, cache.num_blocks // 100)
+        self.watermark_blocks = max(1, cache.num_blocks // 100) if watermark_blocks is None else watermark_blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
