@@ -171,10 +171,14 @@ class ModelRunner:
         return out.transpose(0, 1).reshape(n_seqs, -1, self.head_dim)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hd)) v over 4-D [batch, batch, rows, hd] operands, fp32 softmax."""
+        """softmax(q k^T / sqrt(hd)) v over 4-D [batch, batch, rows, hd] operands.
+
+        The rows of q are the query heads of one key/value head, all at the same position, so the
+        fused SDPA kernel takes them as a query "length" with the same key mask for each."""
+        if self.softcap <= 0:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
-        if self.softcap > 0:
-            scores = self.softcap * torch.tanh(scores / self.softcap)
+        scores = self.softcap * torch.tanh(scores / self.softcap)
         scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
