@@ -50,6 +50,8 @@ LAYOUTS = {
     "fsdp_tp": (4, ["parallel.dp_shard=2", "parallel.tp=2"], 2, "dense"),
     "hsdp": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 4, "dense"),
     "ep": (2, ["parallel.ep=2", "parallel.dp_shard=2"], 2, "moe"),
+    # attention split over tp, experts over ep, and the rest sharded over dp_shard, all at once
+    "tp_ep": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"], 2, "moe"),
 }
 
 
