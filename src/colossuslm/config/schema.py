@@ -173,6 +173,9 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1
     tp: int = 1
+    # With tp > 1: norms and the residual stream are split along the sequence across the TP group
+    # (Megatron sequence parallelism), so each TP rank holds 1/tp of those activations.
+    sequence_parallel: bool = True
     ep: int = 1
     pp: int = 1
 
@@ -200,6 +203,10 @@ class Config:
                  "chat fine-tuning starts from a trained model: set train.init_from to its checkpoint or run directory")
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                  f"must be <= model.max_seq_len = {self.model.max_seq_len}")
+        if self.parallel.tp > 1 and self.parallel.sequence_parallel:
+            _require(self.data.seq_len % self.parallel.tp == 0, "data.seq_len", self.data.seq_len,
+                     f"must be a multiple of parallel.tp = {self.parallel.tp} with sequence parallelism "
+                     f"(or set parallel.sequence_parallel = false)")
         if self.parallel.ep > 1:
             _require(self.model.is_moe and self.model.n_experts % self.parallel.ep == 0,
                      "parallel.ep", self.parallel.ep,

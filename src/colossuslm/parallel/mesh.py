@@ -31,6 +31,7 @@ class ParallelDims:
     tp: int
     ep: int
     world_size: int
+    sequence_parallel: bool = False  # only ever True with tp > 1
 
     @property
     def dp_size(self) -> int:
@@ -61,7 +62,8 @@ class ParallelDims:
             raise ColossusError(
                 f"parallel layout: parallel.ep = {cfg.ep} must divide the data-parallel shard size "
                 f"dp_shard = {dp_shard} (expert parallelism borrows ranks from it)")
-        return cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.ep, world_size)
+        return cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.ep, world_size,
+                   sequence_parallel=cfg.sequence_parallel and cfg.tp > 1)
 
 
 @dataclass(frozen=True)

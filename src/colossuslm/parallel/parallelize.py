@@ -13,7 +13,7 @@ def parallelize_model(model: nn.Module, meshes: Meshes, dims: ParallelDims, *, b
     if dims.tp > 1:
         from colossuslm.parallel.tensor import apply_tensor_parallel
 
-        apply_tensor_parallel(model, meshes.tp)
+        apply_tensor_parallel(model, meshes.tp, sequence_parallel=dims.sequence_parallel)
     expert_params: set[nn.Parameter] = set()
     if dims.ep > 1:
         from colossuslm.parallel.expert import apply_expert_parallel

@@ -1,19 +1,31 @@
-"""Tensor parallelism (Megatron-style) with DTensor's `parallelize_module`.
+"""Tensor parallelism (Megatron-style) with DTensor's `parallelize_module`, optionally with
+sequence parallelism.
 
 Inside each block: q/k/v and the MLP's gate/up projections are split by output columns (each rank
 keeps whole attention heads and a slice of the hidden width); the attention output and MLP down
-projections are split by input rows, so one all-reduce per sub-layer restores the full activation.
-Embedding, norms, MoE layers and the head stay replicated across the TP group (every TP rank
-computes them on the same input, so their gradients agree without communication).
+projections are split by input rows. Embedding, MoE layers and the head stay replicated across the
+TP group (every TP rank computes them on the same input, so their gradients agree without
+communication).
+
+Without sequence parallelism one all-reduce per sub-layer restores the full activation, and the
+norms and the residual stream are computed in full on every TP rank. With it (the default, as in
+Megatron-LM and torchtitan) the residual stream between sub-layers is split along the sequence:
+each rank normalises and adds only its 1/tp of the tokens, an all-gather brings the full sequence
+to the column-parallel projections, and the row-parallel projections reduce-scatter back to the
+shards. Same communication volume, 1/tp of the norm and residual activations per rank.
 """
 
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
 
 from colossuslm.errors import ColossusError
+
+SEQ = Shard(1)  # activations are [batch, seq, d_model]
 
 
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
@@ -29,16 +41,61 @@ def check_tensor_parallel(model: nn.Module, tp: int) -> None:
         raise ColossusError(f"parallel.tp = {tp} must divide {', '.join(problems)}; choose a tp that divides them")
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
     check_tensor_parallel(model, tp_mesh.size())
+    if sequence_parallel:
+        _apply_sequence_parallel_edges(model, tp_mesh)
     for block in model.layers.values():
-        plan = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(),
-        }
+        parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
+
+
+def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
+    if not sequence_parallel:
+        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
         if not block.is_moe:
             plan |= {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
                      "feed_forward.w2": RowwiseParallel()}
-        parallelize_module(block, tp_mesh, plan)
+        return plan
+    # The block's input and output are this rank's sequence shard (a plain local tensor).
+    plan = {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(input_layouts=(SEQ, None, None),
+                                        desired_input_layouts=(Replicate(), None, None)),  # all-gather
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=SEQ),  # reduce-scatter
+        "ffn_norm": SequenceParallel(),
+    }
+    if block.is_moe:
+        # Experts are not split by TP: each TP rank routes the full sequence, then keeps its shard.
+        # (Its output is sliced back to the shard in _apply_sequence_parallel_edges.)
+        plan["moe"] = PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),),
+                                         use_local_output=True)
+    else:
+        plan |= {
+            "feed_forward": PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=SEQ),
+        }
+    return plan
+
+
+def _apply_sequence_parallel_edges(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Where the sequence is split and joined again: the first block takes its rank's slice of the
+    (replicated) embeddings, the final norm runs on shards and all-gathers for the loss; MoE
+    outputs, computed in full on every TP rank, are sliced back to the rank's shard."""
+    first = next(iter(model.layers.values()))
+    parallelize_module(first, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                                          desired_input_layouts=(SEQ, None, None),
+                                                          use_local_output=True))
+    parallelize_module(model.norm, tp_mesh, SequenceParallel())
+    parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=SEQ, desired_output_layouts=Replicate(),
+                                                                use_local_output=True))
+    for block in model.layers.values():
+        if block.is_moe:
+            parallelize_module(block.moe, tp_mesh, PrepareModuleOutput(output_layouts=(Replicate(), None),
+                                                                       desired_output_layouts=(SEQ, None),
+                                                                       use_local_output=True))

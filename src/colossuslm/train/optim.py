@@ -11,16 +11,20 @@ from colossuslm.config.schema import TrainConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and embedding tables are exempt (as in GPT-3/Llama)."""
+    """Decay matrices only: norms, biases and embedding tables are exempt (as in GPT-3/Llama).
+
+    Sharded (DTensor) and plain parameters go to separate groups: the fused and foreach kernels
+    take one list per group and refuse to mix the two kinds (tensor parallelism shards some
+    parameters of a model and leaves others plain)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or id(param) in embedding_ids
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((exempt, hasattr(param, "device_mesh")), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if exempt else weight_decay}
+            for (exempt, _), params in sorted(groups.items())]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
