@@ -66,3 +66,42 @@ def test_calibrate_reads_a_run_directory(tmp_path, config):
 def test_calibrate_needs_a_run_directory(tmp_path):
     with pytest.raises(ColossusError, match="config.toml"):
         calibrate(tmp_path)
+
+
+def test_a_cpu_profile_replaces_the_catalogue_guesses(config):
+    """A slower measured attention kernel and memory system must slow the predicted step, and the
+    calibration must read the profile from the run's summary."""
+    guessed = predict_run(config, "cpu", 1, peak_flops=2e12)
+    profile = {"attention_efficiency": 0.05, "memory_bandwidth": 6e9}
+    gpu = device_gpu("cpu", 2e12, profile=profile)
+    assert gpu.attention_efficiency == 0.05 and gpu.hbm_bandwidth > 6e9  # peak = achieved / HBM_EFFICIENCY
+    measured = predict_run(config, "cpu", 1, peak_flops=2e12, profile=profile)
+    assert measured["step_time_s"] > 1.5 * guessed["step_time_s"]
+    # GPU entries keep their catalogue figures whatever profile is passed.
+    assert device_gpu("NVIDIA H100 80GB HBM3", profile=profile).attention_efficiency != 0.05
+
+
+def test_calibrate_uses_the_profile_in_the_summary(tmp_path, config):
+    save_config(config, tmp_path / "config.toml")
+    summary = {"device": "cpu", "n_devices": 1, "peak_flops": 2e12, "median_step_time_s": 0.5,
+               "median_tokens_per_s": 8192.0, "mfu": 0.31}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    without = calibrate(tmp_path).predicted["step_time_s"]
+    summary["device_profile"] = {"peak_flops": 2e12, "attention_efficiency": 0.05, "memory_bandwidth": 6e9}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert calibrate(tmp_path).predicted["step_time_s"] > 1.5 * without
+
+
+def test_cpu_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
+    import torch
+
+    from colossuslm.train import peak
+
+    monkeypatch.setenv("COLOSSUS_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(peak, "measure_cpu_bf16_peak", lambda: calls.append("peak") or 1e12)
+    first = peak.device_profile(torch.device("cpu"))
+    assert calls == ["peak"] and first["peak_flops"] == 1e12
+    assert 0 < first["attention_efficiency"] < 1 and first["memory_bandwidth"] > 1e8  # real measurements
+    assert peak.device_profile(torch.device("cpu")) == first and calls == ["peak"]  # from the cache
+    assert peak.cpu_peak_flops() == 1e12

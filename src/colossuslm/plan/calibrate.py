@@ -17,15 +17,17 @@ from typing import Any
 
 from colossuslm.config.schema import Config
 from colossuslm.errors import ColossusError
-from colossuslm.plan.costmodel import CostModel, StepEstimate
+from colossuslm.plan.costmodel import HBM_EFFICIENCY, CostModel, StepEstimate
 from colossuslm.plan.hardware import GPU, load_catalogue
 from colossuslm.plan.layout import Layout, Software
 from colossuslm.plan.workload import Workload
 
 
-def device_gpu(device: str, peak_flops: float | None = None, hardware_file: str | None = None) -> GPU:
+def device_gpu(device: str, peak_flops: float | None = None, hardware_file: str | None = None,
+               profile: dict[str, float] | None = None) -> GPU:
     """The catalogue entry for a runtime device name; a CPU (or an unknown accelerator with a
-    known peak) takes the measured peak as its own."""
+    known peak) takes the measured peak as its own, and a CPU its measured attention efficiency
+    and memory bandwidth (`profile`, from the trainer's `cpu_profile`) when given."""
     catalogue = load_catalogue(hardware_file)
     gpu = catalogue.match_device(device)
     if gpu is None:
@@ -37,6 +39,13 @@ def device_gpu(device: str, peak_flops: float | None = None, hardware_file: str 
                                   peak_bf16=float(peak_flops), peak_fp8=float(peak_flops))
     elif gpu.name == "cpu" and peak_flops:
         gpu = dataclasses.replace(gpu, peak_bf16=float(peak_flops), peak_fp8=float(peak_flops))
+    if gpu.name == "cpu" and profile:
+        changes = {}
+        if profile.get("attention_efficiency"):
+            changes["attention_efficiency"] = float(profile["attention_efficiency"])
+        if profile.get("memory_bandwidth"):  # the cost model applies HBM_EFFICIENCY to the peak
+            changes["hbm_bandwidth"] = float(profile["memory_bandwidth"]) / HBM_EFFICIENCY
+        gpu = dataclasses.replace(gpu, **changes)
     return gpu
 
 
@@ -51,16 +60,19 @@ def run_layout(config: Config, n_devices: int) -> Layout:
     dp_shard = par.dp_shard if par.dp_shard != -1 else dp // max(1, par.dp_replicate)
     return Layout(tp=par.tp, pp=par.pp, cp=1, dp=dp, ep=par.ep, micro_batch=config.train.micro_batch_size,
                   grad_accum=config.train.grad_accum, vp=1, recompute="none",
-                  zero=3 if dp_shard > 1 else 0, software=Software(fused_elementwise=config.train.compile))
+                  zero=3 if dp_shard > 1 else 0,
+                  software=Software(fused_elementwise=config.train.compile,
+                                    sequence_parallel=par.sequence_parallel and par.tp > 1))
 
 
-def predict_run(config: Config, device: str, n_devices: int, peak_flops: float | None = None) -> dict:
+def predict_run(config: Config, device: str, n_devices: int, peak_flops: float | None = None,
+                profile: dict[str, float] | None = None) -> dict:
     """The planner's step time, tokens/s and MFU for a trainer config on `n_devices` devices.
 
     MFU uses `peak_flops` when given (the peak the trainer's own MFU used), so the two compare.
     """
     work = Workload(name=config.model.preset or "model", cfg=config.model, seq_len=config.data.seq_len)
-    gpu = device_gpu(device, peak_flops)
+    gpu = device_gpu(device, peak_flops, profile=profile)
     est: StepEstimate = CostModel(work, gpu).estimate(run_layout(config, n_devices))
     peak = float(peak_flops) if peak_flops else gpu.peak_bf16
     mfu = work.flops_per_token * est.tokens_per_s / (n_devices * peak)
@@ -123,7 +135,8 @@ def calibrate(run_dir: str | Path) -> Calibration:
                 "tokens_per_s": measured("median_tokens_per_s", "tokens_per_s"),
                 "mfu": measured("mfu", "mfu")}
     return Calibration(run_dir=str(run), device=device, n_devices=n_devices, measured=observed,
-                       predicted=predict_run(config, device, n_devices, peak_flops=peak))
+                       predicted=predict_run(config, device, n_devices, peak_flops=peak,
+                                             profile=summary.get("device_profile")))
 
 
 def calibration_text(cal: Calibration) -> str:
@@ -134,6 +147,6 @@ def calibration_text(cal: Calibration) -> str:
         m, p = cal.measured.get(key, math.nan), cal.predicted.get(key, math.nan)
         err = cal.error(key)
         lines.append(f"{label:<12} {fmt.format(m):>12} {fmt.format(p):>12} {err:>+8.1%}")
-    lines.append("error = predicted / measured - 1; the planner's constants are fitted to large GPU runs, "
-                 "so small CPU runs mostly measure framework overhead")
+    lines.append("error = predicted / measured - 1; GPU efficiencies come from the catalogue (fitted to published "
+                 "runs), a CPU's attention efficiency and memory bandwidth from the trainer's measurement")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 GPUs: dense bf16 tensor-core peaks from the vendors' data sheets, as kept in the planner's
 hardware catalogue. CPUs have no data-sheet figure that means much, so the peak is measured once
-with a large bf16 GEMM and cached per machine.
+with a large bf16 GEMM and cached per machine, together with the two other figures the planner
+needs to predict a CPU run (see `cpu_profile`).
 """
 
 from __future__ import annotations
@@ -50,18 +51,61 @@ def measure_cpu_bf16_peak(size: int = 2048, seconds: float = 1.5) -> float:
     return best
 
 
-def cpu_peak_flops() -> float:
-    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch{torch.__version__}|threads{torch.get_num_threads()}"
+def measure_cpu_attention_efficiency(peak: float, seconds: float = 1.0) -> float:
+    """Causal bf16 SDPA, forward and backward, as a fraction of `peak`, counted the way the planner
+    counts it (the forward's useful causal FLOPs, backward = FLASH_BACKWARD_RATIO forwards).
+
+    CPU attention kernels run far below the GEMM peak (about 5% on a 2-core AMX Xeon), which a
+    GPU-like default efficiency would miss by several times."""
+    from colossuslm.plan.costmodel import FLASH_BACKWARD_RATIO  # plain Python
+
+    batch, heads, seq, head_dim = 4, 8, 512, 64
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    forward_flops = 2.0 * batch * heads * seq * seq * (2 * head_dim) * 0.5
+    best, deadline, runs = float("inf"), time.perf_counter() + seconds, 0
+    while runs < 2 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        best, runs = min(best, time.perf_counter() - start), runs + 1
+    return forward_flops * (1 + FLASH_BACKWARD_RATIO) / best / peak
+
+
+def measure_cpu_memory_bandwidth(elements: int = 1 << 24, seconds: float = 0.5) -> float:
+    """Streaming bytes/s of a bf16 add into a new tensor (two reads and a write per element).
+
+    A new output each time, as in eager training: large fresh allocations fault their pages in,
+    which on small CPU machines costs several times the copy itself (adding into an existing
+    buffer measures 4-5x more here)."""
+    a, b = torch.ones(elements, dtype=torch.bfloat16), torch.ones(elements, dtype=torch.bfloat16)
+    best, deadline, runs = float("inf"), time.perf_counter() + seconds, 0
+    while runs < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.add(a, b)  # result dropped at once, its pages go back as a real step's would
+        best, runs = min(best, time.perf_counter() - start), runs + 1
+    return 3 * 2 * elements / best
+
+
+def cpu_profile() -> dict[str, float]:
+    """This machine's bf16 GEMM peak (FLOP/s), attention efficiency and streaming memory
+    bandwidth (bytes/s), measured once (about 3 s) and cached per CPU model, torch version and
+    thread count."""
+    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch{torch.__version__}|threads{torch.get_num_threads()}|v2"
     path = cache_dir() / "cpu_peak.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key not in cached:
-        cached[key] = measure_cpu_bf16_peak()
+    if not isinstance(cached.get(key), dict):
+        peak = measure_cpu_bf16_peak()
+        cached[key] = {"peak_flops": peak, "attention_efficiency": measure_cpu_attention_efficiency(peak),
+                       "memory_bandwidth": measure_cpu_memory_bandwidth()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached, indent=1))
-    return float(cached[key])
+    return {name: float(value) for name, value in cached[key].items()}
+
+
+def cpu_peak_flops() -> float:
+    return cpu_profile()["peak_flops"]
 
 
 def _cpu_model() -> str:
@@ -84,3 +128,9 @@ def peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
     return cpu_peak_flops()
+
+
+def device_profile(device: torch.device) -> dict[str, float] | None:
+    """Measured figures the planner's catalogue lacks for this device (None for GPUs: their
+    catalogue entries hold them)."""
+    return None if device.type == "cuda" else cpu_profile()

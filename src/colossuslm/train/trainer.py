@@ -30,7 +30,7 @@ from colossuslm.parallel.grads import clip_grad_norm
 from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from colossuslm.parallel.parallelize import parallelize_model
 from colossuslm.train.optim import build_optimizer, build_scheduler
-from colossuslm.train.peak import device_name, peak_flops
+from colossuslm.train.peak import device_name, device_profile, peak_flops
 
 
 @dataclass
@@ -113,6 +113,7 @@ class Trainer:
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
         self.peak_flops = peak_flops(self.device)
+        self.device_profile = device_profile(self.device)
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -366,6 +367,7 @@ class Trainer:
             "wall_time_s": wall_s, "median_step_time_s": median_step, "median_tokens_per_s": tokens_per_s,
             "mfu": self.mfu(tokens_per_s) if steady else float("nan"),
             "device": device_name(self.device), "n_devices": self.world_size, "peak_flops": self.peak_flops,
+            "device_profile": self.device_profile,
             "layout": {"dp_replicate": self.dims.dp_replicate, "dp_shard": self.dims.dp_shard,
                        "tp": self.dims.tp, "ep": self.dims.ep},
             "params": self.arithmetic.total_params, "active_params": self.arithmetic.active_params,
@@ -383,7 +385,8 @@ class Trainer:
         except ImportError:
             return None
         try:
-            return predict_run(self.cfg, device_name(self.device), self.world_size, peak_flops=self.peak_flops)
+            return predict_run(self.cfg, device_name(self.device), self.world_size, peak_flops=self.peak_flops,
+                               profile=self.device_profile)
         except ColossusError as exc:  # e.g. a device the planner's catalogue does not know
             self._log(f"planner: no prediction for this run ({exc})")
             return None
