@@ -44,7 +44,8 @@ def test_named_config_in_configs_dir():
     ("model.preset=gpt-5", "unknown model preset 'gpt-5'"),
     ("train.schedule=linear", "choose one of: cosine, wsd, constant"),
     ("data.seq_len=4096", "must be <= model.max_seq_len"),
-    ("parallel.pp=2", "pipeline parallelism is not supported yet"),
+    ("parallel.pp=2", "train.grad_accum = 1 is invalid: must be >= parallel.pp = 2"),
+    ("parallel.pp_schedule=zb", "choose one of: 1f1b, gpipe"),
     ("model.top_k=3", None),  # dense model: top_k unused, still valid
 ])
 def test_config_errors_name_key_and_value(override, fragment):

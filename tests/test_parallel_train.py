@@ -39,8 +39,14 @@ def reference(tmp_path_factory):
     train(run_dir, "single-dense", 1, [])
     # The MoE load-balancing loss is a statistic of each micro-batch, so the one-process reference
     # sees the global batch as the two ranks do: two accumulated micro-batches of 4.
-    train(run_dir, "single-moe", 1, [], ["model.n_experts=4", "model.top_k=2", "train.grad_accum=2"], dp=2)
-    return {kind: losses(run_dir, f"single-{kind}") for kind in ("dense", "moe")}
+    train(run_dir, "single-moe", 1, [], KIND_EXTRA["moe"], dp=2)
+    # Pipelines need an untied head and at least one micro-batch per stage: two micro-batches of 4.
+    train(run_dir, "single-pipeline", 1, [], KIND_EXTRA["pipeline"], dp=2)
+    return {kind: losses(run_dir, f"single-{kind}") for kind in ("dense", "moe", "pipeline")}
+
+
+KIND_EXTRA = {"dense": [], "moe": ["model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
+              "pipeline": ["model.tie_embeddings=false", "train.grad_accum=2"]}
 
 
 LAYOUTS = {
@@ -52,16 +58,49 @@ LAYOUTS = {
     "ep": (2, ["parallel.ep=2", "parallel.dp_shard=2"], 2, "moe"),
     # attention split over tp, experts over ep, and the rest sharded over dp_shard, all at once
     "tp_ep": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"], 2, "moe"),
+    # two pipeline stages, one block each, with both schedules; then stages x FSDP2 shards
+    "pp_1f1b": (2, ["parallel.pp=2", "parallel.dp_shard=1"], 2, "pipeline"),
+    "pp_gpipe": (2, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=gpipe"], 2, "pipeline"),
+    "pp_fsdp": (4, ["parallel.pp=2", "parallel.dp_shard=2"], 4, "pipeline"),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides, dp, kind = LAYOUTS[layout]
-    extra = ["model.n_experts=4", "model.top_k=2"] if kind == "moe" else []
+    # The reference accumulates micro-batches to see what the ranks see; the ranks get the model
+    # settings only (their micro-batches come from dp and the pipeline).
+    extra = [o for o in KIND_EXTRA[kind] if o.startswith("model.")]
+    if kind == "pipeline":
+        extra.append("train.grad_accum=2")
     train(tmp_path, layout, nproc, overrides, extra, dp=dp)
     got, expected = losses(tmp_path, layout), reference[kind]
     assert len(got) == len(expected) == 4
     for step, (a, b) in enumerate(zip(got, expected), start=1):
         assert a == pytest.approx(b, rel=2e-5), f"{layout} step {step}: {a} vs single-process {b}"
     assert got[-1] < got[0]
+
+
+def test_pipeline_checkpoint_consolidates_and_resumes_at_another_depth(reference, tmp_path):
+    """A 2-stage run's checkpoint holds the whole model (assembled from both stages' shards), and
+    one process resumes from it mid-run exactly where the uninterrupted single process would be."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pipeline_layout = ["parallel.pp=2", "parallel.dp_shard=1", "train.ckpt_every=2"]
+    train(tmp_path, "pp", 2, pipeline_layout, ["model.tie_embeddings=false", "train.grad_accum=2"], dp=2)
+    checkpoints = tmp_path / "pp" / "checkpoints"
+    weights = load_file(str(checkpoints / "step_00000004" / "model.safetensors"))
+    assert "tok_embeddings.weight" in weights and "output.weight" in weights
+    assert {k.split(".")[1] for k in weights if k.startswith("layers.")} == {"0", "1"}
+
+    shutil.rmtree(checkpoints / "step_00000004")  # resume from step 2 ...
+    metrics = tmp_path / "pp" / "metrics.jsonl"
+    metrics.write_text("".join(line for line in metrics.read_text().splitlines(keepends=True)
+                               if '"step": 3' not in line and '"step": 4' not in line))
+    train(tmp_path, "pp", 1, ["train.ckpt_every=2"], KIND_EXTRA["pipeline"], dp=2)  # ... in one process
+    got = losses(tmp_path, "pp")
+    assert len(got) == 4
+    for step, (a, b) in enumerate(zip(got, reference["pipeline"]), start=1):
+        assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs uninterrupted single-process {b}"

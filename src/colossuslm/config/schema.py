@@ -177,14 +177,16 @@ class ParallelConfig:
     # (Megatron sequence parallelism), so each TP rank holds 1/tp of those activations.
     sequence_parallel: bool = True
     ep: int = 1
+    # Pipeline stages: consecutive blocks per stage, train.grad_accum micro-batches in flight.
     pp: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b (bounded activation memory) or gpipe
 
     def validate(self) -> None:
-        _positive("parallel", self, "dp_replicate", "tp", "ep")
+        _positive("parallel", self, "dp_replicate", "tp", "ep", "pp")
         _require(self.dp_shard == -1 or self.dp_shard > 0, "parallel.dp_shard", self.dp_shard,
                  "must be > 0, or -1 to use every remaining rank")
-        _require(self.pp == 1, "parallel.pp", self.pp,
-                 "pipeline parallelism is not supported yet; set parallel.pp = 1")
+        _require(self.pp_schedule in ("1f1b", "gpipe"), "parallel.pp_schedule", self.pp_schedule,
+                 "choose one of: 1f1b, gpipe")
 
 
 @dataclass
@@ -207,8 +209,25 @@ class Config:
             _require(self.data.seq_len % self.parallel.tp == 0, "data.seq_len", self.data.seq_len,
                      f"must be a multiple of parallel.tp = {self.parallel.tp} with sequence parallelism "
                      f"(or set parallel.sequence_parallel = false)")
+        if self.parallel.pp > 1:
+            self._validate_pipeline()
         if self.parallel.ep > 1:
             _require(self.model.is_moe and self.model.n_experts % self.parallel.ep == 0,
                      "parallel.ep", self.parallel.ep,
                      f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)")
         return self
+
+    def _validate_pipeline(self) -> None:
+        pp = self.parallel.pp
+        _require(self.model.n_layers >= pp, "parallel.pp", pp,
+                 f"must be <= model.n_layers = {self.model.n_layers} (each stage needs a block)")
+        _require(self.train.grad_accum >= pp, "train.grad_accum", self.train.grad_accum,
+                 f"must be >= parallel.pp = {pp}: the pipeline runs train.grad_accum micro-batches per step, "
+                 f"and fewer than one per stage leaves stages idle")
+        _require(not self.model.tie_embeddings, "model.tie_embeddings", True,
+                 "must be false with parallel.pp > 1 (the embedding and the head live on different stages)")
+        unsupported = [(self.model.is_moe, "an MoE model (model.n_experts > 1)"),
+                       (self.parallel.tp > 1, "parallel.tp > 1"), (self.parallel.ep > 1, "parallel.ep > 1"),
+                       (self.train.compile, "train.compile = true"), (self.data.format == "chat", "data.format = chat")]
+        for present, what in unsupported:
+            _require(not present, "parallel.pp", pp, f"pipeline parallelism does not support {what} yet")

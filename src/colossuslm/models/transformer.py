@@ -140,7 +140,8 @@ class Transformer(nn.Module):
         seq = tokens.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        h = self.tok_embeddings(tokens)
+        # A pipeline stage after the first has no embedding and takes hidden states instead.
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         # RoPE in the compute dtype: an fp32 table would silently upcast bf16 q/k under autocast.
         rope_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         cos, sin = self.rope_cos[:seq].to(rope_dtype), self.rope_sin[:seq].to(rope_dtype)
@@ -148,6 +149,8 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             h, aux = block(h, cos, sin)
             aux_total = aux_total + aux
+        if self.norm is None:  # a pipeline stage before the last hands its hidden states on
+            return h, aux_total
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         if targets is not None:

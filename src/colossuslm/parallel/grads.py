@@ -11,12 +11,17 @@ from collections import defaultdict
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before."""
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float,
+                   stage_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before.
+
+    With pipeline parallelism each rank holds one stage's parameters: `stage_group` (the pipeline
+    group) sums the stages' squared norms so every stage clips by the same global norm."""
     grads = [p.grad for p in parameters if p.grad is not None]
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for grad in grads:
@@ -29,7 +34,9 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
             norm = norm.full_tensor()
         total_sq = norm.float() ** 2 if total_sq is None else total_sq + norm.float() ** 2
     if total_sq is None:
-        return torch.zeros(())
+        total_sq = torch.zeros(())
+    if stage_group is not None:
+        dist.all_reduce(total_sq, group=stage_group)
     total = total_sq.sqrt()
     if math.isfinite(max_norm):
         # Grads on different meshes cannot share one foreach kernel, so scale them one by one.

@@ -32,6 +32,7 @@ class ParallelDims:
     ep: int
     world_size: int
     sequence_parallel: bool = False  # only ever True with tp > 1
+    pp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -44,26 +45,26 @@ class ParallelDims:
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
         """Fill dp_shard = -1 and check that the layout multiplies out to the world size."""
-        fixed = cfg.dp_replicate * cfg.tp
+        fixed = cfg.pp * cfg.dp_replicate * cfg.tp
         dp_shard = cfg.dp_shard
         if dp_shard == -1:
             if world_size % fixed:
                 raise ColossusError(
-                    f"parallel layout: dp_replicate x tp = {cfg.dp_replicate} x {cfg.tp} = {fixed} does not "
-                    f"divide the world size {world_size}; change parallel.dp_replicate or parallel.tp, "
-                    f"or the number of processes")
+                    f"parallel layout: pp x dp_replicate x tp = {cfg.pp} x {cfg.dp_replicate} x {cfg.tp} = {fixed} "
+                    f"does not divide the world size {world_size}; change parallel.pp, parallel.dp_replicate or "
+                    f"parallel.tp, or the number of processes")
             dp_shard = world_size // fixed
-        if cfg.dp_replicate * dp_shard * cfg.tp != world_size:
+        if fixed * dp_shard != world_size:
             raise ColossusError(
-                f"parallel layout: dp_replicate x dp_shard x tp = {cfg.dp_replicate} x {dp_shard} x {cfg.tp} "
-                f"= {cfg.dp_replicate * dp_shard * cfg.tp}, but {world_size} processes are running; make the "
+                f"parallel layout: pp x dp_replicate x dp_shard x tp = {cfg.pp} x {cfg.dp_replicate} x {dp_shard} x "
+                f"{cfg.tp} = {fixed * dp_shard}, but {world_size} processes are running; make the "
                 f"product equal the number of processes (parallel.dp_shard = -1 fills it in)")
         if dp_shard % cfg.ep:
             raise ColossusError(
                 f"parallel layout: parallel.ep = {cfg.ep} must divide the data-parallel shard size "
                 f"dp_shard = {dp_shard} (expert parallelism borrows ranks from it)")
         return cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.ep, world_size,
-                   sequence_parallel=cfg.sequence_parallel and cfg.tp > 1)
+                   sequence_parallel=cfg.sequence_parallel and cfg.tp > 1, pp=cfg.pp)
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,15 @@ class Meshes:
     ep: DeviceMesh
     tp: DeviceMesh
     hsdp: DeviceMesh | None  # 2-D (dp_replicate, dp_shard) for hybrid sharding, when dp_replicate > 1
+    pp: DeviceMesh  # the pipeline stages of one model replica (size 1 without pipelining)
 
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
-    names = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
-    root = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp),
+    # Pipeline stages outermost: on a GPU cluster the stage-to-stage traffic is the lightest and
+    # can cross nodes, while TP (innermost) stays inside a node.
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+    root = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp),
                             mesh_dim_names=names)
     dp_shard = root["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
     return Meshes(
@@ -138,6 +142,7 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
         ep=root["ep"],
         tp=root["tp"],
         hsdp=_hsdp_mesh(root) if dims.dp_replicate > 1 else None,
+        pp=root["pp"],
     )
 
 

@@ -70,9 +70,11 @@ class AsyncCheckpointer:
 
     def save(self, ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict[str, Any], config_toml: str, tokenizer_json: Path | None,
-             keep_last: int) -> Path:
+             keep_last: int, consolidate_from_shards: bool = True) -> Path:
         """Snapshot the state and start writing it; returns the directory the checkpoint will be
-        promoted to. Waits first for the previous save, so at most one is in flight."""
+        promoted to. Waits first for the previous save, so at most one is in flight.
+        (model.safetensors is always assembled from the shards here: `consolidate_from_shards`
+        is accepted for the same call as the blocking `save_checkpoint`.)"""
         self.wait()
         group = self._coordination_group()
         tmp, final = ckpt.prepare_temp_dir(ckpt_root, step)

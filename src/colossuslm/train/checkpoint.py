@@ -188,21 +188,25 @@ def promote(tmp: Path, final: Path, step: int, world_size: int, keep_last: int) 
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], config_toml: str, tokenizer_json: Path | None,
-                    keep_last: int) -> Path:
+                    keep_last: int, consolidate_from_shards: bool = False) -> Path:
     """Write a checkpoint atomically (collective: every rank calls it) and prune to `keep_last`.
 
     Blocks until the checkpoint is promoted; `async_checkpoint.AsyncCheckpointer` writes the same
-    layout in the background instead."""
+    layout in the background instead. `consolidate_from_shards`: rank 0 assembles model.safetensors
+    from the written DCP shards rather than by gathering (needed when ranks hold different
+    parameters, as pipeline stages do)."""
     tmp, final = prepare_temp_dir(ckpt_root, step)
     Collectives.barrier()
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "dcp"))
-    full_model = gather_full_model(model)
+    full_model = None if consolidate_from_shards else gather_full_model(model)
     write_rank_files(tmp, rng_state())
     Collectives.barrier()
 
     if Collectives.rank() == 0:
+        if full_model is None:
+            full_model = consolidate_model(tmp / "dcp")
         write_main_files(tmp, full_model=full_model, trainer_state_json=json.dumps(trainer_state, indent=1),
                          config_toml=config_toml, tokenizer_json=tokenizer_json)
         promote(tmp, final, step, Collectives.world_size(), keep_last)

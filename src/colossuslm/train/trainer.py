@@ -103,12 +103,23 @@ class Trainer:
         if self.init_checkpoint is not None:
             self.model.load_state_dict(ckpt.load_model_state(self.init_checkpoint))
         self.model.to(self.device)
+        self.pp_group = self.meshes.pp.get_group() if self.dims.pp > 1 else None
+        if self.dims.pp > 1:
+            from colossuslm.parallel.pipeline import split_model_for_stage
+
+            split_model_for_stage(self.model, self.meshes.pp.get_local_rank(), self.dims.pp)
         bf16 = tc.dtype == "bf16"
         fsdp_casts = parallelize_model(self.model, self.meshes, self.dims, bf16=bf16) if self.meshes else False
         self.step_model = torch.compile(self.model) if tc.compile else self.model
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            from colossuslm.parallel.pipeline import PipelineRunner
+
+            self.pipeline = PipelineRunner(self.model, self.meshes.pp, tc.grad_accum, cfg.parallel.pp_schedule,
+                                           self.device, self.autocast)
 
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
@@ -147,8 +158,11 @@ class Trainer:
         tc = self.cfg.train
         start = time.perf_counter()
         batches = (self.train_loader.next_batch() for _ in range(tc.grad_accum))
-        loss_value, norm_value = forward_backward(self.step_model, self.model, batches, tc.grad_accum,
-                                                  self.autocast, tc.grad_clip, self.device, self.dp_group)
+        if self.pipeline is None:
+            loss_value, norm_value = forward_backward(self.step_model, self.model, batches, tc.grad_accum,
+                                                      self.autocast, tc.grad_clip, self.device, self.dp_group)
+        else:
+            loss_value, norm_value = self._pipeline_forward_backward(list(batches))
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped:  # keep the weights: one bad batch must not poison the run
@@ -165,10 +179,34 @@ class Trainer:
             torch.cuda.synchronize()
         return StepResult(loss_value, norm_value, lr, time.perf_counter() - start, skipped)
 
+    def _pipeline_forward_backward(self, batches: list) -> tuple[float, float]:
+        self.model.train()
+        loss = self.pipeline.train_step(batches)
+        if self.dp_group is not None:
+            dist.all_reduce(loss, group=self.dp_group)
+            loss /= self.dp_size
+        grad_clip = self.cfg.train.grad_clip
+        norm = clip_grad_norm(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"), self.pp_group)
+        return loss.item(), float(norm)
+
+    @torch.no_grad()
+    def _pipeline_evaluate(self) -> float:
+        """Validation through the pipeline: eval_batches rounded up to whole groups of grad_accum."""
+        groups = -(-self.cfg.train.eval_batches // self.cfg.train.grad_accum)
+        total = torch.zeros((), device=self.device)
+        for _ in range(groups):
+            batches = [self.val_loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+            total += self.pipeline.eval_loss(batches)
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)
+        return total.item() / (groups * self.dp_size)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
         self.val_loader.reset()
+        if self.pipeline is not None:
+            return self._pipeline_evaluate()
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
             inputs, targets = self.val_loader.next_batch()
@@ -194,7 +232,9 @@ class Trainer:
         return save(
             self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
             trainer_state=self.trainer_state(), config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
-            tokenizer_json=self.tokenizer_json, keep_last=self.cfg.train.keep_last)
+            tokenizer_json=self.tokenizer_json, keep_last=self.cfg.train.keep_last,
+            # a rank holds one pipeline stage: the full weights are assembled from every rank's shards
+            consolidate_from_shards=self.dims.pp > 1)
 
     def wait_for_checkpoint(self) -> None:
         """Collective. Returns once a background save in flight (if any) is promoted on every rank."""

@@ -1,0 +1,112 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: each stage holds consecutive blocks.
+
+The model is built whole on every rank (same seed, so the weights equal a single process's) and
+then cut down to this rank's stage: blocks outside the stage are deleted (the ModuleDict keeps the
+survivors' names, so checkpoints use the same keys as an unsplit model and can move between
+pipeline depths), the first stage keeps the embedding, the last the final norm and the head.
+`Transformer.forward` passes hidden states through when a stage lacks the embedding or the norm.
+
+A step sends `train.grad_accum` micro-batches through the stages with the 1F1B or GPipe schedule;
+the schedule averages the gradients over the micro-batches, so a step means what it means without
+pipelining (the mean loss over the same global batch). The last stage computes the loss on the
+head's logits; every rank learns it through one all-reduce over the pipeline group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from colossuslm.models.loss import IGNORE_INDEX
+
+
+def stage_layer_ranges(n_layers: int, n_stages: int) -> list[range]:
+    """Consecutive, as-even-as-possible block ranges; earlier stages take the remainder (the last
+    stage also runs the head and the loss)."""
+    base, extra = divmod(n_layers, n_stages)
+    ranges, start = [], 0
+    for stage in range(n_stages):
+        size = base + (1 if stage < extra else 0)
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def split_model_for_stage(model: nn.Module, stage: int, n_stages: int) -> range:
+    """Keep only what stage `stage` runs; returns its block range."""
+    keep = stage_layer_ranges(len(model.layers), n_stages)[stage]
+    for name in list(model.layers.keys()):
+        if int(name) not in keep:
+            del model.layers[name]
+    if stage > 0:
+        model.tok_embeddings = None
+    if stage < n_stages - 1:
+        model.norm = None
+        model.output = None
+    return keep
+
+
+class _StageForward(nn.Module):
+    """What the schedule calls: one tensor in, one tensor out (token ids or hidden states in;
+    hidden states or logits out). Calling the model itself keeps FSDP's hooks on its root."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class PipelineRunner:
+    """Runs training and evaluation steps of one stage of the pipeline."""
+
+    def __init__(self, model: nn.Module, pp_mesh: DeviceMesh, n_microbatches: int, schedule: str,
+                 device: torch.device, autocast: torch.autocast):
+        self.group = pp_mesh.get_group()
+        self.stage_index = pp_mesh.get_local_rank()
+        self.n_stages = pp_mesh.size()
+        self.is_first, self.is_last = self.stage_index == 0, self.stage_index == self.n_stages - 1
+        self.n_microbatches = n_microbatches
+        self.device = device
+        self.autocast = autocast
+        stage = PipelineStage(_StageForward(model), self.stage_index, self.n_stages, device, group=self.group)
+        schedule_class = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+        self.schedule = schedule_class(stage, n_microbatches=n_microbatches, loss_fn=_next_token_loss)
+
+    def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One pass of the schedule over the stacked micro-batches; returns the mean loss on every stage."""
+        losses: list[torch.Tensor] = []
+        with self.autocast:
+            if self.is_first:
+                run(inputs.to(self.device))
+            elif self.is_last:
+                run(target=targets.to(self.device), losses=losses)
+            else:
+                run()
+        mean = (torch.stack([loss.detach().float() for loss in losses]).mean() if self.is_last
+                else torch.zeros((), device=self.device))
+        dist.all_reduce(mean, group=self.group)  # only the last stage contributes
+        return mean
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches (gradients averaged over them)."""
+        inputs, targets = (torch.cat(parts) for parts in zip(*batches))
+        return self._run(self.schedule.step, inputs, targets)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Mean loss of `n_microbatches` batches, forward only."""
+        inputs, targets = (torch.cat(parts) for parts in zip(*batches))
+        return self._run(self.schedule.eval, inputs, targets)
+
+
+__all__ = ["PipelineRunner", "split_model_for_stage", "stage_layer_ranges"]
