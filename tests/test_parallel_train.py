@@ -42,11 +42,13 @@ def reference(tmp_path_factory):
     train(run_dir, "single-moe", 1, [], KIND_EXTRA["moe"], dp=2)
     # Pipelines need an untied head and at least one micro-batch per stage: two micro-batches of 4.
     train(run_dir, "single-pipeline", 1, [], KIND_EXTRA["pipeline"], dp=2)
-    return {kind: losses(run_dir, f"single-{kind}") for kind in ("dense", "moe", "pipeline")}
+    train(run_dir, "single-pipeline_moe", 1, [], KIND_EXTRA["pipeline_moe"], dp=2)
+    return {kind: losses(run_dir, f"single-{kind}") for kind in KIND_EXTRA}
 
 
 KIND_EXTRA = {"dense": [], "moe": ["model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
-              "pipeline": ["model.tie_embeddings=false", "train.grad_accum=2"]}
+              "pipeline": ["model.tie_embeddings=false", "train.grad_accum=2"],
+              "pipeline_moe": ["model.tie_embeddings=false", "model.n_experts=4", "model.top_k=2", "train.grad_accum=2"]}
 
 
 LAYOUTS = {
@@ -62,6 +64,7 @@ LAYOUTS = {
     "pp_1f1b": (2, ["parallel.pp=2", "parallel.dp_shard=1"], 2, "pipeline"),
     "pp_gpipe": (2, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=gpipe"], 2, "pipeline"),
     "pp_fsdp": (4, ["parallel.pp=2", "parallel.dp_shard=2"], 4, "pipeline"),
+    "pp_moe": (2, ["parallel.pp=2", "parallel.dp_shard=1"], 2, "pipeline_moe"),
 }
 
 
@@ -71,7 +74,7 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     # The reference accumulates micro-batches to see what the ranks see; the ranks get the model
     # settings only (their micro-batches come from dp and the pipeline).
     extra = [o for o in KIND_EXTRA[kind] if o.startswith("model.")]
-    if kind == "pipeline":
+    if kind.startswith("pipeline"):
         extra.append("train.grad_accum=2")
     train(tmp_path, layout, nproc, overrides, extra, dp=dp)
     got, expected = losses(tmp_path, layout), reference[kind]

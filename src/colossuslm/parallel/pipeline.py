@@ -50,6 +50,21 @@ def split_model_for_stage(model: nn.Module, stage: int, n_stages: int) -> range:
     return keep
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """Pass `output` through unchanged; in backward, also send gradient 1 into `aux` (this stage's
+    MoE auxiliary losses), so they train the routers as if added to the final loss. The schedule
+    then scales every gradient by 1 / micro-batches, as it does the main loss's."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_output.device)
+
+
 class _StageForward(nn.Module):
     """What the schedule calls: one tensor in, one tensor out (token ids or hidden states in;
     hidden states or logits out). Calling the model itself keeps FSDP's hooks on its root."""
@@ -57,9 +72,13 @@ class _StageForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.has_moe = any(getattr(block, "is_moe", False) for block in model.layers.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
+        output, aux = self.model(x)
+        if self.has_moe and torch.is_grad_enabled():
+            output = _AttachAuxLoss.apply(output, aux)
+        return output
 
 
 def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

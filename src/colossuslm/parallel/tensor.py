@@ -87,13 +87,18 @@ def _apply_sequence_parallel_edges(model: nn.Module, tp_mesh: DeviceMesh) -> Non
     """Where the sequence is split and joined again: the first block takes its rank's slice of the
     (replicated) embeddings, the final norm runs on shards and all-gathers for the loss; MoE
     outputs, computed in full on every TP rank, are sliced back to the rank's shard."""
-    first = next(iter(model.layers.values()))
-    parallelize_module(first, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None, None),
-                                                          desired_input_layouts=(SEQ, None, None),
-                                                          use_local_output=True))
-    parallelize_module(model.norm, tp_mesh, SequenceParallel())
-    parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=SEQ, desired_output_layouts=Replicate(),
-                                                                use_local_output=True))
+    # A pipeline stage without the embedding receives hidden states already split by the stage
+    # before it; one without the final norm hands its shards on as they are.
+    if model.tok_embeddings is not None:
+        first = next(iter(model.layers.values()))
+        parallelize_module(first, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                                              desired_input_layouts=(SEQ, None, None),
+                                                              use_local_output=True))
+    if model.norm is not None:
+        parallelize_module(model.norm, tp_mesh, SequenceParallel())
+        parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=SEQ,
+                                                                    desired_output_layouts=Replicate(),
+                                                                    use_local_output=True))
     for block in model.layers.values():
         if block.is_moe:
             parallelize_module(block.moe, tp_mesh, PrepareModuleOutput(output_layouts=(Replicate(), None),
