@@ -65,6 +65,7 @@ LAYOUTS = {
     "pp_gpipe": (2, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=gpipe"], 2, "pipeline"),
     "pp_fsdp": (4, ["parallel.pp=2", "parallel.dp_shard=2"], 4, "pipeline"),
     "pp_moe": (2, ["parallel.pp=2", "parallel.dp_shard=1"], 2, "pipeline_moe"),
+    "pp_tp": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, "pipeline"),  # with SP
 }
 
 

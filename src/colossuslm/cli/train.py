@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     try:
         summary = trainer.fit()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(clean=False)
+        raise
+    trainer.close()
     if not summary:  # ranks other than 0 report nothing
         return 0
     print(format_summary(summary))

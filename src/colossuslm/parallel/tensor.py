@@ -87,14 +87,18 @@ def _apply_sequence_parallel_edges(model: nn.Module, tp_mesh: DeviceMesh) -> Non
     """Where the sequence is split and joined again: the first block takes its rank's slice of the
     (replicated) embeddings, the final norm runs on shards and all-gathers for the loss; MoE
     outputs, computed in full on every TP rank, are sliced back to the rank's shard."""
-    # A pipeline stage without the embedding receives hidden states already split by the stage
-    # before it; one without the final norm hands its shards on as they are.
-    if model.tok_embeddings is not None:
-        first = next(iter(model.layers.values()))
-        parallelize_module(first, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None, None),
+    # Between pipeline stages the hidden states travel whole (the next stage's rotary tables and
+    # shapes are those of the full sequence): a stage without the final norm gathers its last
+    # block's output, and every stage's first block takes its slice again.
+    blocks = list(model.layers.values())
+    parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None, None),
                                                               desired_input_layouts=(SEQ, None, None),
                                                               use_local_output=True))
-    if model.norm is not None:
+    if model.norm is None:
+        parallelize_module(blocks[-1], tp_mesh, PrepareModuleOutput(output_layouts=(SEQ, None),
+                                                                    desired_output_layouts=(Replicate(), None),
+                                                                    use_local_output=True))
+    else:
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
         parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=SEQ,
                                                                     desired_output_layouts=Replicate(),

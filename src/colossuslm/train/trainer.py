@@ -296,11 +296,14 @@ class Trainer:
         return {"per_rank_median_step_s": medians, "slowest_rank": slowest,
                 "step_time_spread": medians[slowest] / fastest - 1 if fastest > 0 else float("nan")}
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group. After a failure (`clean` False) no barrier: the peers may be
+        waiting in another collective, and the failing rank must exit so torchrun sees it."""
         if self.world_size > 1 and dist.is_initialized():
             # Rank 0 still writes the summary after the last collective; tearing the group down
             # while a peer is busy has aborted gloo at exit, so every rank arrives first.
-            dist.barrier()
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
     def _memory_gb(self) -> float:
