@@ -43,12 +43,15 @@ def reference(tmp_path_factory):
     # Pipelines need an untied head and at least one micro-batch per stage: two micro-batches of 4.
     train(run_dir, "single-pipeline", 1, [], KIND_EXTRA["pipeline"], dp=2)
     train(run_dir, "single-pipeline_moe", 1, [], KIND_EXTRA["pipeline_moe"], dp=2)
+    train(run_dir, "single-pipeline_moe_no_aux", 1, [], KIND_EXTRA["pipeline_moe_no_aux"], dp=2)
     return {kind: losses(run_dir, f"single-{kind}") for kind in KIND_EXTRA}
 
 
 KIND_EXTRA = {"dense": [], "moe": ["model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
               "pipeline": ["model.tie_embeddings=false", "train.grad_accum=2"],
-              "pipeline_moe": ["model.tie_embeddings=false", "model.n_experts=4", "model.top_k=2", "train.grad_accum=2"]}
+              "pipeline_moe": ["model.tie_embeddings=false", "model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
+              "pipeline_moe_no_aux": ["model.tie_embeddings=false", "model.n_experts=4", "model.top_k=2",
+                                      "model.aux_loss_coef=0", "model.z_loss_coef=0", "train.grad_accum=2"]}
 
 
 LAYOUTS = {
@@ -66,6 +69,9 @@ LAYOUTS = {
     "pp_fsdp": (4, ["parallel.pp=2", "parallel.dp_shard=2"], 4, "pipeline"),
     "pp_moe": (2, ["parallel.pp=2", "parallel.dp_shard=1"], 2, "pipeline_moe"),
     "pp_tp": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, "pipeline"),  # with SP
+    # Here each rank's micro-batch is 2 sequences, the reference's 4: the load-balancing statistics
+    # would differ, so this one runs without auxiliary losses (pp_moe checks those).
+    "pp_ep": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.dp_shard=2"], 4, "pipeline_moe_no_aux"),
 }
 
 
