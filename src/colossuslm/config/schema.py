@@ -226,6 +226,6 @@ class Config:
                  f"and fewer than one per stage leaves stages idle")
         _require(not self.model.tie_embeddings, "model.tie_embeddings", True,
                  "must be false with parallel.pp > 1 (the embedding and the head live on different stages)")
-        unsupported = [(self.train.compile, "train.compile = true"), (self.data.format == "chat", "data.format = chat")]
+        unsupported = [(self.data.format == "chat", "data.format = chat")]
         for present, what in unsupported:
             _require(not present, "parallel.pp", pp, f"pipeline parallelism does not support {what} yet")

@@ -110,7 +110,13 @@ class Trainer:
             split_model_for_stage(self.model, self.meshes.pp.get_local_rank(), self.dims.pp)
         bf16 = tc.dtype == "bf16"
         fsdp_casts = parallelize_model(self.model, self.meshes, self.dims, bf16=bf16) if self.meshes else False
-        self.step_model = torch.compile(self.model) if tc.compile else self.model
+        self.step_model = self.model
+        if tc.compile and self.dims.pp > 1:
+            # The pipeline schedule calls the stage's model itself: compile its blocks in place.
+            for block in self.model.layers.values():
+                block.compile()
+        elif tc.compile:
+            self.step_model = torch.compile(self.model)
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
