@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# (name, processes, [parallel overrides], data-parallel degree, needs MoE)
+# (name, processes, [overrides], micro-batches per step (data-parallel degree x accumulation), needs MoE)
 LAYOUTS = [
     ("single", 1, [], 1, False),
     ("ddp", 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], 2, False),
@@ -26,6 +26,9 @@ LAYOUTS = [
     ("tp", 2, ["parallel.tp=2", "parallel.dp_shard=1"], 1, False),
     ("fsdp", 4, ["parallel.dp_shard=4"], 4, False),
     ("fsdp x tp", 4, ["parallel.dp_shard=2", "parallel.tp=2"], 2, False),
+    # two stages of 2 micro-batches; a pipeline needs its own head (2M more parameters for tiny)
+    ("pp untied", 2, ["parallel.pp=2", "parallel.dp_shard=1", "model.tie_embeddings=false", "train.grad_accum=2"],
+     2, False),
     ("single", 1, [], 1, True),
     ("ep", 2, ["parallel.ep=2", "parallel.dp_shard=2"], 2, True),
     ("ep", 4, ["parallel.ep=4", "parallel.dp_shard=4"], 4, True),
