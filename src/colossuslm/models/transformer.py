@@ -32,6 +32,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Grok-1's attention: softmax(cap * tanh(q k^T / sqrt(hd) / cap)) v, in fp32 (no fused SDPA
+    kernel takes the cap). q: [..., Sq, hd]; k, v: [..., Sk, hd] with the same heads as q;
+    `allowed`: bool, broadcastable to [..., Sq, Sk]."""
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+    scores = cap * torch.tanh(scores / cap)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return probs.to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -58,15 +69,11 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def _softcapped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Grok-1's cap * tanh(logits / cap) on attention logits (no fused SDPA kernel takes it)."""
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
-        scores = self.softcap * torch.tanh(scores / self.softcap)
         seq = q.shape[2]
-        mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-        probs = scores.masked_fill(mask, float("-inf")).softmax(dim=-1)
-        return probs.to(v.dtype) @ v
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        return softcapped_attention(q, k, v, causal, self.softcap)
 
 
 class TransformerBlock(nn.Module):

@@ -14,13 +14,12 @@ split among requests. Two kinds of sequences share a step:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from colossuslm.models.transformer import Transformer, apply_rope, rope_tables
+from colossuslm.models.transformer import Transformer, apply_rope, rope_tables, softcapped_attention
 from colossuslm.serve.kv_cache import PagedKVCache
 
 
@@ -39,18 +38,18 @@ class StepItem:
 
 @dataclass
 class _DecodeLayout:
-    """Where a step's decode tokens find their cached keys and values.
+    """Where a step's decode tokens find their cached keys and values (chosen in `_decode_layout`).
 
-    Two ways, chosen per step in `_prepare`:
-      - single-block: every sequence's history sits in its first block (blocks as long as the
-        context). `row_range` set: the cache's blocks [lo, hi) are attended as a view, no copy;
-        sequence i is row `rows[i]` of that range, rows no sequence owns are masked filler.
-        `row_range` None: the blocks `rows` are picked out (one copy) because the range is sparse.
-      - paged: histories span several blocks; `tables` [B, W] block ids are gathered (one copy).
+      - `row_range` (lo, hi): every history is its sequence's first block (blocks as long as the
+        context) and the blocks lie in [lo, hi): attended as a view of the cache, no copy. When
+        the batch's blocks are not exactly lo, lo+1, ..., `rows` says which row each sequence is;
+        the other rows are masked filler.
+      - `rows` alone: single blocks spread too thinly for that; those blocks are picked out.
+      - `tables` [B, W]: histories span several blocks, which are gathered.
     """
 
     max_len: int  # longest history in the batch, the new token included
-    allowed: torch.Tensor  # [rows or B, max_len] which positions are real
+    allowed: torch.Tensor  # [rows, max_len] which positions are real
     rows: torch.Tensor | None = None  # [B]
     row_range: tuple[int, int] | None = None
     tables: torch.Tensor | None = None  # [B, W]
@@ -134,8 +133,10 @@ class ModelRunner:
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
         if self.softcap > 0:
             seq = q.shape[1]
-            causal_ok = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-            return self._softcapped(q, k, v, causal_ok).transpose(0, 1)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+            groups = q.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+            return softcapped_attention(q, k, v, causal, self.softcap).transpose(0, 1)
         out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                              is_causal=True, enable_gqa=q.shape[0] != k.shape[0])
         return out.squeeze(0).transpose(0, 1)
@@ -149,19 +150,19 @@ class ModelRunner:
         """
         n_seqs, kv_heads, length = q.shape[0], keys.shape[1], layout.max_len
         q = q.view(n_seqs, kv_heads, -1, self.head_dim).to(keys.dtype)  # [B, KVH, group, hd]
-        if layout.tables is None:
-            scattered = layout.row_range is not None and layout.rows is not None
-            if layout.row_range is not None:
-                lo, hi = layout.row_range
-                k, v = keys[lo:hi, :, :length], values[lo:hi, :, :length]  # views of the cache
-                if scattered:  # sequence i's query goes to its block's row
-                    q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy_(0, layout.rows, q)
-            else:
-                k = keys[:, :, :length].index_select(0, layout.rows)
-                v = values[:, :, :length].index_select(0, layout.rows)
+        if layout.row_range is not None:
+            lo, hi = layout.row_range
+            k, v = keys[lo:hi, :, :length], values[lo:hi, :, :length]  # views of the cache
+            if layout.rows is not None:  # sequence i's query goes to its block's row
+                q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy_(0, layout.rows, q)
             out = self._attend(q, k, v, layout.allowed[:, None, None, :])  # [rows, KVH, group, hd]
-            if scattered:
+            if layout.rows is not None:
                 out = out.index_select(0, layout.rows)
+            return out.reshape(n_seqs, -1, self.head_dim)
+        if layout.tables is None:
+            k = keys[:, :, :length].index_select(0, layout.rows)
+            v = values[:, :, :length].index_select(0, layout.rows)
+            out = self._attend(q, k, v, layout.allowed[:, None, None, :])
             return out.reshape(n_seqs, -1, self.head_dim)
         # Paged: gather each sequence's blocks head-major, [KVH, B, W * block_size, hd], one copy.
         flat = layout.tables.flatten()
@@ -175,22 +176,9 @@ class ModelRunner:
 
         The rows of q are the query heads of one key/value head, all at the same position, so the
         fused SDPA kernel takes them as a query "length" with the same key mask for each."""
-        if self.softcap <= 0:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        scores = torch.matmul(q, k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
-        scores = self.softcap * torch.tanh(scores / self.softcap)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
-
-    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
-                    ) -> torch.Tensor:
-        """Grok-1's cap * tanh(scores / cap), as in the model. q: [H, S, hd]; k, v: [KVH, S, hd]."""
-        groups = q.shape[0] // k.shape[0]
-        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
-        scores = self.softcap * torch.tanh(scores / self.softcap)
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        return probs.to(v.dtype) @ v
+        if self.softcap > 0:
+            return softcapped_attention(q, k, v, allowed, self.softcap)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
     def _prepare(self, items: list[StepItem]) -> _BatchTensors:
         block_size = self.cache.block_size
@@ -216,8 +204,8 @@ class ModelRunner:
                 write_offsets.append(pos % block_size)
             last_index.append(len(tokens) - 1)
 
-        def on_device(values: list[int] | torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=torch.long).to(self.device)
+        def on_device(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(self.device)
 
         return _BatchTensors(tokens=on_device(tokens), positions=on_device(positions),
                              write_blocks=on_device(write_blocks), write_offsets=on_device(write_offsets),
@@ -225,25 +213,28 @@ class ModelRunner:
                              last_token_index=on_device(last_index))
 
     def _decode_layout(self, decodes: list[StepItem]) -> _DecodeLayout:
-        lengths = [d.start_pos + 1 for d in decodes]
-        max_len = max(lengths)
+        lengths = torch.tensor([d.start_pos + 1 for d in decodes])
+        max_len = int(lengths.max())
         positions = torch.arange(max_len)
-        if max_len <= self.cache.block_size:
-            blocks = [d.block_table[0] for d in decodes]
-            lo, hi = min(blocks), max(blocks) + 1
-            if hi - lo <= 2 * len(blocks):  # attending a few filler rows beats copying the cache
-                row_lengths = torch.ones(hi - lo, dtype=torch.long)  # filler rows see one zero key
-                row_lengths[torch.tensor(blocks) - lo] = torch.tensor(lengths)
-                rows = None if blocks == list(range(lo, hi)) else torch.tensor(blocks) - lo
-                allowed = positions.unsqueeze(0) < row_lengths.unsqueeze(1)
-                return _DecodeLayout(max_len, allowed.to(self.device),
-                                     rows=None if rows is None else rows.to(self.device), row_range=(lo, hi))
-            allowed = positions.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-            return _DecodeLayout(max_len, allowed.to(self.device), rows=torch.tensor(blocks).to(self.device))
-        width = max(len(d.block_table) for d in decodes)
-        tables = torch.tensor([d.block_table + [0] * (width - len(d.block_table)) for d in decodes])
-        allowed = positions.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-        return _DecodeLayout(max_len, allowed.to(self.device), tables=tables.to(self.device))
+
+        def layout(row_lengths: torch.Tensor, **where) -> _DecodeLayout:
+            allowed = positions.unsqueeze(0) < row_lengths.unsqueeze(1)
+            where = {name: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                     for name, value in where.items()}
+            return _DecodeLayout(max_len, allowed.to(self.device), **where)
+
+        if max_len > self.cache.block_size:
+            width = max(len(d.block_table) for d in decodes)
+            return layout(lengths, tables=torch.tensor([d.block_table + [0] * (width - len(d.block_table))
+                                                        for d in decodes]))
+        blocks = torch.tensor([d.block_table[0] for d in decodes])
+        lo, hi = int(blocks.min()), int(blocks.max()) + 1
+        if hi - lo > 2 * len(decodes):  # too sparse: copying the blocks beats attending filler rows
+            return layout(lengths, rows=blocks)
+        rows = blocks - lo
+        row_lengths = torch.ones(hi - lo, dtype=torch.long).index_copy_(0, rows, lengths)  # filler: one zero key
+        in_order = torch.equal(rows, torch.arange(hi - lo))
+        return layout(row_lengths, rows=None if in_order else rows, row_range=(lo, hi))
 
 
 __all__ = ["ModelRunner", "StepItem"]
