@@ -24,11 +24,6 @@ class ModelArithmetic:
     attention_flops_per_token: float  # the part of flops_per_token spent in QK^T and AV
     seq_len: int
 
-    @property
-    def matmul_active_params(self) -> int:
-        """Active parameters that take part in a matrix multiply (all but the input lookup)."""
-        return self.active_params - self.embedding_params
-
 
 def _attention_params(cfg: ModelConfig) -> int:
     hd = cfg.resolved_head_dim

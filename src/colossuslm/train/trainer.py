@@ -60,11 +60,20 @@ def forward_backward(step_model: torch.nn.Module, model: torch.nn.Module, batche
             loss, aux_loss = step_model(inputs, targets)
         ((loss + aux_loss) / grad_accum).backward()
         total_loss += loss.detach() / grad_accum
+    return average_and_clip(total_loss, model, grad_clip, dp_group)
+
+
+def average_and_clip(loss: torch.Tensor, model: torch.nn.Module, grad_clip: float,
+                     dp_group: dist.ProcessGroup | None, stage_group: dist.ProcessGroup | None = None
+                     ) -> tuple[float, float]:
+    """The end of every step's backward: the loss averaged over data-parallel ranks, gradients
+    clipped by their global norm (over pipeline stages too, given `stage_group`).
+    Returns (loss, gradient norm before clipping)."""
     if dp_group is not None:
-        dist.all_reduce(total_loss, group=dp_group)
-        total_loss /= dist.get_world_size(dp_group)
-    grad_norm = clip_grad_norm(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return total_loss.item(), float(grad_norm)
+        dist.all_reduce(loss, group=dp_group)
+        loss /= dist.get_world_size(dp_group)
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip if grad_clip > 0 else float("inf"), stage_group)
+    return loss.item(), float(grad_norm)
 
 
 class Trainer:
@@ -129,8 +138,8 @@ class Trainer:
 
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
-        self.peak_flops = peak_flops(self.device)
-        self.device_profile = device_profile(self.device)
+        self.device_profile = device_profile(self.device)  # CPU: measured once per machine, with the peak
+        self.peak_flops = self.device_profile["peak_flops"] if self.device_profile else peak_flops(self.device)
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -188,12 +197,7 @@ class Trainer:
     def _pipeline_forward_backward(self, batches: list) -> tuple[float, float]:
         self.model.train()
         loss = self.pipeline.train_step(batches)
-        if self.dp_group is not None:
-            dist.all_reduce(loss, group=self.dp_group)
-            loss /= self.dp_size
-        grad_clip = self.cfg.train.grad_clip
-        norm = clip_grad_norm(self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"), self.pp_group)
-        return loss.item(), float(norm)
+        return average_and_clip(loss, self.model, self.cfg.train.grad_clip, self.dp_group, self.pp_group)
 
     @torch.no_grad()
     def _pipeline_evaluate(self) -> float:
