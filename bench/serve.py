@@ -56,7 +56,7 @@ class Workload:
     prompts: list[list[int]]
     lengths: list[int]  # output tokens each request asks for
 
-    def head(self, n: int) -> "Workload":
+    def head(self, n: int) -> Workload:
         return Workload(self.name, self.prompts[:n], self.lengths[:n])
 
 
@@ -85,6 +85,7 @@ def quantile(values: list[float], q: float) -> float:
 
 # --------------------------------------------------------------------------------------- setup
 
+
 def build_random_checkpoint(work: Path, preset: str, seed: int) -> Path:
     cfg = get_preset(preset)
     tokenizer = train_tokenizer(reference_topics(), vocab_size=cfg.vocab_size)
@@ -95,9 +96,16 @@ def build_random_checkpoint(work: Path, preset: str, seed: int) -> Path:
     tokenizer.save(str(tok_path))
     save_config(config, cfg_path)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    return save_checkpoint(work / "bench-model" / "checkpoints", 0, model=model, optimizer=optimizer,
-                           trainer_state={"step": 0}, config_toml=cfg_path.read_text(), tokenizer_json=tok_path,
-                           keep_last=1)
+    return save_checkpoint(
+        work / "bench-model" / "checkpoints",
+        0,
+        model=model,
+        optimizer=optimizer,
+        trainer_state={"step": 0},
+        config_toml=cfg_path.read_text(),
+        tokenizer_json=tok_path,
+        keep_last=1,
+    )
 
 
 def make_prompts(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: int) -> list[list[int]]:
@@ -109,11 +117,12 @@ def make_prompts(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: 
         ids = tokenizer.encode(rng.choice(passages)).ids
         length = rng.randint(min_tokens, max_tokens)
         start = rng.randint(0, max(0, len(ids) - length))
-        prompts.append(ids[start:start + length])
+        prompts.append(ids[start : start + length])
     return prompts
 
 
 # --------------------------------------------------------------------------------------- ours
+
 
 def run_engine(engine: LLMEngine, work: Workload, concurrency: int) -> Result:
     queue = deque(zip(work.prompts, work.lengths))
@@ -136,11 +145,13 @@ def run_engine(engine: LLMEngine, work: Workload, concurrency: int) -> Result:
             produced += len(out.token_ids)
             if out.finished:
                 in_flight -= 1
-    return Result("colossus engine", work.name, concurrency, len(work.prompts), produced,
-                  time.perf_counter() - start, ttft)
+    return Result(
+        "colossus engine", work.name, concurrency, len(work.prompts), produced, time.perf_counter() - start, ttft
+    )
 
 
 # --------------------------------------------------------------------------------------- transformers
+
 
 class FirstTokenClock:
     """A logits processor that notes when generate reaches its first sampling step."""
@@ -164,9 +175,15 @@ def hf_generate(model, batch: list[list[int]], output_tokens: int, pad_id: int) 
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
     clock = FirstTokenClock()
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=output_tokens,
-                             min_new_tokens=output_tokens, do_sample=False, pad_token_id=pad_id,
-                             logits_processor=LogitsProcessorList([clock]))
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=output_tokens,
+            min_new_tokens=output_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([clock]),
+        )
     assert out.shape[1] - width == output_tokens
     return clock.first
 
@@ -181,8 +198,9 @@ def run_hf_one_at_a_time(model, work: Workload, concurrency: int, pad_id: int) -
         ttft.append(hf_generate(model, [prompt], length, pad_id) - arrived)
         arrivals.append(time.perf_counter())  # that client sends its next request now
     label = "transformers generate" + (" (1 at a time)" if concurrency > 1 else "")
-    return Result(label, work.name, concurrency, len(work.prompts), sum(work.lengths),
-                  time.perf_counter() - start, ttft)
+    return Result(
+        label, work.name, concurrency, len(work.prompts), sum(work.lengths), time.perf_counter() - start, ttft
+    )
 
 
 def run_hf_static_batches(model, work: Workload, concurrency: int, pad_id: int) -> Result:
@@ -191,17 +209,26 @@ def run_hf_static_batches(model, work: Workload, concurrency: int, pad_id: int) 
     start = time.perf_counter()
     ttft = []
     for i in range(0, len(work.prompts), concurrency):
-        batch, lengths = work.prompts[i:i + concurrency], work.lengths[i:i + concurrency]
+        batch, lengths = work.prompts[i : i + concurrency], work.lengths[i : i + concurrency]
         arrived = time.perf_counter()
         ttft += [hf_generate(model, batch, max(lengths), pad_id) - arrived] * len(batch)
-    return Result(f"transformers generate (batches of {concurrency})", work.name, concurrency, len(work.prompts),
-                  sum(work.lengths), time.perf_counter() - start, ttft)
+    return Result(
+        f"transformers generate (batches of {concurrency})",
+        work.name,
+        concurrency,
+        len(work.prompts),
+        sum(work.lengths),
+        time.perf_counter() - start,
+        ttft,
+    )
 
 
 # --------------------------------------------------------------------------------------- load test
 
-async def load_test(url: str, model: str, prompts: list[str], total: int, concurrency: int,
-                    max_tokens: tuple[int, int], seed: int) -> dict:
+
+async def load_test(
+    url: str, model: str, prompts: list[str], total: int, concurrency: int, max_tokens: tuple[int, int], seed: int
+) -> dict:
     rng = random.Random(seed)
     jobs = deque((rng.choice(prompts), rng.randint(*max_tokens)) for _ in range(total))
     latencies: list[float] = []
@@ -232,10 +259,16 @@ async def load_test(url: str, model: str, prompts: list[str], total: int, concur
     wall = time.perf_counter() - start
     ttft_sum = _metric(metrics, "colossus_time_to_first_token_seconds_sum")
     ttft_count = _metric(metrics, "colossus_time_to_first_token_seconds_count")
-    return {"requests": total, "ok": len(latencies), "errors": errors, "wall_s": wall, "tokens": tokens,
-            "p50": quantile(latencies, 0.5) if latencies else float("nan"),
-            "p99": quantile(latencies, 0.99) if latencies else float("nan"),
-            "server_mean_ttft": ttft_sum / ttft_count if ttft_count else float("nan")}
+    return {
+        "requests": total,
+        "ok": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "tokens": tokens,
+        "p50": quantile(latencies, 0.5) if latencies else float("nan"),
+        "p99": quantile(latencies, 0.99) if latencies else float("nan"),
+        "server_mean_ttft": ttft_sum / ttft_count if ttft_count else float("nan"),
+    }
 
 
 def _metric(text: str, name: str) -> float:
@@ -246,9 +279,25 @@ def _metric(text: str, name: str) -> float:
 
 
 def start_server(ckpt: Path, port: int, threads: int, max_num_seqs: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "colossuslm.cli.main", "serve", str(ckpt), "--port", str(port),
-                                "--served-model-name", "bench", "--max-num-seqs", str(max_num_seqs),
-                                "--threads", str(threads), "--log-level", "warning"])
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "colossuslm.cli.main",
+            "serve",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "bench",
+            "--max-num-seqs",
+            str(max_num_seqs),
+            "--threads",
+            str(threads),
+            "--log-level",
+            "warning",
+        ]
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -264,16 +313,21 @@ def start_server(ckpt: Path, port: int, threads: int, max_num_seqs: int) -> subp
 
 # --------------------------------------------------------------------------------------- report
 
+
 def print_table(rows: list[tuple[Result, Result | None]]) -> None:
     """Each row with the transformers result its ratio is taken against (None: it is a baseline)."""
-    header = (f"{'system':<40} {'workload':<8} {'conc':>4} {'reqs':>4} {'out tok/s':>9} "
-              f"{'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ratio':>7}")
+    header = (
+        f"{'system':<40} {'workload':<8} {'conc':>4} {'reqs':>4} {'out tok/s':>9} "
+        f"{'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'ratio':>7}"
+    )
     print(header)
     print("-" * len(header))
     for result, baseline in rows:
         ratio = f"{result.tokens_per_s / baseline.tokens_per_s:6.2f}x" if baseline else ""
-        print(f"{result.system:<40} {result.workload:<8} {result.concurrency:>4} {result.requests:>4} "
-              f"{result.tokens_per_s:>9.1f} {result.ttft_ms(0.5):>11.1f} {result.ttft_ms(0.99):>11.1f} {ratio:>7}")
+        print(
+            f"{result.system:<40} {result.workload:<8} {result.concurrency:>4} {result.requests:>4} "
+            f"{result.tokens_per_s:>9.1f} {result.ttft_ms(0.5):>11.1f} {result.ttft_ms(0.99):>11.1f} {ratio:>7}"
+        )
 
 
 def main() -> int:
@@ -284,17 +338,27 @@ def main() -> int:
     # replies finish): at 32 requests over half the steps ran with fewer than 16 sequences.
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency-16 run (default 128)")
     parser.add_argument("--requests-c1", type=int, default=6, help="requests per concurrency-1 run (default 6)")
-    parser.add_argument("--output-tokens", type=int, nargs=2, default=(32, 192), metavar=("MIN", "MAX"),
-                        help="each request asks for a length in [MIN, MAX] (default 32 192)")
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        nargs=2,
+        default=(32, 192),
+        metavar=("MIN", "MAX"),
+        help="each request asks for a length in [MIN, MAX] (default 32 192)",
+    )
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(32, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--load-requests", type=int, default=1000)
     parser.add_argument("--load-concurrency", type=int, default=32)
     parser.add_argument("--load-max-tokens", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for each side (default 1: on a small shared CPU, more threads mostly wait "
-                             "for each other)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="weights and activations of both sides (default fp32)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for each side (default 1: on a small shared CPU, more threads mostly wait for each other)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations of both sides (default fp32)"
+    )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
@@ -314,11 +378,15 @@ def main() -> int:
     rng = random.Random(args.seed)
     mixed = Workload("mixed", prompts, [rng.randint(*args.output_tokens) for _ in prompts])
     equal = Workload("equal", prompts, [args.output_tokens[1]] * len(prompts))
-    print(f"model: {ckpt} ({weights} weights; d_model {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, "
-          f"{'MoE ' + str(cfg.n_experts) + ' experts, ' if cfg.is_moe else ''}{params / 1e6:.1f}M parameters), {args.dtype}")
-    print(f"machine: CPU, {args.threads} torch thread(s) per side; prompts {args.prompt_tokens[0]}-"
-          f"{args.prompt_tokens[1]} tokens; output {args.output_tokens[0]}-{args.output_tokens[1]} tokens (mixed) or "
-          f"{args.output_tokens[1]} (equal); greedy, EOS ignored\n")
+    print(
+        f"model: {ckpt} ({weights} weights; d_model {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, "
+        f"{'MoE ' + str(cfg.n_experts) + ' experts, ' if cfg.is_moe else ''}{params / 1e6:.1f}M parameters), {args.dtype}"
+    )
+    print(
+        f"machine: CPU, {args.threads} torch thread(s) per side; prompts {args.prompt_tokens[0]}-"
+        f"{args.prompt_tokens[1]} tokens; output {args.output_tokens[0]}-{args.output_tokens[1]} tokens (mixed) or "
+        f"{args.output_tokens[1]} (equal); greedy, EOS ignored\n"
+    )
 
     run_engine(engine, mixed.head(2), 2)  # warm-up
     ours_c1 = run_engine(engine, mixed.head(args.requests_c1), 1)
@@ -329,37 +397,65 @@ def main() -> int:
     else:
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(export_hf(ckpt, work_dir / "hf"), dtype=engine.model.tok_embeddings.weight.dtype).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            export_hf(ckpt, work_dir / "hf"), dtype=engine.model.tok_embeddings.weight.dtype
+        ).eval()
         pad = hf_model.generation_config.pad_token_id
         hf_generate(hf_model, prompts[:2], 8, pad)  # warm-up
         hf_c1 = run_hf_one_at_a_time(hf_model, mixed.head(args.requests_c1), 1, pad)
         hf_sequential = run_hf_one_at_a_time(hf_model, mixed, 16, pad)
         hf_batched = run_hf_static_batches(hf_model, mixed, 16, pad)
         hf_batched_equal = run_hf_static_batches(hf_model, equal, 16, pad)
-        print_table([(hf_c1, None), (ours_c1, hf_c1), (hf_sequential, None), (hf_batched, None),
-                     (ours_mixed, hf_batched), (hf_batched_equal, None), (ours_equal, hf_batched_equal)])
-        print(f"\ncolossus / transformers output tokens/s: concurrency 1: {ours_c1.tokens_per_s / hf_c1.tokens_per_s:.2f}x; "
-              f"concurrency 16, mixed lengths: {ours_mixed.tokens_per_s / hf_batched.tokens_per_s:.2f}x vs batched "
-              f"generate, {ours_mixed.tokens_per_s / hf_sequential.tokens_per_s:.2f}x vs one-at-a-time generate; "
-              f"equal lengths: {ours_equal.tokens_per_s / hf_batched_equal.tokens_per_s:.2f}x vs batched generate")
+        print_table(
+            [
+                (hf_c1, None),
+                (ours_c1, hf_c1),
+                (hf_sequential, None),
+                (hf_batched, None),
+                (ours_mixed, hf_batched),
+                (hf_batched_equal, None),
+                (ours_equal, hf_batched_equal),
+            ]
+        )
+        print(
+            f"\ncolossus / transformers output tokens/s: concurrency 1: {ours_c1.tokens_per_s / hf_c1.tokens_per_s:.2f}x; "
+            f"concurrency 16, mixed lengths: {ours_mixed.tokens_per_s / hf_batched.tokens_per_s:.2f}x vs batched "
+            f"generate, {ours_mixed.tokens_per_s / hf_sequential.tokens_per_s:.2f}x vs one-at-a-time generate; "
+            f"equal lengths: {ours_equal.tokens_per_s / hf_batched_equal.tokens_per_s:.2f}x vs batched generate"
+        )
 
     if not args.skip_load:
         del engine  # the server gets the CPU to itself
         text_prompts = _decode_all(ckpt, prompts)
-        print(f"\nload test: {args.load_requests} requests, concurrency {args.load_concurrency}, POST /v1/completions "
-              f"to `colossus serve` in its own process (max_tokens {args.load_max_tokens[0]}-{args.load_max_tokens[1]}, "
-              f"temperature 0.8)")
+        print(
+            f"\nload test: {args.load_requests} requests, concurrency {args.load_concurrency}, POST /v1/completions "
+            f"to `colossus serve` in its own process (max_tokens {args.load_max_tokens[0]}-{args.load_max_tokens[1]}, "
+            f"temperature 0.8)"
+        )
         server = start_server(ckpt, args.port, args.threads, args.load_concurrency)
         try:
-            report = asyncio.run(load_test(f"http://127.0.0.1:{args.port}", "bench", text_prompts, args.load_requests,
-                                           args.load_concurrency, tuple(args.load_max_tokens), args.seed))
+            report = asyncio.run(
+                load_test(
+                    f"http://127.0.0.1:{args.port}",
+                    "bench",
+                    text_prompts,
+                    args.load_requests,
+                    args.load_concurrency,
+                    tuple(args.load_max_tokens),
+                    args.seed,
+                )
+            )
         finally:
             server.terminate()
             server.wait(timeout=30)
-        print(f"  ok {report['ok']}/{report['requests']}, errors {len(report['errors'])}, wall {report['wall_s']:.1f} s, "
-              f"{report['requests'] / report['wall_s']:.1f} req/s, {report['tokens'] / report['wall_s']:.0f} output tok/s")
-        print(f"  latency p50 {1000 * report['p50']:.0f} ms, p99 {1000 * report['p99']:.0f} ms; "
-              f"server-side mean TTFT {1000 * report['server_mean_ttft']:.0f} ms")
+        print(
+            f"  ok {report['ok']}/{report['requests']}, errors {len(report['errors'])}, wall {report['wall_s']:.1f} s, "
+            f"{report['requests'] / report['wall_s']:.1f} req/s, {report['tokens'] / report['wall_s']:.0f} output tok/s"
+        )
+        print(
+            f"  latency p50 {1000 * report['p50']:.0f} ms, p99 {1000 * report['p99']:.0f} ms; "
+            f"server-side mean TTFT {1000 * report['server_mean_ttft']:.0f} ms"
+        )
         for error in report["errors"][:5]:
             print(f"  error: {error}")
         if report["errors"]:

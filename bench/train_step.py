@@ -28,17 +28,30 @@ from colossuslm.train.trainer import forward_backward
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     """The equivalent transformers model (Llama for dense, Mixtral for MoE), SDPA attention."""
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                  head_dim=cfg.resolved_head_dim, max_position_embeddings=cfg.max_seq_len,
-                  rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-                  tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.resolved_head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
+    )
     if cfg.is_moe:
         from transformers import MixtralConfig, MixtralForCausalLM
 
-        config = MixtralConfig(intermediate_size=cfg.expert_hidden, num_local_experts=cfg.n_experts,
-                               num_experts_per_tok=cfg.top_k, output_router_logits=True,
-                               router_aux_loss_coef=cfg.aux_loss_coef, **common)
+        config = MixtralConfig(
+            intermediate_size=cfg.expert_hidden,
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.top_k,
+            output_router_logits=True,
+            router_aux_loss_coef=cfg.aux_loss_coef,
+            **common,
+        )
         return MixtralForCausalLM(config)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,8 +126,10 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = measure_cpu_bf16_peak(seconds=3.0) if device.type == "cpu" else peak_flops(device)
-    print(f"device {device}, {torch.get_num_threads()} threads, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, "
-          f"batch {args.batch} x seq {args.seq}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, "
+        f"batch {args.batch} x seq {args.seq}"
+    )
     header = f"{'model':<10} {'params':>9} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours % peak':>11}"
     print(header)
     print("-" * len(header))
@@ -132,8 +147,10 @@ def main() -> None:
         arithmetic = model_arithmetic(cfg, args.seq)
         flops_fraction = arithmetic.flops_per_token * tokens / ours / peak
         hf_cell = f"{tokens / theirs:>10,.0f} {theirs / ours:>5.2f}x" if theirs else f"{'-':>10} {'-':>6}"
-        print(f"{name:<10} {arithmetic.total_params / 1e6:>8.1f}M {tokens / ours:>11,.0f} {hf_cell} "
-              f"{100 * flops_fraction:>10.1f}%")
+        print(
+            f"{name:<10} {arithmetic.total_params / 1e6:>8.1f}M {tokens / ours:>11,.0f} {hf_cell} "
+            f"{100 * flops_fraction:>10.1f}%"
+        )
 
 
 if __name__ == "__main__":

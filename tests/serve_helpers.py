@@ -41,8 +41,16 @@ def one_torch_thread():
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
-                max_seq_len=128, rope_theta=10000.0)
+    base = dict(
+        vocab_size=384,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=128,
+        max_seq_len=128,
+        rope_theta=10000.0,
+    )
     return ModelConfig(**(base | overrides))
 
 
@@ -61,9 +69,16 @@ def make_checkpoint(root: Path, seed: int = 0, **model_overrides) -> Path:
     tok_path, cfg_path = root / "tokenizer.json", root / "config.toml"
     tokenizer.save(str(tok_path))
     save_config(config, cfg_path)
-    return save_checkpoint(root / "run" / "checkpoints", 1, model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                           trainer_state={"step": 1}, config_toml=cfg_path.read_text(),
-                           tokenizer_json=tok_path, keep_last=1)
+    return save_checkpoint(
+        root / "run" / "checkpoints",
+        1,
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters()),
+        trainer_state={"step": 1},
+        config_toml=cfg_path.read_text(),
+        tokenizer_json=tok_path,
+        keep_last=1,
+    )
 
 
 def free_port() -> int:
@@ -79,15 +94,16 @@ class ServerThread:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

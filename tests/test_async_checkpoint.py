@@ -27,8 +27,7 @@ ASYNC = "train.async_checkpoint=true"
 
 
 def test_async_resume_reproduces_the_uninterrupted_run(tmp_path):
-    common = ["train.steps=14", "train.log_every=1", "train.eval_every=5", "train.ckpt_every=5",
-              "train.grad_accum=2"]
+    common = ["train.steps=14", "train.log_every=1", "train.eval_every=5", "train.ckpt_every=5", "train.grad_accum=2"]
     straight = micro_config(tmp_path, "train.name=straight", *common)  # blocking saves
     Trainer(straight, log=lambda _: None).fit()
 
@@ -41,15 +40,21 @@ def test_async_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert any("resumed from" in m and "step_00000007" in m for m in messages)
 
     def curve(name):
-        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss"))
-                for r in read_metrics(Path(straight.train.run_dir) / name)]
+        return [
+            (r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss"))
+            for r in read_metrics(Path(straight.train.run_dir) / name)
+        ]
 
     assert curve("broken") == curve("straight")  # bit for bit
     for path in ckpt.list_checkpoints(root):
         ckpt.verify_checkpoint(path)
     assert not list(root.glob(".tmp-*"))
-    final = {name: load_file(str(ckpt.latest_checkpoint(Path(straight.train.run_dir) / name / "checkpoints")
-                                 / "model.safetensors")) for name in ("straight", "broken")}
+    final = {
+        name: load_file(
+            str(ckpt.latest_checkpoint(Path(straight.train.run_dir) / name / "checkpoints") / "model.safetensors")
+        )
+        for name in ("straight", "broken")
+    }
     for key, value in final["straight"].items():
         assert torch.equal(value, final["broken"][key]), key
 
@@ -59,6 +64,7 @@ def _slow(real, seconds: float, started: threading.Event):
         started.set()
         time.sleep(seconds)
         return real(*args, **kwargs)
+
     return slow
 
 
@@ -70,8 +76,11 @@ def test_save_returns_before_the_slow_write_and_appears_only_complete(tmp_path, 
 
     # Both writers slowed: the DCP shards (DCP's upload thread) and the consolidated weights (ours).
     delay, shards_started, weights_started = 1.5, threading.Event(), threading.Event()
-    monkeypatch.setattr(dcp_filesystem._FileSystemWriter, "write_data",
-                        _slow(dcp_filesystem._FileSystemWriter.write_data, delay, shards_started))
+    monkeypatch.setattr(
+        dcp_filesystem._FileSystemWriter,
+        "write_data",
+        _slow(dcp_filesystem._FileSystemWriter.write_data, delay, shards_started),
+    )
     monkeypatch.setattr(ckpt, "save_file", _slow(ckpt.save_file, delay, weights_started))
 
     # Any promoted checkpoint seen at any moment must verify in full.
@@ -89,7 +98,8 @@ def test_save_returns_before_the_slow_write_and_appears_only_complete(tmp_path, 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        trainer.train_step(); trainer.train_step()
+        trainer.train_step()
+        trainer.train_step()
         at_save = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         started = time.perf_counter()
         promised = trainer.save_checkpoint()
@@ -147,8 +157,17 @@ def test_two_ranks_save_in_the_background_and_resume(tmp_path):
     ckpt.verify_checkpoint(ckpt.list_checkpoints(root)[-1])
 
     # The same six steps in one process (global batch 8, as the two ranks' 4 + 4).
-    single = load_config([], [*PARALLEL_MICRO, f"train.run_dir={tmp_path}", "train.name=single",
-                              "train.micro_batch_size=8", "train.schedule=constant", "train.steps=6"])
+    single = load_config(
+        [],
+        [
+            *PARALLEL_MICRO,
+            f"train.run_dir={tmp_path}",
+            "train.name=single",
+            "train.micro_batch_size=8",
+            "train.schedule=constant",
+            "train.steps=6",
+        ],
+    )
     Trainer(single, log=lambda _: None).fit()
     got, expected = losses(tmp_path, "async"), losses(tmp_path, "single")
     assert len(got) == len(expected) == 6
@@ -188,10 +207,17 @@ KILL_DURING_BACKGROUND_WRITE = textwrap.dedent("""
 def test_kill_during_a_background_write_keeps_the_last_good_one(tmp_path):
     script = tmp_path / "kill.py"
     script.write_text(KILL_DURING_BACKGROUND_WRITE)
-    overrides = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                 "model.ffn_hidden=128", "data.seq_len=32", "train.micro_batch_size=4", "train.progress=false"]
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), *overrides], stdout=subprocess.PIPE,
-                            text=True)
+    overrides = [
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.ffn_hidden=128",
+        "data.seq_len=32",
+        "train.micro_batch_size=4",
+        "train.progress=false",
+    ]
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), *overrides], stdout=subprocess.PIPE, text=True)
     try:
         assert {proc.stdout.readline().strip(), proc.stdout.readline().strip()} == {"HANGING", "RETURNED"}
     finally:

@@ -14,8 +14,7 @@ from tests.test_train import MICRO
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs")
-    cfg = load_config([], [*MICRO, f"train.run_dir={run_dir}", "train.name=base", "train.steps=10",
-                           "data.seq_len=128"])
+    cfg = load_config([], [*MICRO, f"train.run_dir={run_dir}", "train.name=base", "train.steps=10", "data.seq_len=128"])
     Trainer(cfg, log=lambda _: None).fit()
     return run_dir
 
@@ -36,9 +35,21 @@ def test_only_assistant_replies_are_targets(base_run):
 
 
 def test_fine_tune_from_checkpoint_lowers_the_chat_loss(base_run):
-    cfg = load_config([], [*MICRO, f"train.run_dir={base_run}", "train.name=chat", "data.format=chat",
-                           f"train.init_from={base_run / 'base'}", "data.seq_len=128", "train.steps=30",
-                           "train.eval_every=30", "train.lr=3e-3", "model.n_layers=7"])
+    cfg = load_config(
+        [],
+        [
+            *MICRO,
+            f"train.run_dir={base_run}",
+            "train.name=chat",
+            "data.format=chat",
+            f"train.init_from={base_run / 'base'}",
+            "data.seq_len=128",
+            "train.steps=30",
+            "train.eval_every=30",
+            "train.lr=3e-3",
+            "model.n_layers=7",
+        ],
+    )
     summary = Trainer(cfg, log=lambda _: None).fit()
     assert summary["final_val_loss"] < summary["first_val_loss"] - 0.5
     saved = load_config([base_run / "chat" / "config.toml"])

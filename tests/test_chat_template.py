@@ -2,8 +2,7 @@ import json
 
 import pytest
 
-from colossuslm.data.chat import (HF_CHAT_TEMPLATE, encode_chat, encode_conversation, load_conversations,
-                                  render_chat)
+from colossuslm.data.chat import HF_CHAT_TEMPLATE, encode_chat, encode_conversation, load_conversations, render_chat
 from colossuslm.data.tokenizer import IM_END, IM_START, SPECIAL_TOKENS, train_tokenizer
 from colossuslm.errors import ColossusError
 from tests.serve_helpers import SENTENCES
@@ -26,7 +25,8 @@ def test_render_is_chatml():
     assert render_chat(CONVERSATION[:2]) == (
         "<|im_start|>system\nYou are terse.<|im_end|>\n"
         "<|im_start|>user\nHello there! How are you?<|im_end|>\n"
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
     assert render_chat(CONVERSATION[:3], add_generation_prompt=False).endswith("Fine, thank you.<|im_end|>\n")
 
 
@@ -64,13 +64,16 @@ def test_openai_content_parts_are_accepted(tokenizer):
     assert encode_chat(tokenizer, parts) == encode_chat(tokenizer, [{"role": "user", "content": "Hello there"}])
 
 
-@pytest.mark.parametrize("messages, fragment", [
-    ([], "non-empty list"),
-    ([{"role": "robot", "content": "x"}], "role"),
-    ([{"role": "user"}], "content"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "content"),
-    (["hello"], "object"),
-])
+@pytest.mark.parametrize(
+    "messages, fragment",
+    [
+        ([], "non-empty list"),
+        ([{"role": "robot", "content": "x"}], "role"),
+        ([{"role": "user"}], "content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "content"),
+        (["hello"], "object"),
+    ],
+)
 def test_malformed_messages_are_user_errors(tokenizer, messages, fragment):
     with pytest.raises(ColossusError, match=fragment):
         encode_chat(tokenizer, messages)

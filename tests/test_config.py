@@ -31,23 +31,26 @@ def test_named_config_in_configs_dir():
     assert load_config(["moe-tiny"]).model.n_experts == 8
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.lrr=1", "unknown key train.lrr"),
-    ("optim.lr=1", "unknown section [optim]"),
-    ("train.steps=abc", "train.steps = 'abc' has the wrong type: expected int"),
-    ("train.steps=1.5", "expected int"),
-    ("train.compile=1", "expected bool"),
-    ("model.d_model=0", "model.d_model = 0 is invalid: must be > 0"),
-    ("train.micro_batch_size=-2", "train.micro_batch_size = -2"),
-    ("model.n_heads=7", "model.n_heads = 7 is invalid: must divide model.d_model = 256"),
-    ("model.n_kv_heads=3", "model.n_kv_heads = 3 is invalid: must divide model.n_heads = 8"),
-    ("model.preset=gpt-5", "unknown model preset 'gpt-5'"),
-    ("train.schedule=linear", "choose one of: cosine, wsd, constant"),
-    ("data.seq_len=4096", "must be <= model.max_seq_len"),
-    ("parallel.pp=2", "train.grad_accum = 1 is invalid: must be >= parallel.pp = 2"),
-    ("parallel.pp_schedule=zb", "choose one of: 1f1b, gpipe"),
-    ("model.top_k=3", None),  # dense model: top_k unused, still valid
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lrr=1", "unknown key train.lrr"),
+        ("optim.lr=1", "unknown section [optim]"),
+        ("train.steps=abc", "train.steps = 'abc' has the wrong type: expected int"),
+        ("train.steps=1.5", "expected int"),
+        ("train.compile=1", "expected bool"),
+        ("model.d_model=0", "model.d_model = 0 is invalid: must be > 0"),
+        ("train.micro_batch_size=-2", "train.micro_batch_size = -2"),
+        ("model.n_heads=7", "model.n_heads = 7 is invalid: must divide model.d_model = 256"),
+        ("model.n_kv_heads=3", "model.n_kv_heads = 3 is invalid: must divide model.n_heads = 8"),
+        ("model.preset=gpt-5", "unknown model preset 'gpt-5'"),
+        ("train.schedule=linear", "choose one of: cosine, wsd, constant"),
+        ("data.seq_len=4096", "must be <= model.max_seq_len"),
+        ("parallel.pp=2", "train.grad_accum = 1 is invalid: must be >= parallel.pp = 2"),
+        ("parallel.pp_schedule=zb", "choose one of: 1f1b, gpipe"),
+        ("model.top_k=3", None),  # dense model: top_k unused, still valid
+    ],
+)
 def test_config_errors_name_key_and_value(override, fragment):
     if fragment is None:
         load_config([], [override])

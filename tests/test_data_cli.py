@@ -31,8 +31,25 @@ def test_data_command_is_registered():
 
 def test_prepare_prints_a_summary_and_verify_accepts_the_result(inputs, tmp_path, capsys):
     out = tmp_path / "ds"
-    code = main(["data", "prepare", str(inputs), "--out", str(out), "--vocab-size", "300",
-                 "--field", "body", "--val-fraction", "0.1", "--workers", "1", "--shard-tokens", "2000"])
+    code = main(
+        [
+            "data",
+            "prepare",
+            str(inputs),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "300",
+            "--field",
+            "body",
+            "--val-fraction",
+            "0.1",
+            "--workers",
+            "1",
+            "--shard-tokens",
+            "2000",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     manifest = json.loads((out / "manifest.json").read_text())
@@ -50,19 +67,70 @@ def test_prepare_prints_a_summary_and_verify_accepts_the_result(inputs, tmp_path
 
     # Reusing that tokenizer: no --vocab-size needed, and the ids come out the same.
     again = tmp_path / "again"
-    assert main(["data", "prepare", str(inputs), "--out", str(again),
-                 "--tokenizer", str(out / "tokenizer.json"), "--field", "body", "--val-fraction", "0.1",
-                 "--workers", "1", "--shard-tokens", "2000"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(inputs),
+                "--out",
+                str(again),
+                "--tokenizer",
+                str(out / "tokenizer.json"),
+                "--field",
+                "body",
+                "--val-fraction",
+                "0.1",
+                "--workers",
+                "1",
+                "--shard-tokens",
+                "2000",
+            ]
+        )
+        == 0
+    )
     assert json.loads((again / "manifest.json").read_text())["splits"] == manifest["splits"]
-    assert main(["data", "prepare", str(inputs), "--out", str(tmp_path / "x"), "--tokenizer", str(out),
-                 "--vocab-size", "261", "--field", "body"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(inputs),
+                "--out",
+                str(tmp_path / "x"),
+                "--tokenizer",
+                str(out),
+                "--vocab-size",
+                "261",
+                "--field",
+                "body",
+            ]
+        )
+        == 2
+    )
     assert "raise --vocab-size to at least" in capsys.readouterr().err
 
 
 def test_verify_reports_a_corrupt_shard_and_exits_non_zero(inputs, tmp_path, capsys):
     out = tmp_path / "ds"
-    assert main(["data", "prepare", str(inputs / "docs.jsonl"), "--out", str(out), "--vocab-size", "300",
-                 "--field", "body", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(inputs / "docs.jsonl"),
+                "--out",
+                str(out),
+                "--vocab-size",
+                "300",
+                "--field",
+                "body",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     shard = out / "train_00000.bin"
     data = bytearray(shard.read_bytes())
     data[10] ^= 1

@@ -9,8 +9,7 @@ import pytest
 
 from colossuslm.config.schema import DataConfig
 from colossuslm.data import corpus
-from colossuslm.data.corpus import (default_corpus_documents, default_dataset, resolve_dataset,
-                                   stdlib_docstrings)
+from colossuslm.data.corpus import default_corpus_documents, default_dataset, resolve_dataset, stdlib_docstrings
 from colossuslm.data.loader import TokenLoader
 from colossuslm.data.prepare import prepare_dataset
 from colossuslm.data.shards import verify_dataset
@@ -25,7 +24,8 @@ def test_docstrings_come_from_modules_classes_and_functions_outside_test_dirs(tm
         'class Thing:\n    """Class text.\n\n    More lines.\n    """\n'
         '    def method(self):\n        """Method text."""\n'
         'async def run():\n    """Async text."""\n'
-        'def bare():\n    pass\n')
+        "def bare():\n    pass\n"
+    )
     (tmp_path / "pkg" / "tests" / "test_mod.py").write_text('"""Test text."""\n')
     (tmp_path / "idlelib" / "x.py").write_text('"""Idle text."""\n')
     (tmp_path / "broken.py").write_text('"""Broken text."""\ndef (:\n')
@@ -40,7 +40,7 @@ def test_default_corpus_is_real_documentation_text():
     assert size > 1_000_000 and len(documents) > 3000
     assert len(set(documents)) == len(documents)
     assert any(d.startswith("JSON (JavaScript Object Notation)") for d in documents)  # json module
-    assert any("The \"if\" statement is used for conditional execution" in d for d in documents)  # pydoc
+    assert any('The "if" statement is used for conditional execution' in d for d in documents)  # pydoc
 
 
 def test_default_dataset_is_built_once_then_cached(tmp_path, monkeypatch):
@@ -75,8 +75,9 @@ def small_dataset(tmp_path):
     with open(tmp_path / "d.jsonl", "w") as f:
         for i in range(200):
             f.write(json.dumps({"text": f"document {i} says something about tokens and models"}) + "\n")
-    manifest = prepare_dataset([tmp_path / "d.jsonl"], tmp_path / "ds", 300, val_fraction=0.2,
-                               workers=1, progress=False)
+    manifest = prepare_dataset(
+        [tmp_path / "d.jsonl"], tmp_path / "ds", 300, val_fraction=0.2, workers=1, progress=False
+    )
     return tmp_path / "ds", manifest
 
 
@@ -88,8 +89,11 @@ def test_resolve_accepts_a_prepared_directory_that_fits_the_model(small_dataset)
 def test_resolve_rejects_a_vocabulary_larger_than_the_model(small_dataset):
     path, manifest = small_dataset
     size = manifest["vocab_size"]
-    with pytest.raises(ColossusError, match=f"tokenized with {size} token ids but model.vocab_size = "
-                                            f"{size - 1}; set model.vocab_size to at least {size}"):
+    with pytest.raises(
+        ColossusError,
+        match=f"tokenized with {size} token ids but model.vocab_size = "
+        f"{size - 1}; set model.vocab_size to at least {size}",
+    ):
         resolve_dataset(DataConfig(dataset=str(path), seq_len=32), size - 1)
 
 

@@ -26,15 +26,17 @@ def dataset(tmp_path_factory) -> Path:
         for i in range(400):
             f.write(json.dumps({"text": f"{i} " + " ".join(rng.choice(WORDS) for _ in range(12))}) + "\n")
     # Small shards, so many windows straddle a shard boundary.
-    prepare_dataset([root / "docs.jsonl"], root / "ds", 300, val_fraction=0.1, shard_tokens=1000,
-                    workers=1, progress=False)
+    prepare_dataset(
+        [root / "docs.jsonl"], root / "ds", 300, val_fraction=0.1, shard_tokens=1000, workers=1, progress=False
+    )
     return root / "ds"
 
 
 def split_stream(dataset: Path, split: str) -> np.ndarray:
     manifest = json.loads((dataset / "manifest.json").read_text())
-    return np.concatenate([np.fromfile(dataset / s["file"], dtype=manifest["dtype"])
-                           for s in manifest["splits"][split]["shards"]]).astype(np.int64)
+    return np.concatenate(
+        [np.fromfile(dataset / s["file"], dtype=manifest["dtype"]) for s in manifest["splits"][split]["shards"]]
+    ).astype(np.int64)
 
 
 def batches(loader: TokenLoader, count: int) -> list[torch.Tensor]:
@@ -46,8 +48,9 @@ def window_numbers(rows: torch.Tensor, stream: np.ndarray) -> list[int]:
     numbers = []
     for row in rows:
         inputs = row[:SEQ].numpy()
-        candidates = [w for w in range((len(stream) - 1) // SEQ)
-                      if np.array_equal(stream[w * SEQ:w * SEQ + SEQ], inputs)]
+        candidates = [
+            w for w in range((len(stream) - 1) // SEQ) if np.array_equal(stream[w * SEQ : w * SEQ + SEQ], inputs)
+        ]
         assert len(candidates) == 1
         numbers.append(candidates[0])
     return numbers
@@ -63,16 +66,16 @@ def test_batches_are_windows_of_the_stream_with_shifted_targets(dataset):
         assert inputs.dtype == targets.dtype == torch.int64
         assert inputs.shape == targets.shape == (8, SEQ)
         for x, y in zip(inputs, targets, strict=True):
-            [start] = [w * SEQ for w in range(loader.n_windows)
-                       if np.array_equal(stream[w * SEQ:w * SEQ + SEQ], x.numpy())]
-            assert np.array_equal(y.numpy(), stream[start + 1:start + SEQ + 1])
+            [start] = [
+                w * SEQ for w in range(loader.n_windows) if np.array_equal(stream[w * SEQ : w * SEQ + SEQ], x.numpy())
+            ]
+            assert np.array_equal(y.numpy(), stream[start + 1 : start + SEQ + 1])
 
 
 def test_an_epoch_visits_every_window_once(dataset):
     loader = TokenLoader(dataset, "train", seq_len=SEQ, batch_size=1, seed=0)
     stream = split_stream(dataset, "train")
-    seen = window_numbers(torch.cat([torch.cat(loader.next_batch(), 1) for _ in range(loader.n_windows)]),
-                          stream)
+    seen = window_numbers(torch.cat([torch.cat(loader.next_batch(), 1) for _ in range(loader.n_windows)]), stream)
     assert sorted(seen) == list(range(loader.n_windows))
     assert seen != sorted(seen)  # shuffled
     assert loader.epoch == 1
@@ -164,17 +167,21 @@ def test_validation_reads_in_order_and_restarts_on_reset(dataset):
 
 def test_split_shorter_than_one_sequence_is_an_error_naming_it(dataset):
     tokens = TokenLoader(dataset, "val", seq_len=SEQ, batch_size=1).tokens_in_split
-    with pytest.raises(ColossusError, match=f"the val split .* has {tokens} tokens, fewer than "
-                                            f"seq_len \\+ 1 = {tokens + 1}"):
+    with pytest.raises(
+        ColossusError, match=f"the val split .* has {tokens} tokens, fewer than seq_len \\+ 1 = {tokens + 1}"
+    ):
         TokenLoader(dataset, "val", seq_len=tokens, batch_size=1)
     TokenLoader(dataset, "val", seq_len=tokens - 1, batch_size=1).next_batch()  # exactly one fits
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"split": "test"}, "unknown split 'test'"),
-    ({"rank": 2, "world_size": 2}, "rank 2 is outside world size 2"),
-    ({"batch_size": 0}, "batch_size = 0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"split": "test"}, "unknown split 'test'"),
+        ({"rank": 2, "world_size": 2}, "rank 2 is outside world size 2"),
+        ({"batch_size": 0}, "batch_size = 0 is invalid"),
+    ],
+)
 def test_bad_loader_arguments(dataset, kwargs, message):
     with pytest.raises(ColossusError, match=message):
         TokenLoader(dataset, **{"seq_len": SEQ, **kwargs})

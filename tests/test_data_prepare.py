@@ -19,8 +19,10 @@ from colossuslm.data.shards import dtype_for_vocab, verify_dataset
 from colossuslm.data.tokenizer import EOS_TOKEN, load_tokenizer
 from colossuslm.errors import ColossusError
 
-WORDS = ("language models predict the next token from the tokens before it . training data is "
-         "cut into shards Tiếng Việt có dấu اللغة العربية 中文 🤖").split()
+WORDS = (
+    "language models predict the next token from the tokens before it . training data is "
+    "cut into shards Tiếng Việt có dấu اللغة العربية 中文 🤖"
+).split()
 
 
 def sentence_docs(count: int, words: int, seed: int = 0) -> list[str]:
@@ -40,8 +42,9 @@ def prepare(inputs, out, **kwargs) -> dict:
 
 def split_documents(out: Path, manifest: dict, split: str) -> list[str]:
     """Decode a split's shards back into its documents (split on the eos separator)."""
-    tokens = np.concatenate([np.fromfile(out / s["file"], dtype=manifest["dtype"])
-                             for s in manifest["splits"][split]["shards"]])
+    tokens = np.concatenate(
+        [np.fromfile(out / s["file"], dtype=manifest["dtype"]) for s in manifest["splits"][split]["shards"]]
+    )
     tokenizer = load_tokenizer(out)
     cuts = np.flatnonzero(tokens == manifest["eos_id"])
     pieces = np.split(tokens, cuts + 1)
@@ -76,8 +79,7 @@ def test_manifest_describes_every_shard_exactly(dataset):
     tokenizer_bytes = (out / "tokenizer.json").read_bytes()
     assert hashlib.sha256(tokenizer_bytes).hexdigest() == manifest["tokenizer"]["sha256"]
     assert verify_dataset(out) == manifest
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".bin")) == [
-        "manifest.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".bin")) == ["manifest.json", "tokenizer.json"]
 
 
 def test_splits_are_disjoint_and_together_hold_every_document(dataset):
@@ -89,12 +91,15 @@ def test_splits_are_disjoint_and_together_hold_every_document(dataset):
     assert manifest["splits"]["val"]["documents"] == len(val) and not manifest["val_from_tail"]
 
 
-@pytest.mark.parametrize("victim, damage, message", [
-    ("train_00001.bin", "flip", "shard train_00001.bin has sha256"),
-    ("val_00000.bin", "truncate", "shard val_00000.bin has .* bytes"),
-    ("train_00002.bin", "delete", "shard train_00002.bin is missing"),
-    ("tokenizer.json", "flip", "tokenizer.json does not match"),
-])
+@pytest.mark.parametrize(
+    "victim, damage, message",
+    [
+        ("train_00001.bin", "flip", "shard train_00001.bin has sha256"),
+        ("val_00000.bin", "truncate", "shard val_00000.bin has .* bytes"),
+        ("train_00002.bin", "delete", "shard train_00002.bin is missing"),
+        ("tokenizer.json", "flip", "tokenizer.json does not match"),
+    ],
+)
 def test_verify_names_the_damaged_file(dataset, tmp_path, victim, damage, message):
     import shutil
 
@@ -134,11 +139,20 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     big.decoder = decoders.ByteLevel()
     big.save(str(tmp_path / "big.json"))
     docs = sentence_docs(40, 10)
-    manifest = prepare([write_jsonl(tmp_path / "d.jsonl", docs)], tmp_path / "ds",
-                       tokenizer_path=tmp_path / "big.json", vocab_size=0, val_fraction=0.1)
+    manifest = prepare(
+        [write_jsonl(tmp_path / "d.jsonl", docs)],
+        tmp_path / "ds",
+        tokenizer_path=tmp_path / "big.json",
+        vocab_size=0,
+        val_fraction=0.1,
+    )
     assert manifest["dtype"] == "uint32" and manifest["vocab_size"] == 70_004
     assert manifest["eos_id"] >= 70_000 and manifest["tokenizer"]["added_special_tokens"] == [
-        "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+        "<|endoftext|>",
+        "<|pad|>",
+        "<|im_start|>",
+        "<|im_end|>",
+    ]
     shard = manifest["splits"]["train"]["shards"][0]
     assert (tmp_path / "ds" / shard["file"]).stat().st_size == 4 * shard["tokens"]
     train = split_documents(tmp_path / "ds", manifest, "train")
@@ -147,8 +161,12 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
 
 def test_given_tokenizer_is_copied_byte_for_byte(dataset, tmp_path):
     source = dataset[0] / "tokenizer.json"
-    manifest = prepare([write_jsonl(tmp_path / "d.jsonl", sentence_docs(50, 10))], tmp_path / "ds",
-                       tokenizer_path=source, vocab_size=8192)
+    manifest = prepare(
+        [write_jsonl(tmp_path / "d.jsonl", sentence_docs(50, 10))],
+        tmp_path / "ds",
+        tokenizer_path=source,
+        vocab_size=8192,
+    )
     assert (tmp_path / "ds" / "tokenizer.json").read_bytes() == source.read_bytes()
     assert manifest["tokenizer"]["trained"] is False and manifest["tokenizer"]["added_special_tokens"] == []
     with pytest.raises(ColossusError, match="more than the vocab size 300; raise --vocab-size"):
@@ -165,8 +183,7 @@ def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path):
     assert two["stats"]["workers"] == 2
     assert one["splits"] == two["splits"] and one["tokenizer"]["sha256"] == two["tokenizer"]["sha256"]
     # The text file, tokenized in pieces, is still exactly one document.
-    documents = [*split_documents(tmp_path / "two", two, "train"),
-                 *split_documents(tmp_path / "two", two, "val")]
+    documents = [*split_documents(tmp_path / "two", two, "train"), *split_documents(tmp_path / "two", two, "val")]
     assert len(documents) == 2501 and book in documents
 
 
@@ -203,33 +220,46 @@ def test_directories_are_searched_recursively_ignoring_hidden_files(tmp_path):
     again = prepare([tmp_path / "corpus"], tmp_path / "ds2")
     assert again["splits"] == manifest["splits"]
     assert again["sources"]["skipped_files"] == [
-        {"path": str(tmp_path / "corpus" / "ds"), "reason": "a prepared dataset directory, not text"}]
+        {"path": str(tmp_path / "corpus" / "ds"), "reason": "a prepared dataset directory, not text"}
+    ]
 
 
 def test_jsonl_and_parquet_read_the_named_field(tmp_path):
     docs = sentence_docs(60, 12)
     write_jsonl(tmp_path / "a.jsonl", docs[:30], field="content")
-    pq.write_table(pa.table({"content": docs[30:], "n": list(range(30))}), tmp_path / "b.parquet",
-                   row_group_size=7)
-    manifest = prepare([tmp_path / "a.jsonl", tmp_path / "b.parquet"], tmp_path / "ds",
-                       jsonl_field="content", val_fraction=0.1)
+    pq.write_table(pa.table({"content": docs[30:], "n": list(range(30))}), tmp_path / "b.parquet", row_group_size=7)
+    manifest = prepare(
+        [tmp_path / "a.jsonl", tmp_path / "b.parquet"], tmp_path / "ds", jsonl_field="content", val_fraction=0.1
+    )
     assert manifest["sources"]["files_used"] == 2 and manifest["jsonl_field"] == "content"
-    found = [*split_documents(tmp_path / "ds", manifest, "train"),
-             *split_documents(tmp_path / "ds", manifest, "val")]
+    found = [*split_documents(tmp_path / "ds", manifest, "train"), *split_documents(tmp_path / "ds", manifest, "val")]
     assert sorted(found) == sorted(docs)
 
 
 def test_bad_records_are_counted_and_the_rest_of_the_file_kept(tmp_path):
     good = sentence_docs(40, 12)
     lines = [json.dumps({"text": d}) for d in good[:20]]
-    lines += ['{"text": "unterminated', json.dumps({"body": "x"}), json.dumps(["a list"]),
-              json.dumps({"text": 7}), json.dumps({"text": "  "}), "", '{"text": "also bad"']
+    lines += [
+        '{"text": "unterminated',
+        json.dumps({"body": "x"}),
+        json.dumps(["a list"]),
+        json.dumps({"text": 7}),
+        json.dumps({"text": "  "}),
+        "",
+        '{"text": "also bad"',
+    ]
     lines += [json.dumps({"text": d}) for d in good[20:]]
     (tmp_path / "d.jsonl").write_bytes("\n".join(lines).encode() + b"\n" + b'{"text": "\xff"}\n')
     manifest = prepare([tmp_path / "d.jsonl"], tmp_path / "ds", val_fraction=0.1)
     [entry] = manifest["sources"]["skipped_records"]
-    assert entry["reasons"] == {"malformed JSON": 2, "missing field 'text'": 1, "not a JSON object": 1,
-                                "field 'text' is not a string": 1, "empty text": 1, "invalid UTF-8": 1}
+    assert entry["reasons"] == {
+        "malformed JSON": 2,
+        "missing field 'text'": 1,
+        "not a JSON object": 1,
+        "field 'text' is not a string": 1,
+        "empty text": 1,
+        "invalid UTF-8": 1,
+    }
     assert entry["first_at"]["malformed JSON"] == 21 and entry["first_at"]["invalid UTF-8"] == 48
     assert entry["numbered_by"] == "line" and manifest["sources"]["records_skipped"] == 7
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 40
@@ -277,11 +307,14 @@ def test_everything_skipped_is_an_error_listing_each_reason(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ([], "no inputs given"),
-    (["missing.txt"], "input .*missing.txt does not exist"),
-    (["empty_dir"], "no input files found in .*empty_dir"),
-])
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ([], "no inputs given"),
+        (["missing.txt"], "input .*missing.txt does not exist"),
+        (["empty_dir"], "no input files found in .*empty_dir"),
+    ],
+)
 def test_missing_inputs_are_errors(tmp_path, inputs, message):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ColossusError, match=message):
@@ -301,19 +334,27 @@ def test_a_single_document_still_gets_a_disjoint_validation_tail(tmp_path):
     manifest = prepare([tmp_path / "book.txt"], tmp_path / "ds", val_fraction=0.1)
     train, val = manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]
     assert manifest["val_from_tail"] and val == pytest.approx(0.1 * (train + val), abs=2)
-    tokens = np.concatenate([np.fromfile(tmp_path / "ds" / s["file"], dtype=np.uint16)
-                             for split in ("train", "val") for s in manifest["splits"][split]["shards"]])
+    tokens = np.concatenate(
+        [
+            np.fromfile(tmp_path / "ds" / s["file"], dtype=np.uint16)
+            for split in ("train", "val")
+            for s in manifest["splits"][split]["shards"]
+        ]
+    )
     tokenizer = load_tokenizer(tmp_path / "ds")
     assert tokenizer.decode(tokens.tolist(), skip_special_tokens=False) == text + EOS_TOKEN
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"vocab_size": 100}, "vocab size 100 is too small"),
-    ({"val_fraction": 0.0}, "validation fraction 0.0 is invalid"),
-    ({"val_fraction": 0.6}, "validation fraction 0.6 is invalid"),
-    ({"shard_tokens": 0}, "shard size 0 tokens is invalid"),
-    ({"workers": -1}, "workers = -1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vocab_size": 100}, "vocab size 100 is too small"),
+        ({"val_fraction": 0.0}, "validation fraction 0.0 is invalid"),
+        ({"val_fraction": 0.6}, "validation fraction 0.6 is invalid"),
+        ({"shard_tokens": 0}, "shard size 0 tokens is invalid"),
+        ({"workers": -1}, "workers = -1 is invalid"),
+    ],
+)
 def test_bad_arguments_are_errors(tmp_path, kwargs, message):
     (tmp_path / "a.txt").write_text("some text " * 100)
     with pytest.raises(ColossusError, match=message):

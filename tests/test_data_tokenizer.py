@@ -9,13 +9,28 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from colossuslm.data.encode import TaskTokenizer
-from colossuslm.data.tokenizer import (EOS_ID, EOS_TOKEN, IM_END, IM_END_ID, IM_START, IM_START_ID,
-                                       PAD_ID, PAD_TOKEN, SPECIAL_TOKENS, ensure_special_tokens,
-                                       load_tokenizer, special_token_ids, train_tokenizer, vocab_size_of)
+from colossuslm.data.tokenizer import (
+    EOS_ID,
+    EOS_TOKEN,
+    IM_END,
+    IM_END_ID,
+    IM_START,
+    IM_START_ID,
+    PAD_ID,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    ensure_special_tokens,
+    load_tokenizer,
+    special_token_ids,
+    train_tokenizer,
+    vocab_size_of,
+)
 from colossuslm.errors import ColossusError
 
-WORDS = ("the model reads text and learns which token comes next . a tokenizer turns words into "
-         "numbers , and numbers back into words").split()
+WORDS = (
+    "the model reads text and learns which token comes next . a tokenizer turns words into "
+    "numbers , and numbers back into words"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +42,12 @@ def tokenizer() -> Tokenizer:
 
 def test_special_tokens_come_first_with_fixed_ids(tokenizer):
     assert SPECIAL_TOKENS == [EOS_TOKEN, PAD_TOKEN, IM_START, IM_END]
-    assert special_token_ids(tokenizer) == {EOS_TOKEN: EOS_ID, PAD_TOKEN: PAD_ID,
-                                            IM_START: IM_START_ID, IM_END: IM_END_ID}
+    assert special_token_ids(tokenizer) == {
+        EOS_TOKEN: EOS_ID,
+        PAD_TOKEN: PAD_ID,
+        IM_START: IM_START_ID,
+        IM_END: IM_END_ID,
+    }
     assert (EOS_ID, PAD_ID, IM_START_ID, IM_END_ID) == (0, 1, 2, 3)
     assert tokenizer.token_to_id("<|endoftext|>") == 0
 
@@ -39,15 +58,18 @@ def test_training_learns_merges_up_to_the_requested_size(tokenizer):
     assert len(tokenizer.encode(" tokenizer").ids) == 1
 
 
-@pytest.mark.parametrize("text", [
-    "Tiếng Việt có dấu",
-    "اللغة العربية",
-    "emoji 🤖👍🏽 family 👨‍👩‍👧 flag 🇻🇳",
-    "中文字符和日本語のテキスト、한국어",
-    "  leading spaces, tabs\tand\r\nnewlines\n\n\ntrailing  ",
-    "control \x00\x07 chars and the replacement char \ufffd",
-    "mixed: the model Tiếng Việt 中文 اللغة 🤖 <|endoftext|> literal",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Tiếng Việt có dấu",
+        "اللغة العربية",
+        "emoji 🤖👍🏽 family 👨‍👩‍👧 flag 🇻🇳",
+        "中文字符和日本語のテキスト、한국어",
+        "  leading spaces, tabs\tand\r\nnewlines\n\n\ntrailing  ",
+        "control \x00\x07 chars and the replacement char \ufffd",
+        "mixed: the model Tiếng Việt 中文 اللغة 🤖 <|endoftext|> literal",
+    ],
+)
 def test_any_unicode_round_trips(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
@@ -96,4 +118,4 @@ def test_special_token_text_inside_a_document_stays_plain_text(tokenizer):
     special_positions = np.flatnonzero(tokens < len(SPECIAL_TOKENS))
     assert special_positions.tolist() == [lengths[0] - 1, tokens.size - 1]  # only the separators
     assert tokens[special_positions].tolist() == [EOS_ID, EOS_ID]
-    assert tokenizer.decode(tokens[:lengths[0] - 1].tolist(), skip_special_tokens=False) == document
+    assert tokenizer.decode(tokens[: lengths[0] - 1].tolist(), skip_special_tokens=False) == document

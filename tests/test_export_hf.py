@@ -16,11 +16,14 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is loaded from local directories
 
 
-@pytest.mark.parametrize("overrides, architecture", [
-    ({}, "LlamaForCausalLM"),
-    ({"tie_embeddings": False, "n_kv_heads": 4, "head_dim": 24}, "LlamaForCausalLM"),
-    ({"n_experts": 4, "top_k": 2, "moe_ffn_hidden": 96}, "MixtralForCausalLM"),
-])
+@pytest.mark.parametrize(
+    "overrides, architecture",
+    [
+        ({}, "LlamaForCausalLM"),
+        ({"tie_embeddings": False, "n_kv_heads": 4, "head_dim": 24}, "LlamaForCausalLM"),
+        ({"n_experts": 4, "top_k": 2, "moe_ffn_hidden": 96}, "MixtralForCausalLM"),
+    ],
+)
 def test_transformers_logits_match_ours(tmp_path, overrides, architecture):
     ckpt = make_checkpoint(tmp_path, **overrides)
     out = export_hf(ckpt, tmp_path / "hf")
@@ -49,11 +52,14 @@ def test_exported_tokenizer_and_chat_template_match_ours(tmp_path):
     assert ours.token_to_id("<|im_end|>") in config.eos_token_id
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    ({"attn_logit_softcap": 30.0}, "softcap"),
-    ({"n_experts": 4, "n_shared_experts": 1}, "shared experts"),
-    ({"n_experts": 4, "first_dense_layers": 1}, "first_dense_layers"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"attn_logit_softcap": 30.0}, "softcap"),
+        ({"n_experts": 4, "n_shared_experts": 1}, "shared experts"),
+        ({"n_experts": 4, "first_dense_layers": 1}, "first_dense_layers"),
+    ],
+)
 def test_unexpressible_models_are_refused(tmp_path, overrides, fragment):
     ckpt = make_checkpoint(tmp_path, **overrides)
     with pytest.raises(ColossusError, match=fragment):

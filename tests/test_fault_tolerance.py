@@ -62,12 +62,28 @@ def test_killed_workers_are_restarted_and_the_result_is_bitwise_identical(tmp_pa
     rng = random.Random(int(os.environ.get("COLOSSUS_FAULT_SEED", "7")))
     train(tmp_path, "clean", 2, ["parallel.dp_shard=2"], FAULT_RUN, dp=2)
 
-    overrides = [*MICRO, f"train.run_dir={tmp_path}", "train.name=faulty", "train.micro_batch_size=4",
-                 "parallel.dp_shard=2", *FAULT_RUN]
-    cmd = [sys.executable, "-m", "colossuslm.cli.main", "train", "--nproc", "2", "--max-restarts", "4",
-           *[a for o in overrides for a in ("--set", o)]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    overrides = [
+        *MICRO,
+        f"train.run_dir={tmp_path}",
+        "train.name=faulty",
+        "train.micro_batch_size=4",
+        "parallel.dp_shard=2",
+        *FAULT_RUN,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "colossuslm.cli.main",
+        "train",
+        "--nproc",
+        "2",
+        "--max-restarts",
+        "4",
+        *[a for o in overrides for a in ("--set", o)],
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
     kill_after = sorted(rng.sample(range(3, 15), 2))  # two kills at random steps
     killed = []
     deadline = time.time() + 240
@@ -124,8 +140,11 @@ HANG_IN_SAVE = textwrap.dedent("""
 def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path, hang_point):
     script = tmp_path / "hang.py"
     script.write_text(HANG_IN_SAVE)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), hang_point, *MICRO,
-                             "train.micro_batch_size=4"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), hang_point, *MICRO, "train.micro_batch_size=4"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "HANGING"
     proc.kill()
     proc.wait()
@@ -138,8 +157,9 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path, hang_poi
     from colossuslm.config import load_config
     from colossuslm.train.trainer import Trainer
 
-    cfg = load_config([], [*MICRO, "train.micro_batch_size=4", f"train.run_dir={tmp_path}", "train.steps=6",
-                           "train.ckpt_every=2"])
+    cfg = load_config(
+        [], [*MICRO, "train.micro_batch_size=4", f"train.run_dir={tmp_path}", "train.steps=6", "train.ckpt_every=2"]
+    )
     messages = []
     Trainer(cfg, log=messages.append).fit()
     assert any("resumed from" in m and "step_00000004" in m for m in messages)

@@ -13,9 +13,16 @@ def small_cfg(**kw):
     return ModelConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("kw", [{}, {"n_experts": 4, "top_k": 2}, {"attn_logit_softcap": 30.0},
-                                {"tie_embeddings": False}, {"n_experts": 4, "n_shared_experts": 1,
-                                                            "first_dense_layers": 1, "moe_ffn_hidden": 16}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"n_experts": 4, "top_k": 2},
+        {"attn_logit_softcap": 30.0},
+        {"tie_embeddings": False},
+        {"n_experts": 4, "n_shared_experts": 1, "first_dense_layers": 1, "moe_ffn_hidden": 16},
+    ],
+)
 def test_shapes_and_param_count(kw):
     cfg = small_cfg(**kw)
     model = Transformer(cfg)

@@ -35,9 +35,16 @@ def test_warmup_cosine_and_wsd_shapes():
 def _save(tmp_path, step, keep=2):
     model = Transformer(small_cfg())
     opt = build_optimizer(model, TrainConfig())
-    return ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=opt,
-                                trainer_state={"step": step}, config_toml="", tokenizer_json=None,
-                                keep_last=keep)
+    return ckpt.save_checkpoint(
+        tmp_path,
+        step,
+        model=model,
+        optimizer=opt,
+        trainer_state={"step": step},
+        config_toml="",
+        tokenizer_json=None,
+        keep_last=keep,
+    )
 
 
 def test_atomic_save_keep_last_and_resolve(tmp_path):

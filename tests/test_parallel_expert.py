@@ -15,15 +15,26 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests.dist_workers.expert_worker import (build_model, reference_grads, reference_training, tiny_config)
+from tests.dist_workers.expert_worker import build_model, reference_grads, reference_training, tiny_config
 
 WORKER = Path(__file__).parent / "dist_workers" / "expert_worker.py"
 EXPERTS = 4
 
 
 def run_worker(nproc: int, scenario: str, out: Path, *args: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), scenario, str(out), "--experts", str(EXPERTS), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(WORKER),
+        scenario,
+        str(out),
+        "--experts",
+        str(EXPERTS),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return torch.load(out / f"{scenario}.pt")

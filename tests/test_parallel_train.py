@@ -10,18 +10,54 @@ import pytest
 
 from colossuslm.train.metrics import read_metrics
 
-MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-         "data.seq_len=32", "train.dtype=fp32", "train.progress=false", "train.warmup_steps=2", "train.steps=4",
-         "train.log_every=1", "train.eval_every=4", "train.eval_batches=2", "train.ckpt_every=100"]
+MICRO = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "data.seq_len=32",
+    "train.dtype=fp32",
+    "train.progress=false",
+    "train.warmup_steps=2",
+    "train.steps=4",
+    "train.log_every=1",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.ckpt_every=100",
+]
 GLOBAL_BATCH = 8
 
 
-def train(run_dir: Path, name: str, nproc: int, layout: list[str], extra: list[str] = (), dp: int = 1,
-          max_restarts: int = 0, check: bool = True) -> subprocess.CompletedProcess:
-    overrides = [*MICRO, f"train.run_dir={run_dir}", f"train.name={name}",
-                 f"train.micro_batch_size={GLOBAL_BATCH // dp}", *layout, *extra]
-    cmd = [sys.executable, "-m", "colossuslm.cli.main", "train", "--nproc", str(nproc),
-           "--max-restarts", str(max_restarts), *[a for o in overrides for a in ("--set", o)]]
+def train(
+    run_dir: Path,
+    name: str,
+    nproc: int,
+    layout: list[str],
+    extra: list[str] = (),
+    dp: int = 1,
+    max_restarts: int = 0,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    overrides = [
+        *MICRO,
+        f"train.run_dir={run_dir}",
+        f"train.name={name}",
+        f"train.micro_batch_size={GLOBAL_BATCH // dp}",
+        *layout,
+        *extra,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "colossuslm.cli.main",
+        "train",
+        "--nproc",
+        str(nproc),
+        "--max-restarts",
+        str(max_restarts),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
@@ -47,11 +83,20 @@ def reference(tmp_path_factory):
     return {kind: losses(run_dir, f"single-{kind}") for kind in KIND_EXTRA}
 
 
-KIND_EXTRA = {"dense": [], "moe": ["model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
-              "pipeline": ["model.tie_embeddings=false", "train.grad_accum=2"],
-              "pipeline_moe": ["model.tie_embeddings=false", "model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
-              "pipeline_moe_no_aux": ["model.tie_embeddings=false", "model.n_experts=4", "model.top_k=2",
-                                      "model.aux_loss_coef=0", "model.z_loss_coef=0", "train.grad_accum=2"]}
+KIND_EXTRA = {
+    "dense": [],
+    "moe": ["model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
+    "pipeline": ["model.tie_embeddings=false", "train.grad_accum=2"],
+    "pipeline_moe": ["model.tie_embeddings=false", "model.n_experts=4", "model.top_k=2", "train.grad_accum=2"],
+    "pipeline_moe_no_aux": [
+        "model.tie_embeddings=false",
+        "model.n_experts=4",
+        "model.top_k=2",
+        "model.aux_loss_coef=0",
+        "model.z_loss_coef=0",
+        "train.grad_accum=2",
+    ],
+}
 
 
 LAYOUTS = {
@@ -107,8 +152,13 @@ def test_pipeline_checkpoint_consolidates_and_resumes_at_another_depth(reference
 
     shutil.rmtree(checkpoints / "step_00000004")  # resume from step 2 ...
     metrics = tmp_path / "pp" / "metrics.jsonl"
-    metrics.write_text("".join(line for line in metrics.read_text().splitlines(keepends=True)
-                               if '"step": 3' not in line and '"step": 4' not in line))
+    metrics.write_text(
+        "".join(
+            line
+            for line in metrics.read_text().splitlines(keepends=True)
+            if '"step": 3' not in line and '"step": 4' not in line
+        )
+    )
     train(tmp_path, "pp", 1, ["train.ckpt_every=2"], KIND_EXTRA["pipeline"], dp=2)  # ... in one process
     got = losses(tmp_path, "pp")
     assert len(got) == 4

@@ -12,8 +12,7 @@ from colossuslm.plan.calibrate import calibrate, calibration_text, device_gpu, p
 
 @pytest.fixture()
 def config():
-    return load_config([], ["model.preset=tiny", "data.seq_len=256", "train.micro_batch_size=8",
-                            "train.grad_accum=2"])
+    return load_config([], ["model.preset=tiny", "data.seq_len=256", "train.micro_batch_size=8", "train.grad_accum=2"])
 
 
 def test_predict_run_on_gpu(config):
@@ -27,6 +26,7 @@ def test_predict_run_on_gpu(config):
 def test_predict_run_mfu_uses_the_given_peak(config):
     cpu = predict_run(config, "cpu", 1, peak_flops=5e11)
     from colossuslm.models.arithmetic import model_arithmetic
+
     flops = model_arithmetic(config.model, 256).flops_per_token
     assert cpu["mfu"] == pytest.approx(flops * cpu["tokens_per_s"] / 5e11)
     assert device_gpu("cpu", 5e11).peak_bf16 == 5e11
@@ -46,12 +46,34 @@ def test_trainer_layout(config):
 
 def test_calibrate_reads_a_run_directory(tmp_path, config):
     save_config(config, tmp_path / "config.toml")
-    records = [{"step": s, "tokens": s * 4096, "loss": 4.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 9000.0,
-                "mfu": 0.3, "mem_gb": 0.4, "step_time_s": 0.45, "skipped_steps": 0} for s in (10, 20, 30)]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"truncated\n")
-    (tmp_path / "summary.json").write_text(json.dumps(
-        {"device": "cpu", "n_devices": 1, "peak_flops": 4e11, "median_step_time_s": 0.5,
-         "median_tokens_per_s": 8192.0, "mfu": 0.31}))
+    records = [
+        {
+            "step": s,
+            "tokens": s * 4096,
+            "loss": 4.0,
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "tokens_per_s": 9000.0,
+            "mfu": 0.3,
+            "mem_gb": 0.4,
+            "step_time_s": 0.45,
+            "skipped_steps": 0,
+        }
+        for s in (10, 20, 30)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + '\n{"truncated\n')
+    (tmp_path / "summary.json").write_text(
+        json.dumps(
+            {
+                "device": "cpu",
+                "n_devices": 1,
+                "peak_flops": 4e11,
+                "median_step_time_s": 0.5,
+                "median_tokens_per_s": 8192.0,
+                "mfu": 0.31,
+            }
+        )
+    )
     cal = calibrate(tmp_path)
     assert cal.measured == {"step_time_s": 0.5, "tokens_per_s": 8192.0, "mfu": 0.31}
     assert cal.error("step_time_s") == pytest.approx(cal.predicted["step_time_s"] / 0.5 - 1)
@@ -83,8 +105,14 @@ def test_a_cpu_profile_replaces_the_catalogue_guesses(config):
 
 def test_calibrate_uses_the_profile_in_the_summary(tmp_path, config):
     save_config(config, tmp_path / "config.toml")
-    summary = {"device": "cpu", "n_devices": 1, "peak_flops": 2e12, "median_step_time_s": 0.5,
-               "median_tokens_per_s": 8192.0, "mfu": 0.31}
+    summary = {
+        "device": "cpu",
+        "n_devices": 1,
+        "peak_flops": 2e12,
+        "median_step_time_s": 0.5,
+        "median_tokens_per_s": 8192.0,
+        "mfu": 0.31,
+    }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     without = calibrate(tmp_path).predicted["step_time_s"]
     summary["device_profile"] = {"peak_flops": 2e12, "attention_efficiency": 0.05, "memory_bandwidth": 6e9}

@@ -14,8 +14,13 @@ EFF = comm.BUS_EFFICIENCY
 @pytest.fixture()
 def gpu():
     # Round numbers: 100 GB/s NVLink, 10 GB/s network per GPU, 10 us per network hop.
-    return dataclasses.replace(load_catalogue().gpu("h100"), nvlink_domain=8, nvlink_bandwidth=100e9,
-                               scaleout_bandwidth=10e9, scaleout_latency=10e-6)
+    return dataclasses.replace(
+        load_catalogue().gpu("h100"),
+        nvlink_domain=8,
+        nvlink_bandwidth=100e9,
+        scaleout_bandwidth=10e9,
+        scaleout_latency=10e-6,
+    )
 
 
 def test_group_placement():
@@ -46,8 +51,7 @@ def test_hierarchical_reduce_scatter(gpu):
 def test_tree_latency_wins_at_100k_gpus(gpu):
     g = comm.Group(100_000, 1)
     small = comm.all_reduce(8.0, g, gpu)  # latency-bound
-    assert small == pytest.approx(2 * (math.ceil(math.log2(100_000)) * 10e-6 + (1 - 1e-5) * 8 / (10e9 * EFF)),
-                                  rel=1e-3)
+    assert small == pytest.approx(2 * (math.ceil(math.log2(100_000)) * 10e-6 + (1 - 1e-5) * 8 / (10e9 * EFF)), rel=1e-3)
     assert small < 1e-3  # a ring would take 2 s of hops
 
 

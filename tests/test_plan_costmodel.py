@@ -22,9 +22,11 @@ def h100():
 def test_gemm_shapes_reproduce_the_trainer_flops(name):
     cfg = get_preset(name)
     a = model_arithmetic(cfg, 2048)
-    per_token = (a.n_moe_layers * sum(m.params * m.uses for m in layer_matmuls(cfg, True))
-                 + (cfg.n_layers - a.n_moe_layers) * sum(m.params * m.uses for m in layer_matmuls(cfg, False))
-                 + head_matmul(cfg).params)
+    per_token = (
+        a.n_moe_layers * sum(m.params * m.uses for m in layer_matmuls(cfg, True))
+        + (cfg.n_layers - a.n_moe_layers) * sum(m.params * m.uses for m in layer_matmuls(cfg, False))
+        + head_matmul(cfg).params
+    )
     assert 6 * per_token + a.attention_flops_per_token == a.flops_per_token
 
 
@@ -68,12 +70,23 @@ def test_tensor_parallel_traffic_per_layer(h100):
     assert moe is None
     assert dense.tp == pytest.approx(2 * comm.all_reduce(activation, comm.Group(8, 8), h100))
     sw = Software()
-    assert dense.forward(sw) == pytest.approx(dense.gemm + dense.attention + dense.elementwise + dense.overhead + dense.tp)
+    assert dense.forward(sw) == pytest.approx(
+        dense.gemm + dense.attention + dense.elementwise + dense.overhead + dense.tp
+    )
 
 
 def _layer(**kw):
-    base = dict(gemm=10.0, expert_gemm=0.0, attention=2.0, elementwise=1.0, tp=0.5, cp=0.0, ep=0.0,
-                overhead=0.1, attention_backward_ratio=2.5)
+    base = dict(
+        gemm=10.0,
+        expert_gemm=0.0,
+        attention=2.0,
+        elementwise=1.0,
+        tp=0.5,
+        cp=0.0,
+        ep=0.0,
+        overhead=0.1,
+        attention_backward_ratio=2.5,
+    )
     base.update(kw)
     return LayerCost(**base)
 
@@ -93,7 +106,8 @@ def test_recompute_overheads():
 def test_expert_all_to_all_hidden_only_with_dualpipe_overlap():
     c = _layer(ep=4.0)
     assert c.forward(Software()) - c.forward(Software(ep_overlap=True)) == pytest.approx(
-        4.0 - costmodel.OVERLAP_INTERFERENCE * 4.0)
+        4.0 - costmodel.OVERLAP_INTERFERENCE * 4.0
+    )
 
 
 def test_pipeline_bubble_and_step_assembly(h100):
@@ -104,8 +118,9 @@ def test_pipeline_bubble_and_step_assembly(h100):
     stage, _ = cm.stage_time(lay)
     micro = stage + est.breakdown["pp_comm"] / lay.grad_accum
     assert est.breakdown["bubble"] == pytest.approx((4 - 1) / 2 * micro)
-    assert est.step_time == pytest.approx(8 * micro + est.breakdown["bubble"] + est.breakdown["dp_comm"]
-                                          + est.breakdown["optimizer"])
+    assert est.step_time == pytest.approx(
+        8 * micro + est.breakdown["bubble"] + est.breakdown["dp_comm"] + est.breakdown["optimizer"]
+    )
     assert sum(est.breakdown.values()) == pytest.approx(est.step_time)
 
 
@@ -155,8 +170,10 @@ def test_fp8_knee_scales_with_the_fp8_to_bf16_peak_ratio(h100):
 
 def _deepseek(mtp_depth=0):
     from colossuslm.plan.workload import LatentAttention
-    mla = LatentAttention(n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                          qk_rope_head_dim=64, v_head_dim=128)
+
+    mla = LatentAttention(
+        n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+    )
     return dataclasses.replace(resolve_model("deepseek-v3-like", 4096), mla=mla, mtp_depth=mtp_depth)
 
 
@@ -166,16 +183,21 @@ def test_mla_flops_and_attention_core_by_hand(h100):
     mla_params = d * 1536 + 1536 * 128 * 192 + d * (512 + 64) + 512 * 128 * 256 + 128 * 128 * d
     gqa_params = d * 128 * (64 + 32) + 64 * 128 * d
     base = work.arithmetic
-    expected = (base.flops_per_token - base.attention_flops_per_token + 6 * L * (mla_params - gqa_params)
-                + 6 * L * 128 * (192 + 128) * s)
+    expected = (
+        base.flops_per_token
+        - base.attention_flops_per_token
+        + 6 * L * (mla_params - gqa_params)
+        + 6 * L * 128 * (192 + 128) * s
+    )
     assert work.flops_per_token == pytest.approx(expected)
     # Active matmul parameters ~36.1B as DeepSeek states (37B with both vocabulary matrices):
     # 6 x 36.1e9 plus the non-causal attention 6 L H (192 + 128) s = 6.14e10.
     assert work.flops_per_token == pytest.approx(6 * 36.1e9 + 6.14e10, rel=0.02)
     # Flash attention core, one layer, micro-batch 1: 2 x s x s x 128 x (192 + 128) / 2 FLOPs.
     t, ratio = CostModel(work, h100)._attention(1, 1, 1, Software())
-    assert t == pytest.approx(2 * s * s * 128 * 320 * 0.5 / (h100.peak_bf16 * h100.attention_efficiency)
-                              + h100.kernel_overhead)
+    assert t == pytest.approx(
+        2 * s * s * 128 * 320 * 0.5 / (h100.peak_bf16 * h100.attention_efficiency) + h100.kernel_overhead
+    )
     assert ratio == costmodel.FLASH_BACKWARD_RATIO
 
 

@@ -18,10 +18,19 @@ def test_builtin_catalogue():
     assert cat.cluster("whatif-1m").n_gpus == 1_000_000
 
 
-@pytest.mark.parametrize("device, name", [
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
-    ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA H800", "h800"), ("NVIDIA B200", "b200"),
-    ("NVIDIA GB200", "gb200"), ("cpu", "cpu")])
+@pytest.mark.parametrize(
+    "device, name",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("NVIDIA H800", "h800"),
+        ("NVIDIA B200", "b200"),
+        ("NVIDIA GB200", "gb200"),
+        ("cpu", "cpu"),
+    ],
+)
 def test_device_names(device, name):
     assert load_catalogue().match_device(device).name == name
 

@@ -30,9 +30,14 @@ def test_goodput():
 
 
 def test_assess_counts_interruptions():
-    r = rel.assess(n_gpus=16384, params=405_000_000_000, compute_s=30 * 86400,
-                   failures_per_gpu_hour=rel.LLAMA3_FAILURES_PER_GPU_HOUR,
-                   storage_write_bandwidth=2e12, restart_s=600)
+    r = rel.assess(
+        n_gpus=16384,
+        params=405_000_000_000,
+        compute_s=30 * 86400,
+        failures_per_gpu_hour=rel.LLAMA3_FAILURES_PER_GPU_HOUR,
+        storage_write_bandwidth=2e12,
+        restart_s=600,
+    )
     assert r.checkpoint_bytes == 405e9 * rel.CHECKPOINT_BYTES_PER_PARAM
     assert r.checkpoint_write_s == pytest.approx(405e9 * 14 / 2e12)
     wall = 30 * 86400 / r.goodput

@@ -36,7 +36,7 @@ def test_families_that_cannot_fit_say_why():
     reasons = {f: o.why(gpu.hbm_bytes) for f, o in result.families.items()}
     assert "does not fit" in reasons["DP+TP"]
     with pytest.raises(Exception, match="no layout fits"):
-        result.best
+        _ = result.best
 
 
 def test_batch_smaller_than_data_parallel_ranks_is_rejected():
@@ -49,8 +49,9 @@ def test_batch_smaller_than_data_parallel_ranks_is_rejected():
 def test_fixed_fields_are_respected():
     work = resolve_model("llama3-70b", 8192)
     result = search(work, load_catalogue().gpu("h100"), 256, 512, fixed={"tp": 4, "pp": 4, "recompute": "full"})
-    assert result.ranked and all((e.layout.tp, e.layout.pp, e.layout.recompute) == (4, 4, "full")
-                                 for e in result.ranked)
+    assert result.ranked and all(
+        (e.layout.tp, e.layout.pp, e.layout.recompute) == (4, 4, "full") for e in result.ranked
+    )
 
 
 def test_moe_uses_expert_parallelism_dividing_the_experts():

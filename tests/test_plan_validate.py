@@ -4,8 +4,14 @@ import statistics
 
 import pytest
 
-from colossuslm.plan.validate import (TARGET_MAX, TARGET_MEDIAN, load_runs, megatron_flops_per_token,
-                                      published_tokens_per_s_per_gpu, validate)
+from colossuslm.plan.validate import (
+    TARGET_MAX,
+    TARGET_MEDIAN,
+    load_runs,
+    megatron_flops_per_token,
+    published_tokens_per_s_per_gpu,
+    validate,
+)
 
 
 def _run(run_id):
@@ -23,8 +29,8 @@ def test_every_row_cites_a_source_and_states_its_layout():
 
 def test_megatron_flop_formula_on_the_1t_row():
     run = _run("megatron21-1t")
-    h, l, s, v = 25600, 128, 2048, 51200
-    per_token = 96 * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    h, layers, s, v = 25600, 128, 2048, 51200
+    per_token = 96 * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
     assert megatron_flops_per_token(run.work, recompute=True) == pytest.approx(per_token)
     # 163 TFLOP/s per GPU x 3072 GPUs is the paper's 502 PFLOP/s
     assert published_tokens_per_s_per_gpu(run, 312e12) == pytest.approx(163e12 / per_token)

@@ -25,8 +25,9 @@ HI = [{"role": "user", "content": "Hello there! How are you?"}]
 def server(tmp_path_factory):
     ckpt = make_checkpoint(tmp_path_factory.mktemp("api"))
     engine = AsyncEngine(LLMEngine.from_checkpoint(ckpt, device="cpu", config=EngineConfig(max_num_seqs=4))).start()
-    settings = ServerSettings(model_name=MODEL, api_key=KEY, max_concurrent_requests=MAX_CONCURRENT,
-                              max_body_bytes=32 * 1024)
+    settings = ServerSettings(
+        model_name=MODEL, api_key=KEY, max_concurrent_requests=MAX_CONCURRENT, max_body_bytes=32 * 1024
+    )
     with ServerThread(create_app(engine, settings)) as srv:
         srv.engine = engine
         yield srv
@@ -41,8 +42,9 @@ def client(server):
 def post(server, path: str, body, key: str | None = KEY, timeout: float = 30) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{server.url}{path}", content=content, headers=headers | {"Content-Type": "application/json"},
-                      timeout=timeout)
+    return httpx.post(
+        f"{server.url}{path}", content=content, headers=headers | {"Content-Type": "application/json"}, timeout=timeout
+    )
 
 
 def wait_until_idle(server, timeout: float = 5.0) -> None:
@@ -76,8 +78,9 @@ def test_models_health_and_completion(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-    reply = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=7, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    reply = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
     tokenizer = server.engine.tokenizer
     assert reply.object == "text_completion" and reply.choices[0].finish_reason == "length"
     assert reply.usage.prompt_tokens == len(tokenizer.encode("The quick brown fox").ids)
@@ -95,8 +98,9 @@ def test_chat_plain_and_streamed_agree(client):
     plain = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, temperature=0)
     choice = plain.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    stream = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
@@ -107,19 +111,26 @@ def test_chat_plain_and_streamed_agree(client):
 
 def test_sse_wire_format_ends_with_done(server):
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
-    last = json.loads(events[-2][len("data: "):])
+    last = json.loads(events[-2][len("data: ") :])
     assert last["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_seed_makes_sampling_reproducible(client):
     def ask(seed):
-        return client.chat.completions.create(model=MODEL, messages=HI, max_tokens=16, temperature=1.0,
-                                              top_p=0.95, seed=seed).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=MODEL, messages=HI, max_tokens=16, temperature=1.0, top_p=0.95, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
+
     assert ask(11) == ask(11)
 
 
@@ -128,8 +139,14 @@ def test_concurrent_requests_are_all_served(server, client):
 
     def worker(i):
         try:
-            reply = client.completions.create(model=MODEL, prompt=f"Request number {i}", max_tokens=10 + i,
-                                              temperature=0.8, seed=i, extra_body={"ignore_eos": True})
+            reply = client.completions.create(
+                model=MODEL,
+                prompt=f"Request number {i}",
+                max_tokens=10 + i,
+                temperature=0.8,
+                seed=i,
+                extra_body={"ignore_eos": True},
+            )
             results[i] = reply.usage.completion_tokens
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
@@ -143,17 +160,20 @@ def test_concurrent_requests_are_all_served(server, client):
     wait_until_idle(server)
 
 
-@pytest.mark.parametrize("body, status, fragment", [
-    (b'{"model": "tiny-test", "prompt": ', 400, "not valid JSON"),
-    ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
-    ({"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n = 1"),
-    ({"model": MODEL, "prompt": "word " * 200}, 400, "maximum context length is 128"),
-    ({"model": MODEL}, 400, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        (b'{"model": "tiny-test", "prompt": ', 400, "not valid JSON"),
+        ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n = 1"),
+        ({"model": MODEL, "prompt": "word " * 200}, 400, "maximum context length is 128"),
+        ({"model": MODEL}, 400, "prompt"),
+    ],
+)
 def test_bad_completion_requests(server, body, status, fragment):
     response = post(server, "/v1/completions", body)
     assert response.status_code == status
@@ -161,11 +181,14 @@ def test_bad_completion_requests(server, body, status, fragment):
     assert fragment in error["message"] and error["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("messages, fragment", [
-    ([{"role": "wizard", "content": "hi"}], "role"),
-    ([{"role": "user", "content": "word " * 200}], "maximum context length"),
-    ([], "messages"),
-])
+@pytest.mark.parametrize(
+    "messages, fragment",
+    [
+        ([{"role": "wizard", "content": "hi"}], "role"),
+        ([{"role": "user", "content": "word " * 200}], "maximum context length"),
+        ([], "messages"),
+    ],
+)
 def test_bad_chat_requests(client, messages, fragment):
     with pytest.raises(openai.BadRequestError, match=fragment):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
@@ -196,8 +219,13 @@ def test_body_size_limit(server):
 def test_client_disconnect_mid_stream_frees_its_slot(server):
     body = {"model": MODEL, "messages": HI, "max_tokens": 100, "stream": True, "ignore_eos": True}
     with slow_engine(server):
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=30,
+        ) as response:
             events = (line for line in response.iter_lines() if line)
             for _ in range(3):  # the role chunk, then generated text
                 assert next(events).startswith("data: ")
@@ -231,9 +259,14 @@ def test_metrics_are_prometheus_text(server, client):
     text = httpx.get(f"{server.url}/metrics").text
     assert 'colossus_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert 'colossus_requests_total{endpoint="/v1/completions",status="400"}' in text
-    for name in ("colossus_time_to_first_token_seconds_count", "colossus_request_latency_seconds_bucket",
-                 "colossus_generation_tokens_total", "colossus_prompt_tokens_total", "colossus_requests_running",
-                 "colossus_kv_cache_usage_ratio"):
+    for name in (
+        "colossus_time_to_first_token_seconds_count",
+        "colossus_request_latency_seconds_bucket",
+        "colossus_generation_tokens_total",
+        "colossus_prompt_tokens_total",
+        "colossus_requests_running",
+        "colossus_kv_cache_usage_ratio",
+    ):
         assert name in text
     generated = next(line for line in text.splitlines() if line.startswith("colossus_generation_tokens_total "))
     assert float(generated.split()[1]) > 0

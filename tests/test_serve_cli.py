@@ -25,8 +25,9 @@ def test_sample_prints_the_engines_greedy_continuation(ckpt, capsys):
     assert main(["sample", str(ckpt), "--prompt", "Hello there", "--max-tokens", "12", "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
     engine = LLMEngine.from_checkpoint(ckpt, device="cpu")
-    expected = engine.generate([engine.tokenizer.encode("Hello there").ids],
-                               SamplingParams(max_tokens=12, temperature=0))[0].text
+    expected = engine.generate(
+        [engine.tokenizer.encode("Hello there").ids], SamplingParams(max_tokens=12, temperature=0)
+    )[0].text
     assert printed == expected + "\n"
 
 
@@ -64,8 +65,22 @@ def test_chat_session_forgets_old_turns_to_fit_the_context(ckpt):
 def test_serve_command_runs_a_server(ckpt):
     port = free_port()
     env = dict(os.environ, COLOSSUS_API_KEY="k")
-    process = subprocess.Popen([sys.executable, "-m", "colossuslm.cli.main", "serve", str(ckpt), "--port", str(port),
-                                "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "colossuslm.cli.main",
+            "serve",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -37,8 +37,10 @@ def test_truncate_keeps_at_least_the_best_token():
     assert ids[0, 0] == 1 and torch.isfinite(sorted_logits[0]).tolist() == [True, False, False]
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=1.5), dict(top_k=-2), dict(max_tokens=0),
-                                    dict(stop=[""]), dict(seed=2**70)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(temperature=-0.1), dict(top_p=1.5), dict(top_k=-2), dict(max_tokens=0), dict(stop=[""]), dict(seed=2**70)],
+)
 def test_out_of_range_parameters(kwargs):
     with pytest.raises(InvalidRequestError, match=next(iter(kwargs))):
         SamplingParams(**kwargs).validate()

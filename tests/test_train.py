@@ -18,9 +18,18 @@ from colossuslm.train.checkpoint import list_checkpoints
 from colossuslm.train.metrics import read_metrics
 from colossuslm.train.trainer import Trainer
 
-MICRO = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.ffn_hidden=128", "data.seq_len=64", "train.micro_batch_size=8", "train.progress=false",
-         "train.warmup_steps=5", "train.eval_batches=4"]
+MICRO = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "data.seq_len=64",
+    "train.micro_batch_size=8",
+    "train.progress=false",
+    "train.warmup_steps=5",
+    "train.eval_batches=4",
+]
 
 
 def micro_config(tmp_path: Path, *extra: str):
@@ -34,8 +43,18 @@ def test_tiny_run_learns(tmp_path):
     assert summary["final_val_loss"] < summary["first_val_loss"] - 2.0  # from ~9.0 (ln 8192)
     assert 0 < summary["mfu"] < 1 and summary["median_tokens_per_s"] > 0
     records = read_metrics(cfg.train.run_dir + "/tiny")
-    keys = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "step_time_s",
-            "skipped_steps"}
+    keys = {
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "mem_gb",
+        "step_time_s",
+        "skipped_steps",
+    }
     assert keys <= set(records[1])
     assert any("val_loss" in r for r in records)
     assert list((Path(cfg.train.run_dir) / "tiny" / "tb").iterdir())  # TensorBoard events written
@@ -55,22 +74,32 @@ class StopAfter(Trainer):
 
 @pytest.mark.parametrize("preset_args", [[], ["model.n_experts=4", "model.top_k=2"]], ids=["dense", "moe"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, preset_args):
-    common = ["train.steps=14", "train.log_every=1", "train.eval_every=5", "train.ckpt_every=5",
-              "train.grad_accum=2", *preset_args]
+    common = [
+        "train.steps=14",
+        "train.log_every=1",
+        "train.eval_every=5",
+        "train.ckpt_every=5",
+        "train.grad_accum=2",
+        *preset_args,
+    ]
     straight = micro_config(tmp_path, "train.name=straight", *common)
     Trainer(straight, log=lambda _: None).fit()
 
     broken = micro_config(tmp_path, "train.name=broken", *common)
     first = StopAfter(broken, log=lambda _: None).fit()
     assert first["interrupted"] and first["steps"] == 7
-    assert [p.name for p in list_checkpoints(Path(broken.train.run_dir) / "broken" / "checkpoints")][-1] == "step_00000007"
+    assert [p.name for p in list_checkpoints(Path(broken.train.run_dir) / "broken" / "checkpoints")][
+        -1
+    ] == "step_00000007"
     messages = []
     Trainer(broken, log=messages.append).fit()
     assert any("resumed from" in m for m in messages)
 
     def curve(name):
-        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss"))
-                for r in read_metrics(Path(straight.train.run_dir) / name)]
+        return [
+            (r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss"))
+            for r in read_metrics(Path(straight.train.run_dir) / name)
+        ]
 
     assert curve("broken") == curve("straight")  # bit-for-bit, not approximately
 
@@ -106,11 +135,22 @@ def test_resume_refuses_a_different_model(tmp_path):
 
 def test_cli_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     run_dir = tmp_path / "runs"
-    args = [sys.executable, "-m", "colossuslm.cli.main", "train", "--no-progress",
-            *[f"--set={o}" for o in MICRO], f"--set=train.run_dir={run_dir}", "--set=train.steps=100000",
-            "--set=train.log_every=1", "--set=train.eval_every=100000", "--set=train.ckpt_every=100000"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "colossuslm.cli.main",
+        "train",
+        "--no-progress",
+        *[f"--set={o}" for o in MICRO],
+        f"--set=train.run_dir={run_dir}",
+        "--set=train.steps=100000",
+        "--set=train.log_every=1",
+        "--set=train.eval_every=100000",
+        "--set=train.ckpt_every=100000",
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
     metrics = run_dir / "tiny" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):

@@ -36,8 +36,18 @@ FSDP_STEPS, LR, MAX_GRAD_NORM = 3, 1e-2, 0.5  # the clip is active: grad norms a
 
 
 def tiny_config(n_experts: int = 4) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
-                       max_seq_len=SEQ, n_experts=n_experts, top_k=2, moe_ffn_hidden=24)
+    return ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=48,
+        max_seq_len=SEQ,
+        n_experts=n_experts,
+        top_k=2,
+        moe_ffn_hidden=24,
+    )
 
 
 def build_model(cfg: ModelConfig, favour: list[int] | None = None, seed: int = SEED) -> Transformer:
@@ -96,8 +106,11 @@ def reference_training(cfg: ModelConfig, n_ranks: int) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "grad_norms": grad_norms,
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -132,8 +145,11 @@ def run_fsdp(model, meshes, expert_params, dp_rank, dp_size) -> dict:
         optimizer.zero_grad()
         dist.all_reduce(loss := loss.detach(), group=meshes.dp.get_group())
         losses.append(loss.item() / dp_size)
-    return {"losses": losses, "grad_norms": grad_norms,
-            "params": {n: full(p.detach()).clone() for n, p in model.named_parameters()}}
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "params": {n: full(p.detach()).clone() for n, p in model.named_parameters()},
+    }
 
 
 def run_checkpoint(model, meshes, expert_params, dp_rank, dp_size, out: Path) -> dict:
@@ -147,8 +163,10 @@ def run_checkpoint(model, meshes, expert_params, dp_rank, dp_size, out: Path) ->
         indivisible_error = ""
     except ColossusError as error:
         indivisible_error = str(error)
-    return {"loaded": {n: full(p.detach()).clone() for n, p in model.named_parameters()},
-            "indivisible_error": indivisible_error}
+    return {
+        "loaded": {n: full(p.detach()).clone() for n, p in model.named_parameters()},
+        "indivisible_error": indivisible_error,
+    }
 
 
 def main() -> None:

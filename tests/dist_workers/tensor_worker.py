@@ -24,8 +24,9 @@ from colossuslm.parallel.tensor import apply_tensor_parallel
 
 def one_case(mesh, sequence_parallel: bool, moe: bool) -> dict:
     extra = {"n_experts": 4, "top_k": 2} if moe else {}
-    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-                      max_seq_len=64, **extra)
+    cfg = ModelConfig(
+        vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64, **extra
+    )
     torch.manual_seed(0)
     reference = Transformer(cfg)
     model = Transformer(cfg)

@@ -11,8 +11,9 @@ HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ct
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("chat", help="chat with a checkpoint in the terminal",
-                                   description="Streaming terminal chat. " + HELP)
+    parser = subparsers.add_parser(
+        "chat", help="chat with a checkpoint in the terminal", description="Streaming terminal chat. " + HELP
+    )
     add_model_args(parser)
     parser.add_argument("--system", default=None, help="system message that opens the conversation")
     add_sampling_args(parser, max_tokens=256, temperature=0.7)

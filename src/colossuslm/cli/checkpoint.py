@@ -10,8 +10,11 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("checkpoint", help="inspect and verify checkpoints")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    verify = actions.add_parser("verify", help="check every file of a checkpoint (or of all checkpoints of "
-                                               "a run directory) against its manifest's sizes and sha256")
+    verify = actions.add_parser(
+        "verify",
+        help="check every file of a checkpoint (or of all checkpoints of "
+        "a run directory) against its manifest's sizes and sha256",
+    )
     verify.add_argument("path", type=Path, help="a checkpoint directory or a run directory")
     verify.set_defaults(handler=run_verify)
 
@@ -44,6 +47,8 @@ def run_verify(args: argparse.Namespace) -> int:
             continue
         size = sum(f["bytes"] for f in manifest["files"].values())
         state = json.loads((candidate / "trainer_state.json").read_text())
-        print(f"OK   {candidate}: step {state['step']}, {len(manifest['files'])} files, {size / 1e6:.1f} MB, "
-              f"written by {manifest.get('world_size', 1)} rank(s)")
+        print(
+            f"OK   {candidate}: step {state['step']}, {len(manifest['files'])} files, {size / 1e6:.1f} MB, "
+            f"written by {manifest.get('world_size', 1)} rank(s)"
+        )
     return 1 if bad else 0

@@ -7,14 +7,20 @@ import argparse
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a checkpoint for transformers / vLLM",
+        "export",
+        help="export a checkpoint for transformers / vLLM",
         description="Write config.json, model.safetensors and tokenizer files in the LlamaForCausalLM "
-                    "(dense) or MixtralForCausalLM (MoE) layout.")
+        "(dense) or MixtralForCausalLM (MoE) layout.",
+    )
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, or a run directory")
     parser.add_argument("out", metavar="OUT", help="directory to write (must be new or empty unless --force)")
     parser.add_argument("--format", default="hf", choices=["hf"], help="output format (default hf)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="weight dtype in the export (default fp32, exactly as trained)")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="weight dtype in the export (default fp32, exactly as trained)",
+    )
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUT")
     parser.set_defaults(handler=run)
 
@@ -23,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from colossuslm.serve.export import export_hf
 
     out = export_hf(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
-    print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
-          f"or serve it with vLLM")
+    print(
+        f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+        f"or serve it with vLLM"
+    )
     return 0

@@ -58,12 +58,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def render_sbatch(args: argparse.Namespace) -> str:
     train_args = [*args.configs, *[a for o in args.overrides for a in ("--set", o)], "--no-progress"]
     return SBATCH_TEMPLATE.format(
-        job_name=args.job_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task, time=args.time, log_dir="logs",
+        job_name=args.job_name,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        log_dir="logs",
         partition_line=f"#SBATCH --partition={args.partition}\n" if args.partition else "",
         account_line=f"#SBATCH --account={args.account}\n" if args.account else "",
-        omp_threads=max(1, args.cpus_per_task // max(1, args.gpus_per_node)), python=shlex.quote(args.python),
-        port=args.port, max_restarts=args.max_restarts, train_args=" ".join(shlex.quote(a) for a in train_args))
+        omp_threads=max(1, args.cpus_per_task // max(1, args.gpus_per_node)),
+        python=shlex.quote(args.python),
+        port=args.port,
+        max_restarts=args.max_restarts,
+        train_args=" ".join(shlex.quote(a) for a in train_args),
+    )
 
 
 def run_slurm(args: argparse.Namespace) -> int:
@@ -77,13 +85,17 @@ def run_slurm(args: argparse.Namespace) -> int:
     cfg = load_config(args.configs, args.overrides)
     dims = ParallelDims.resolve(cfg.parallel, world)  # the layout must fit the job before it queues
     if dims.tp > args.gpus_per_node:
-        raise ColossusError(f"parallel.tp = {dims.tp} spans nodes ({args.gpus_per_node} GPUs each); keep "
-                            f"tensor parallelism inside a node's NVLink domain")
+        raise ColossusError(
+            f"parallel.tp = {dims.tp} spans nodes ({args.gpus_per_node} GPUs each); keep "
+            f"tensor parallelism inside a node's NVLink domain"
+        )
     for override in args.overrides:
         parse_override(override)
     args.out.write_text(render_sbatch(args))
     args.out.chmod(0o755)
-    print(f"wrote {args.out}: {args.nodes} nodes x {args.gpus_per_node} GPUs = {world} ranks "
-          f"(dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {dims.tp}, ep {dims.ep})")
+    print(
+        f"wrote {args.out}: {args.nodes} nodes x {args.gpus_per_node} GPUs = {world} ranks "
+        f"(dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {dims.tp}, ep {dims.ep})"
+    )
     print(f"submit with:  mkdir -p logs && sbatch {args.out}")
     return 0

@@ -23,52 +23,84 @@ EXAMPLES = """examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "plan", help="plan training at cluster scale: layouts, time, cost, power, failures",
+        "plan",
+        help="plan training at cluster scale: layouts, time, cost, power, failures",
         description="Search parallel layouts (TP inside the NVLink domain, PP, CP, EP, DP, micro-batch, "
-                    "recomputation, ZeRO) for a model on a cluster, rank them by throughput, and project "
-                    "a run of --tokens tokens: days, GPU-hours, cost, energy, expected failures, checkpoint "
-                    "interval and goodput.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="grok-1",
-                        help="model preset (grok-1, llama3-8b/70b/405b, deepseek-v3-like, ...) or a TOML "
-                             "file with a [model] table (default grok-1)")
-    parser.add_argument("--cluster", default="colossus-100k",
-                        help="cluster preset (colossus-100k, colossus-200k, whatif-1m, ...) or a GPU name "
-                             "(h100, a100-80gb, b200, ...) with --gpus (default colossus-100k)")
+        "recomputation, ZeRO) for a model on a cluster, rank them by throughput, and project "
+        "a run of --tokens tokens: days, GPU-hours, cost, energy, expected failures, checkpoint "
+        "interval and goodput.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default="grok-1",
+        help="model preset (grok-1, llama3-8b/70b/405b, deepseek-v3-like, ...) or a TOML "
+        "file with a [model] table (default grok-1)",
+    )
+    parser.add_argument(
+        "--cluster",
+        default="colossus-100k",
+        help="cluster preset (colossus-100k, colossus-200k, whatif-1m, ...) or a GPU name "
+        "(h100, a100-80gb, b200, ...) with --gpus (default colossus-100k)",
+    )
     parser.add_argument("--gpus", type=int, help="GPUs to use (default: the whole cluster)")
     parser.add_argument("--tokens", type=float, default=1e12, help="training tokens of the run (default 1e12)")
     parser.add_argument("--seq-len", type=int, help="sequence length (default: the model's max_seq_len)")
-    parser.add_argument("--batch-tokens", type=float,
-                        help="global batch in tokens (default: 1,024 per GPU, at least 4M)")
-    parser.add_argument("--fix", action="append", default=[], metavar="KEY=VALUE",
-                        help="pin a layout field: tp, pp, cp, ep, vp, micro_batch, recompute, zero "
-                             "(repeatable, or comma-separated: --fix tp=8,pp=16)")
+    parser.add_argument(
+        "--batch-tokens", type=float, help="global batch in tokens (default: 1,024 per GPU, at least 4M)"
+    )
+    parser.add_argument(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pin a layout field: tp, pp, cp, ep, vp, micro_batch, recompute, zero "
+        "(repeatable, or comma-separated: --fix tp=8,pp=16)",
+    )
     parser.add_argument("--fp8", action="store_true", help="GEMMs in fp8 (Hopper and later)")
     parser.add_argument("--tp-overlap", action="store_true", help="assume TP collectives overlap GEMMs")
-    parser.add_argument("--ep-overlap", action="store_true",
-                        help="assume expert all-to-alls hide behind another micro-batch (DualPipe-style)")
-    parser.add_argument("--ep-max-domains", type=int, default=0, metavar="N",
-                        help="node-limited routing: each token's experts span at most N NVLink domains "
-                             "(DeepSeek-V3 uses 4); 0 = plain all-to-all")
+    parser.add_argument(
+        "--ep-overlap",
+        action="store_true",
+        help="assume expert all-to-alls hide behind another micro-batch (DualPipe-style)",
+    )
+    parser.add_argument(
+        "--ep-max-domains",
+        type=int,
+        default=0,
+        metavar="N",
+        help="node-limited routing: each token's experts span at most N NVLink domains "
+        "(DeepSeek-V3 uses 4); 0 = plain all-to-all",
+    )
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     parser.add_argument("--hardware-file", metavar="TOML", help="extra [gpu.NAME]/[cluster.NAME] tables")
-    parser.add_argument("--sweep", metavar="gpus=N1,N2,...",
-                        help="best layout at each GPU count; '...' fills x4 steps (gpus=1024,...,1000000)")
+    parser.add_argument(
+        "--sweep",
+        metavar="gpus=N1,N2,...",
+        help="best layout at each GPU count; '...' fills x4 steps (gpus=1024,...,1000000)",
+    )
     parser.add_argument("--plot", metavar="FILE.png", help="with --sweep: draw the scaling curves")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(handler=_plan)
 
     actions = parser.add_subparsers(dest="plan_action", metavar="ACTION")
-    validate = actions.add_parser("validate", help="predict published training runs and show the error",
-                                  description="Predict every published run in the package's table with the "
-                                              "one cost model and print predicted vs published with % error.")
+    validate = actions.add_parser(
+        "validate",
+        help="predict published training runs and show the error",
+        description="Predict every published run in the package's table with the "
+        "one cost model and print predicted vs published with % error.",
+    )
     validate.add_argument("--hardware-file", metavar="TOML", help="override catalogue entries")
     validate.add_argument("--json", action="store_true", help="print JSON instead of text")
     validate.set_defaults(handler=_validate)
 
-    calibrate = actions.add_parser("calibrate", help="compare the planner with a finished training run",
-                                   description="Read RUN_DIR's config.toml, metrics.jsonl and summary.json and "
-                                               "report the planner's error on step time, tokens/s and MFU.")
+    calibrate = actions.add_parser(
+        "calibrate",
+        help="compare the planner with a finished training run",
+        description="Read RUN_DIR's config.toml, metrics.jsonl and summary.json and "
+        "report the planner's error on step time, tokens/s and MFU.",
+    )
     calibrate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `colossus train`")
     calibrate.add_argument("--json", action="store_true", help="print JSON instead of text")
     calibrate.set_defaults(handler=_calibrate)
@@ -87,8 +119,9 @@ def parse_fixed(items: list[str]) -> dict:
             key, sep, value = pair.partition("=")
             key = key.strip().replace("-", "_")
             if not sep or key not in ints | {"recompute"}:
-                raise ColossusError(f"--fix {pair!r}: use KEY=VALUE with KEY one of "
-                                    f"{', '.join(sorted(ints | {'recompute'}))}")
+                raise ColossusError(
+                    f"--fix {pair!r}: use KEY=VALUE with KEY one of {', '.join(sorted(ints | {'recompute'}))}"
+                )
             if key == "recompute":
                 if value not in ("none", "selective", "full"):
                     raise ColossusError(f"--fix recompute={value}: choose none, selective or full")
@@ -108,8 +141,9 @@ def _software(args: argparse.Namespace):
 
     if args.ep_max_domains < 0:
         raise ColossusError("--ep-max-domains must be >= 0")
-    return Software(fp8=args.fp8, tp_overlap=args.tp_overlap, ep_overlap=args.ep_overlap,
-                    ep_max_domains=args.ep_max_domains)
+    return Software(
+        fp8=args.fp8, tp_overlap=args.tp_overlap, ep_overlap=args.ep_overlap, ep_max_domains=args.ep_max_domains
+    )
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -124,9 +158,18 @@ def _plan(args: argparse.Namespace) -> int:
     from colossuslm.plan.report import plan_dict, plan_text
 
     started = time.perf_counter()
-    plan = make_plan(args.model, args.cluster, args.tokens, gpus=args.gpus, seq_len=args.seq_len,
-                     batch_tokens=args.batch_tokens, software=_software(args), fixed=fixed,
-                     hardware_file=args.hardware_file, top=args.top)
+    plan = make_plan(
+        args.model,
+        args.cluster,
+        args.tokens,
+        gpus=args.gpus,
+        seq_len=args.seq_len,
+        batch_tokens=args.batch_tokens,
+        software=_software(args),
+        fixed=fixed,
+        hardware_file=args.hardware_file,
+        top=args.top,
+    )
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps(plan_dict(plan, seconds), indent=1))
@@ -140,13 +183,24 @@ def _sweep(args: argparse.Namespace, fixed: dict) -> int:
     from colossuslm.plan.sweep import parse_sweep, plot_sweep, run_sweep, sweep_rows
 
     counts = parse_sweep(args.sweep)
-    points = run_sweep(args.model, args.cluster, counts, args.tokens, seq_len=args.seq_len,
-                       batch_tokens=args.batch_tokens, software=_software(args), fixed=fixed,
-                       hardware_file=args.hardware_file)
+    points = run_sweep(
+        args.model,
+        args.cluster,
+        counts,
+        args.tokens,
+        seq_len=args.seq_len,
+        batch_tokens=args.batch_tokens,
+        software=_software(args),
+        fixed=fixed,
+        hardware_file=args.hardware_file,
+    )
     if args.plot:
         first = points[0].plan
-        plot_sweep(points, args.plot, f"{first.work.name} on {args.cluster} ({first.gpu.description}), "
-                                      f"{args.tokens:.3g} tokens")
+        plot_sweep(
+            points,
+            args.plot,
+            f"{first.work.name} on {args.cluster} ({first.gpu.description}), {args.tokens:.3g} tokens",
+        )
     if args.json:
         print(json.dumps([{"n_gpus": pt.n_gpus, **plan_dict(pt.plan)} for pt in points], indent=1))
     else:
@@ -170,9 +224,19 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     cal = calibrate(args.run_dir)
     if args.json:
-        print(json.dumps({"run_dir": cal.run_dir, "device": cal.device, "n_devices": cal.n_devices,
-                          "measured": cal.measured, "predicted": cal.predicted,
-                          "error": {k: cal.error(k) for k in ("step_time_s", "tokens_per_s", "mfu")}}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "run_dir": cal.run_dir,
+                    "device": cal.device,
+                    "n_devices": cal.n_devices,
+                    "measured": cal.measured,
+                    "predicted": cal.predicted,
+                    "error": {k: cal.error(k) for k in ("step_time_s", "tokens_per_s", "mfu")},
+                },
+                indent=1,
+            )
+        )
     else:
         print(calibration_text(cal))
     return 0
@@ -182,12 +246,16 @@ def _hardware(args: argparse.Namespace) -> int:
     from colossuslm.plan.hardware import load_catalogue
 
     cat = load_catalogue(args.hardware_file)
-    print(f"{'GPU':<12} {'bf16 TFLOP/s':>12} {'fp8':>6} {'HBM GB':>7} {'TB/s':>5} {'NVLink':>7} "
-          f"{'GB/s':>5} {'net GB/s':>8} {'TDP W':>6} {'$/h':>5}  description")
+    print(
+        f"{'GPU':<12} {'bf16 TFLOP/s':>12} {'fp8':>6} {'HBM GB':>7} {'TB/s':>5} {'NVLink':>7} "
+        f"{'GB/s':>5} {'net GB/s':>8} {'TDP W':>6} {'$/h':>5}  description"
+    )
     for g in cat.gpus.values():
-        print(f"{g.name:<12} {g.peak_bf16 / 1e12:>12.0f} {g.peak_fp8 / 1e12:>6.0f} {g.hbm_bytes / 1e9:>7.1f} "
-              f"{g.hbm_bandwidth / 1e12:>5.2f} {g.nvlink_domain:>7} {g.nvlink_bandwidth / 1e9:>5.0f} "
-              f"{g.scaleout_bandwidth / 1e9:>8.1f} {g.tdp_w:>6.0f} {g.price_per_hour:>5.2f}  {g.description}")
+        print(
+            f"{g.name:<12} {g.peak_bf16 / 1e12:>12.0f} {g.peak_fp8 / 1e12:>6.0f} {g.hbm_bytes / 1e9:>7.1f} "
+            f"{g.hbm_bandwidth / 1e12:>5.2f} {g.nvlink_domain:>7} {g.nvlink_bandwidth / 1e9:>5.0f} "
+            f"{g.scaleout_bandwidth / 1e9:>8.1f} {g.tdp_w:>6.0f} {g.price_per_hour:>5.2f}  {g.description}"
+        )
     print()
     for c in cat.clusters.values():
         pools = " + ".join(f"{p.count:,} {p.gpu.name}" for p in c.pools)

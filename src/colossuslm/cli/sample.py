@@ -9,12 +9,18 @@ from colossuslm.cli._serve_args import add_model_args, add_sampling_args, load_e
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("sample", help="generate text from a checkpoint",
-                                   description="Continue a prompt with a trained model and print the text.")
+    parser = subparsers.add_parser(
+        "sample",
+        help="generate text from a checkpoint",
+        description="Continue a prompt with a trained model and print the text.",
+    )
     add_model_args(parser)
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
-    parser.add_argument("--chat", action="store_true",
-                        help="treat the prompt as a user message in the chat template and print the reply")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="treat the prompt as a user message in the chat template and print the reply",
+    )
     add_sampling_args(parser, max_tokens=200, temperature=0.8)
     parser.set_defaults(handler=run)
 

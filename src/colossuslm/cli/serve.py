@@ -13,23 +13,38 @@ API_KEY_ENV = "COLOSSUS_API_KEY"
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+        "serve",
+        help="serve a checkpoint over an OpenAI-compatible HTTP API",
         description="Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with SSE), "
-                    "/health, /metrics (Prometheus).")
+        "/health, /metrics (Prometheus).",
+    )
     add_model_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model id clients must send (default: the run directory's name)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)",
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="model id clients must send (default: the run directory's name)"
+    )
     parser.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
-    parser.add_argument("--kv-cache-gb", type=float, default=2.0,
-                        help="memory for the paged KV cache, GiB (default 2; less is used if enough)")
-    parser.add_argument("--max-concurrent-requests", type=int, default=256,
-                        help="requests in flight (running + queued) before answering 429 (default 256)")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
-                        help="largest request body accepted, bytes (default 1 MiB)")
+    parser.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=2.0,
+        help="memory for the paged KV cache, GiB (default 2; less is used if enough)",
+    )
+    parser.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=256,
+        help="requests in flight (running + queued) before answering 429 (default 256)",
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted, bytes (default 1 MiB)"
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=run)
 
@@ -48,15 +63,22 @@ def run(args: argparse.Namespace) -> int:
         raise ColossusError("--kv-cache-gb must be > 0")
     llm, loaded = load_engine(args, max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * 2**30))
     engine = AsyncEngine(llm).start()
-    settings = ServerSettings(model_name=args.served_model_name or loaded.name, api_key=args.api_key,
-                              max_concurrent_requests=args.max_concurrent_requests,
-                              max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(
+        model_name=args.served_model_name or loaded.name,
+        api_key=args.api_key,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_body_bytes=args.max_body_bytes,
+    )
     app = create_app(engine, settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
-    print(f"serving {loaded.path} as '{settings.model_name}' on http://{args.host}:{args.port}/v1 "
-          f"({loaded.device}, {engine.engine.max_model_len}-token context)", file=sys.stderr)
+        print(
+            f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
+        )
+    print(
+        f"serving {loaded.path} as '{settings.model_name}' on http://{args.host}:{args.port}/v1 "
+        f"({loaded.device}, {engine.engine.max_model_len}-token context)",
+        file=sys.stderr,
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -11,19 +11,41 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a model (no arguments: the tiny model on the embedded corpus)",
+        "train",
+        help="train a model (no arguments: the tiny model on the embedded corpus)",
         description="Train a model. With no arguments, trains the `tiny` preset on the embedded "
-                    "default corpus (Python's own documentation text) on this machine.")
-    parser.add_argument("configs", nargs="*", metavar="CONFIG",
-                        help="TOML config files, merged left to right (or names under configs/, e.g. tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
+        "default corpus (Python's own documentation text) on this machine.",
+    )
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        metavar="CONFIG",
+        help="TOML config files, merged left to right (or names under configs/, e.g. tiny)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set train.lr=3e-4 (repeatable)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="processes on this machine (one per GPU; on CPU, gloo processes): runs torchrun for you")
-    parser.add_argument("--max-restarts", type=int, default=0, metavar="R",
-                        help="with --nproc: restart the whole group up to R times when a worker dies; "
-                             "the run resumes from its newest valid checkpoint")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes on this machine (one per GPU; on CPU, gloo processes): runs torchrun for you",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="with --nproc: restart the whole group up to R times when a worker dies; "
+        "the run resumes from its newest valid checkpoint",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -34,8 +56,17 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
         worker_args += ["--set", override]
     if args.no_progress:
         worker_args.append("--no-progress")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-            f"--max-restarts={args.max_restarts}", "-m", "colossuslm.train", *worker_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}",
+        "-m",
+        "colossuslm.train",
+        *worker_args,
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,11 +113,15 @@ def format_summary(s: dict) -> str:
     ]
     plan = s.get("planner_prediction")
     if plan:
-        lines.append(f"  planner predicted {num(plan.get('tokens_per_s'), ',.0f')} tokens/s, "
-                     f"MFU {num(100 * plan['mfu'] if plan.get('mfu') is not None else None, '.1f')}%")
+        lines.append(
+            f"  planner predicted {num(plan.get('tokens_per_s'), ',.0f')} tokens/s, "
+            f"MFU {num(100 * plan['mfu'] if plan.get('mfu') is not None else None, '.1f')}%"
+        )
     if s.get("n_devices", 1) > 1 and "slowest_rank" in s:
-        lines.append(f"  slowest rank {s['slowest_rank']}: median step time spread "
-                     f"{100 * s['step_time_spread']:.1f}% across ranks")
+        lines.append(
+            f"  slowest rank {s['slowest_rank']}: median step time spread "
+            f"{100 * s['step_time_spread']:.1f}% across ranks"
+        )
     if s.get("skipped_steps"):
         lines.append(f"  skipped {s['skipped_steps']} steps with a non-finite loss or gradient")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +56,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if not ok:
         expected = getattr(annotation, "__name__", str(annotation))
         raise ColossusError(
-            f"config: {key} = {value!r} has the wrong type: expected {expected}, got {type(value).__name__}")
+            f"config: {key} = {value!r} has the wrong type: expected {expected}, got {type(value).__name__}"
+        )
     return value
 
 

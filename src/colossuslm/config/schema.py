@@ -62,29 +62,68 @@ class ModelConfig:
         return self.moe_ffn_hidden or self.ffn_hidden
 
     def validate(self) -> None:
-        _positive("model", self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                  "ffn_hidden", "max_seq_len", "rope_theta", "norm_eps", "init_std")
+        _positive(
+            "model",
+            self,
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_hidden",
+            "max_seq_len",
+            "rope_theta",
+            "norm_eps",
+            "init_std",
+        )
         if self.head_dim == 0:
-            _require(self.d_model % self.n_heads == 0, "model.n_heads", self.n_heads,
-                     f"must divide model.d_model = {self.d_model} (or set model.head_dim)")
+            _require(
+                self.d_model % self.n_heads == 0,
+                "model.n_heads",
+                self.n_heads,
+                f"must divide model.d_model = {self.d_model} (or set model.head_dim)",
+            )
         else:
             _require(self.head_dim > 0, "model.head_dim", self.head_dim, "must be > 0")
-        _require(self.resolved_head_dim % 2 == 0, "model.head_dim", self.resolved_head_dim,
-                 "must be even for rotary embeddings")
-        _require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
-                 f"must divide model.n_heads = {self.n_heads} (grouped-query attention)")
-        _require(self.attn_logit_softcap >= 0, "model.attn_logit_softcap",
-                 self.attn_logit_softcap, "must be >= 0 (0 disables it)")
+        _require(
+            self.resolved_head_dim % 2 == 0,
+            "model.head_dim",
+            self.resolved_head_dim,
+            "must be even for rotary embeddings",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            "model.n_kv_heads",
+            self.n_kv_heads,
+            f"must divide model.n_heads = {self.n_heads} (grouped-query attention)",
+        )
+        _require(
+            self.attn_logit_softcap >= 0,
+            "model.attn_logit_softcap",
+            self.attn_logit_softcap,
+            "must be >= 0 (0 disables it)",
+        )
         _require(self.n_experts >= 0, "model.n_experts", self.n_experts, "must be >= 0 (0 = dense)")
         if self.is_moe:
-            _require(1 <= self.top_k <= self.n_experts, "model.top_k", self.top_k,
-                     f"must be between 1 and model.n_experts = {self.n_experts}")
-            _require(self.moe_ffn_hidden >= 0, "model.moe_ffn_hidden", self.moe_ffn_hidden,
-                     "must be >= 0 (0 = use model.ffn_hidden)")
-            _require(self.n_shared_experts >= 0, "model.n_shared_experts", self.n_shared_experts,
-                     "must be >= 0")
-            _require(0 <= self.first_dense_layers <= self.n_layers, "model.first_dense_layers",
-                     self.first_dense_layers, f"must be between 0 and model.n_layers = {self.n_layers}")
+            _require(
+                1 <= self.top_k <= self.n_experts,
+                "model.top_k",
+                self.top_k,
+                f"must be between 1 and model.n_experts = {self.n_experts}",
+            )
+            _require(
+                self.moe_ffn_hidden >= 0,
+                "model.moe_ffn_hidden",
+                self.moe_ffn_hidden,
+                "must be >= 0 (0 = use model.ffn_hidden)",
+            )
+            _require(self.n_shared_experts >= 0, "model.n_shared_experts", self.n_shared_experts, "must be >= 0")
+            _require(
+                0 <= self.first_dense_layers <= self.n_layers,
+                "model.first_dense_layers",
+                self.first_dense_layers,
+                f"must be between 0 and model.n_layers = {self.n_layers}",
+            )
             _require(self.aux_loss_coef >= 0, "model.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
             _require(self.z_loss_coef >= 0, "model.z_loss_coef", self.z_loss_coef, "must be >= 0")
 
@@ -104,11 +143,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _positive("data", self, "seq_len")
-        _require(self.dataset != "", "data.dataset", self.dataset,
-                 "give a prepared dataset directory or 'default'")
+        _require(self.dataset != "", "data.dataset", self.dataset, "give a prepared dataset directory or 'default'")
         _require(self.format in ("tokens", "chat"), "data.format", self.format, "choose tokens or chat")
-        _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
-                 "must be in (0, 0.5)")
+        _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
         _require(self.prepare_workers >= 0, "data.prepare_workers", self.prepare_workers, "must be >= 0")
 
 
@@ -147,23 +184,38 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        _positive("train", self, "steps", "micro_batch_size", "grad_accum", "lr", "log_every",
-                  "eval_every", "eval_batches", "ckpt_every", "keep_last", "max_bad_steps")
-        _require(self.schedule in ("cosine", "wsd", "constant"), "train.schedule", self.schedule,
-                 "choose one of: cosine, wsd, constant")
+        _positive(
+            "train",
+            self,
+            "steps",
+            "micro_batch_size",
+            "grad_accum",
+            "lr",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "ckpt_every",
+            "keep_last",
+            "max_bad_steps",
+        )
+        _require(
+            self.schedule in ("cosine", "wsd", "constant"),
+            "train.schedule",
+            self.schedule,
+            "choose one of: cosine, wsd, constant",
+        )
         _require(self.dtype in ("bf16", "fp32"), "train.dtype", self.dtype, "choose bf16 or fp32")
-        _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device,
-                 "choose auto, cpu or cuda")
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "choose auto, cpu or cuda")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction,
-                 "must be in (0, 1]")
+        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction, "must be in (0, 1]")
         _require(0 <= self.warmup_steps, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
-        _require(self.name != "" and "/" not in self.name, "train.name", self.name,
-                 "must be a non-empty name without '/'")
+        _require(
+            self.name != "" and "/" not in self.name, "train.name", self.name, "must be a non-empty name without '/'"
+        )
 
 
 @dataclass
@@ -183,10 +235,18 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _positive("parallel", self, "dp_replicate", "tp", "ep", "pp")
-        _require(self.dp_shard == -1 or self.dp_shard > 0, "parallel.dp_shard", self.dp_shard,
-                 "must be > 0, or -1 to use every remaining rank")
-        _require(self.pp_schedule in ("1f1b", "gpipe"), "parallel.pp_schedule", self.pp_schedule,
-                 "choose one of: 1f1b, gpipe")
+        _require(
+            self.dp_shard == -1 or self.dp_shard > 0,
+            "parallel.dp_shard",
+            self.dp_shard,
+            "must be > 0, or -1 to use every remaining rank",
+        )
+        _require(
+            self.pp_schedule in ("1f1b", "gpipe"),
+            "parallel.pp_schedule",
+            self.pp_schedule,
+            "choose one of: 1f1b, gpipe",
+        )
 
 
 @dataclass
@@ -196,36 +256,63 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
         self.parallel.validate()
-        _require(self.data.format == "tokens" or self.train.init_from != "", "data.format", self.data.format,
-                 "chat fine-tuning starts from a trained model: set train.init_from to its checkpoint or run directory")
-        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
-                 f"must be <= model.max_seq_len = {self.model.max_seq_len}")
+        _require(
+            self.data.format == "tokens" or self.train.init_from != "",
+            "data.format",
+            self.data.format,
+            "chat fine-tuning starts from a trained model: set train.init_from to its checkpoint or run directory",
+        )
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be <= model.max_seq_len = {self.model.max_seq_len}",
+        )
         if self.parallel.tp > 1 and self.parallel.sequence_parallel:
-            _require(self.data.seq_len % self.parallel.tp == 0, "data.seq_len", self.data.seq_len,
-                     f"must be a multiple of parallel.tp = {self.parallel.tp} with sequence parallelism "
-                     f"(or set parallel.sequence_parallel = false)")
+            _require(
+                self.data.seq_len % self.parallel.tp == 0,
+                "data.seq_len",
+                self.data.seq_len,
+                f"must be a multiple of parallel.tp = {self.parallel.tp} with sequence parallelism "
+                f"(or set parallel.sequence_parallel = false)",
+            )
         if self.parallel.pp > 1:
             self._validate_pipeline()
         if self.parallel.ep > 1:
-            _require(self.model.is_moe and self.model.n_experts % self.parallel.ep == 0,
-                     "parallel.ep", self.parallel.ep,
-                     f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)")
+            _require(
+                self.model.is_moe and self.model.n_experts % self.parallel.ep == 0,
+                "parallel.ep",
+                self.parallel.ep,
+                f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)",
+            )
         return self
 
     def _validate_pipeline(self) -> None:
         pp = self.parallel.pp
-        _require(self.model.n_layers >= pp, "parallel.pp", pp,
-                 f"must be <= model.n_layers = {self.model.n_layers} (each stage needs a block)")
-        _require(self.train.grad_accum >= pp, "train.grad_accum", self.train.grad_accum,
-                 f"must be >= parallel.pp = {pp}: the pipeline runs train.grad_accum micro-batches per step, "
-                 f"and fewer than one per stage leaves stages idle")
-        _require(not self.model.tie_embeddings, "model.tie_embeddings", True,
-                 "must be false with parallel.pp > 1 (the embedding and the head live on different stages)")
+        _require(
+            self.model.n_layers >= pp,
+            "parallel.pp",
+            pp,
+            f"must be <= model.n_layers = {self.model.n_layers} (each stage needs a block)",
+        )
+        _require(
+            self.train.grad_accum >= pp,
+            "train.grad_accum",
+            self.train.grad_accum,
+            f"must be >= parallel.pp = {pp}: the pipeline runs train.grad_accum micro-batches per step, "
+            f"and fewer than one per stage leaves stages idle",
+        )
+        _require(
+            not self.model.tie_embeddings,
+            "model.tie_embeddings",
+            True,
+            "must be false with parallel.pp > 1 (the embedding and the head live on different stages)",
+        )
         unsupported = [(self.data.format == "chat", "data.format = chat")]
         for present, what in unsupported:
             _require(not present, "parallel.pp", pp, f"pipeline parallelism does not support {what} yet")

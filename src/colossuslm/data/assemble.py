@@ -24,8 +24,9 @@ MAX_LISTED_SKIPS = 1000  # the manifest lists this many skipped files; the count
 
 
 class DatasetBuilder:
-    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int, val_fraction: float,
-                 skipped_files: list[dict]):
+    def __init__(
+        self, directory: Path, dtype: np.dtype, shard_tokens: int, val_fraction: float, skipped_files: list[dict]
+    ):
         self.writers = {split: ShardWriter(directory, split, dtype, shard_tokens) for split in SPLITS}
         self.val_fraction = val_fraction
         self.documents = {split: 0 for split in SPLITS}
@@ -78,13 +79,15 @@ class DatasetBuilder:
             self.files_used += 1
             self.bytes_used += self._file_bytes
             if self._record_skips:
-                self.skipped_records.append({
-                    "path": path,
-                    "count": sum(self._record_skips.values()),
-                    "reasons": self._record_skips,
-                    "first_at": self._first_bad_record,  # line (JSONL) or row (Parquet) number
-                    "numbered_by": record_unit,
-                })
+                self.skipped_records.append(
+                    {
+                        "path": path,
+                        "count": sum(self._record_skips.values()),
+                        "reasons": self._record_skips,
+                        "first_at": self._first_bad_record,  # line (JSONL) or row (Parquet) number
+                        "numbered_by": record_unit,
+                    }
+                )
         else:
             self.skipped_files.append({"path": path, "reason": self._empty_file_reason()})
         self._start_file()
@@ -125,12 +128,15 @@ class DatasetBuilder:
             if train.tokens - take < MIN_SPLIT_TOKENS:
                 raise ColossusError(
                     f"the input has only {train.tokens} tokens after tokenizing, too few to hold out "
-                    f"a validation split; add more text")
+                    f"a validation split; add more text"
+                )
             val.write(train.pop_tail(take))
             self.documents["val"] = 1
             self.val_from_tail = True
-        return {split: {"tokens": writer.tokens, "documents": self.documents[split],
-                        "shards": writer.close()} for split, writer in self.writers.items()}
+        return {
+            split: {"tokens": writer.tokens, "documents": self.documents[split], "shards": writer.close()}
+            for split, writer in self.writers.items()
+        }
 
     def sources_section(self) -> dict:
         return {
@@ -146,5 +152,4 @@ class DatasetBuilder:
 def nothing_usable_message(skipped_files: list[dict]) -> str:
     listed = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped_files[:10])
     more = f"; and {len(skipped_files) - 10} more" if len(skipped_files) > 10 else ""
-    return (f"every input file was skipped, nothing to prepare ({listed}{more}); "
-            f"fix or replace these inputs")
+    return f"every input file was skipped, nothing to prepare ({listed}{more}); fix or replace these inputs"

@@ -63,15 +63,17 @@ def validate_messages(messages: Sequence[Message]) -> list[tuple[str, str]]:
 def _content_text(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(p["text"] for p in content)
-    raise ColossusError(f"messages[{index}].content must be a string (or a list of text parts); "
-                        f"images and other content types are not supported")
+    raise ColossusError(
+        f"messages[{index}].content must be a string (or a list of text parts); "
+        f"images and other content types are not supported"
+    )
 
 
-def _pieces(pairs: Sequence[tuple[str, str]], add_generation_prompt: bool
-            ) -> Iterator[tuple[str, bool, bool]]:
+def _pieces(pairs: Sequence[tuple[str, str]], add_generation_prompt: bool) -> Iterator[tuple[str, bool, bool]]:
     """(text, is_special_token, is_assistant_output) in template order."""
     for role, content in pairs:
         trained = role == "assistant"
@@ -107,13 +109,16 @@ def _plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise ColossusError(f"tokenizer has no {token} token, so it cannot use the chat template; "
-                            f"use a tokenizer made by `colossus data prepare`")
+        raise ColossusError(
+            f"tokenizer has no {token} token, so it cannot use the chat template; "
+            f"use a tokenizer made by `colossus data prepare`"
+        )
     return token_id
 
 
-def _encode(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], add_generation_prompt: bool
-            ) -> tuple[list[int], list[bool]]:
+def _encode(
+    tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], add_generation_prompt: bool
+) -> tuple[list[int], list[bool]]:
     plain = _plain_text_tokenizer(tokenizer)
     ids: list[int] = []
     mask: list[bool] = []
@@ -124,8 +129,7 @@ def _encode(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], add_generati
     return ids, mask
 
 
-def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True
-                ) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation; by default ending in the header that asks for the next reply."""
     return _encode(tokenizer, validate_messages(messages), add_generation_prompt)[0]
 
@@ -164,5 +168,12 @@ def load_conversations(path: str | Path | None = None) -> list[list[Message]]:
     return conversations
 
 
-__all__ = ["HF_CHAT_TEMPLATE", "ROLES", "encode_chat", "encode_conversation", "load_conversations",
-           "render_chat", "validate_messages"]
+__all__ = [
+    "HF_CHAT_TEMPLATE",
+    "ROLES",
+    "encode_chat",
+    "encode_conversation",
+    "load_conversations",
+    "render_chat",
+    "validate_messages",
+]

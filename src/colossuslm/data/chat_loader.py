@@ -23,15 +23,26 @@ VAL_EVERY = 20  # every 20th conversation is held out for validation
 
 
 class ChatLoader:
-    def __init__(self, conversations_path: str | Path | None, tokenizer, split: str = "train", seq_len: int = 256,
-                 batch_size: int = 8, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        conversations_path: str | Path | None,
+        tokenizer,
+        split: str = "train",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if split not in ("train", "val"):
             raise ColossusError(f"ChatLoader: unknown split {split!r}; choose train or val")
         conversations = load_conversations(conversations_path)
         chosen = [c for i, c in enumerate(conversations) if (i % VAL_EVERY == VAL_EVERY - 1) == (split == "val")]
         if not chosen:
-            raise ColossusError(f"{conversations_path or 'the bundled conversation set'} has too few conversations "
-                                f"for a {split} split ({len(conversations)} in all; every {VAL_EVERY}th is held out)")
+            raise ColossusError(
+                f"{conversations_path or 'the bundled conversation set'} has too few conversations "
+                f"for a {split} split ({len(conversations)} in all; every {VAL_EVERY}th is held out)"
+            )
         pad_id = tokenizer.token_to_id(PAD_TOKEN)
         if pad_id is None:
             raise ColossusError(f"the tokenizer has no {PAD_TOKEN} token; use one made by `colossus data prepare`")
@@ -44,9 +55,9 @@ class ChatLoader:
             ids, mask = encode_conversation(tokenizer, messages)
             if len(ids) > seq_len + 1:
                 self.truncated += 1
-                ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-            rows[i, :len(ids)] = ids
-            learn[i, :len(ids)] = mask
+                ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+            rows[i, : len(ids)] = ids
+            learn[i, : len(ids)] = mask
         self._inputs = rows[:, :-1]
         self._targets = np.where(learn[:, 1:], rows[:, 1:], IGNORE)
         if not (self._targets != IGNORE).any():
@@ -76,14 +87,27 @@ class ChatLoader:
         self._samples_seen = 0
 
     def state_dict(self) -> dict:
-        return {"kind": "chat", "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
-                "dataset": self.fingerprint, "samples_seen": self._samples_seen}
+        return {
+            "kind": "chat",
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "dataset": self.fingerprint,
+            "samples_seen": self._samples_seen,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"kind": "chat", "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
-                "dataset": self.fingerprint}
+        mine = {
+            "kind": "chat",
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "dataset": self.fingerprint,
+        }
         for key, value in mine.items():
             if state.get(key) != value:
-                raise ColossusError(f"cannot resume the chat loader: saved {key} {state.get(key)!r}, this run has "
-                                    f"{value!r}; resume with the same conversations and data settings")
+                raise ColossusError(
+                    f"cannot resume the chat loader: saved {key} {state.get(key)!r}, this run has "
+                    f"{value!r}; resume with the same conversations and data settings"
+                )
         self._samples_seen = int(state["samples_seen"])

@@ -74,7 +74,8 @@ def default_corpus_documents() -> list[str]:
         raise ColossusError(
             f"the default corpus needs the Python standard library's .py sources, but "
             f"{sysconfig.get_paths()['stdlib']} yields only {len(documents)} docstrings; prepare a "
-            f"dataset with `colossus data prepare` and set data.dataset to its directory")
+            f"dataset with `colossus data prepare` and set data.dataset to its directory"
+        )
     return documents
 
 
@@ -88,9 +89,11 @@ def default_dataset(vocab_size: int, seq_len: int | None = None) -> Path:
     With `seq_len`, also checks that both splits hold at least one sequence.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ColossusError(f"vocab size {vocab_size} is too small for the default corpus's byte-level "
-                            f"tokenizer, which needs at least {MIN_VOCAB_SIZE}; set model.vocab_size "
-                            f"to e.g. 8192")
+        raise ColossusError(
+            f"vocab size {vocab_size} is too small for the default corpus's byte-level "
+            f"tokenizer, which needs at least {MIN_VOCAB_SIZE}; set model.vocab_size "
+            f"to e.g. 8192"
+        )
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     target = cache_root() / "datasets" / f"pydocs-v{CORPUS_VERSION}-py{python}-vocab{vocab_size}"
     if not (target / MANIFEST_FILE).is_file():
@@ -104,8 +107,10 @@ def default_dataset(vocab_size: int, seq_len: int | None = None) -> Path:
 
 
 def _build_default(target: Path, vocab_size: int) -> None:
-    print(f"colossus: preparing the default corpus (Python's documentation) in {target}; "
-          f"this happens once", file=sys.stderr)
+    print(
+        f"colossus: preparing the default corpus (Python's documentation) in {target}; this happens once",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory(prefix="colossus-corpus-") as scratch:
         corpus_file = Path(scratch) / "pydocs.jsonl"
         with open(corpus_file, "w", encoding="utf-8") as f:
@@ -138,12 +143,14 @@ def resolve_dataset(data_cfg: DataConfig, vocab_size: int) -> Path:
     if path.exists() and not (path / MANIFEST_FILE).is_file():
         raise ColossusError(
             f"data.dataset = {path} is not a prepared dataset (no {MANIFEST_FILE} in it); prepare it "
-            f"first with `colossus data prepare {path} --out DIR` and set data.dataset = DIR")
+            f"first with `colossus data prepare {path} --out DIR` and set data.dataset = DIR"
+        )
     manifest = read_manifest(path)
     if manifest["vocab_size"] > vocab_size:
         raise ColossusError(
             f"dataset {path} was tokenized with {manifest['vocab_size']} token ids but "
-            f"model.vocab_size = {vocab_size}; set model.vocab_size to at least {manifest['vocab_size']}")
+            f"model.vocab_size = {vocab_size}; set model.vocab_size to at least {manifest['vocab_size']}"
+        )
     _check_sequences_fit(path, manifest, data_cfg.seq_len)
     return path
 
@@ -156,4 +163,5 @@ def _check_sequences_fit(path: Path, manifest: dict, seq_len: int | None) -> Non
         if tokens < seq_len + 1:
             raise ColossusError(
                 f"the {split} split of {path} has {tokens} tokens, fewer than seq_len + 1 = "
-                f"{seq_len + 1} needed for one sequence; lower data.seq_len or use a larger dataset")
+                f"{seq_len + 1} needed for one sequence; lower data.seq_len or use a larger dataset"
+            )

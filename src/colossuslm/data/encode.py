@@ -53,8 +53,13 @@ class TaskTokenizer:
             if not task.last:
                 tokens = tokens[:-1]
             return TaskResult(tokens, np.empty(0, np.int64), blank=not text.documents[0].strip())
-        return TaskResult(tokens, lengths, record_skips=text.record_skips,
-                          first_bad_record=text.first_bad_record, records=text.records)
+        return TaskResult(
+            tokens,
+            lengths,
+            record_skips=text.record_skips,
+            first_bad_record=text.first_bad_record,
+            records=text.records,
+        )
 
     def encode_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids of all documents, each followed by eos, and each document's length."""
@@ -63,7 +68,7 @@ class TaskTokenizer:
         tokens = np.empty(int(lengths.sum()), self.dtype)
         position = 0
         for encoding, length in zip(encodings, lengths, strict=True):
-            tokens[position:position + length - 1] = encoding.ids
+            tokens[position : position + length - 1] = encoding.ids
             tokens[position + length - 1] = self.eos_id
             position += length
         return tokens, lengths
@@ -83,8 +88,9 @@ def _run_in_worker(task: Task) -> TaskResult:
     return _worker(task)
 
 
-def tokenize_in_order(tasks: list[Task], workers: int, tokenizer_json: str, dtype: str,
-                      eos_id: int, text_field: str) -> Iterator[tuple[Task, TaskResult]]:
+def tokenize_in_order(
+    tasks: list[Task], workers: int, tokenizer_json: str, dtype: str, eos_id: int, text_field: str
+) -> Iterator[tuple[Task, TaskResult]]:
     """Yield (task, result) in task order, tokenizing on `workers` processes (1 = in-process)."""
     args = (tokenizer_json, dtype, eos_id, text_field)
     if workers <= 1 or len(tasks) <= 1:
@@ -98,8 +104,7 @@ def tokenize_in_order(tasks: list[Task], workers: int, tokenizer_json: str, dtyp
     try:
         # A bounded window of tasks in flight keeps memory flat when one task is slow.
         remaining = iter(tasks)
-        in_flight = deque((task, pool.submit(_run_in_worker, task))
-                          for task in islice(remaining, 2 * workers))
+        in_flight = deque((task, pool.submit(_run_in_worker, task)) for task in islice(remaining, 2 * workers))
         while in_flight:
             task, future = in_flight.popleft()
             result = future.result()

@@ -78,8 +78,16 @@ class ShuffledOrder:
 class TokenLoader:
     """Batches of (inputs, targets), torch.int64 [batch_size, seq_len], targets shifted by one."""
 
-    def __init__(self, dataset_dir: str | Path, split: str = "train", seq_len: int = 256,
-                 batch_size: int = 16, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        split: str = "train",
+        seq_len: int = 256,
+        batch_size: int = 16,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
             if value <= 0:
                 raise ColossusError(f"TokenLoader: {name} = {value} is invalid, it must be > 0")
@@ -102,7 +110,8 @@ class TokenLoader:
             raise ColossusError(
                 f"the {split} split of {self.dataset_dir} has {self.tokens_in_split} tokens, fewer than "
                 f"seq_len + 1 = {seq_len + 1} needed for one sequence; lower seq_len, or prepare "
-                f"more text{hint}")
+                f"more text{hint}"
+            )
         self.n_windows = (self.tokens_in_split - 1) // seq_len
         # Identifies the exact token stream, so a state from another dataset is refused.
         checksums = "".join(s["sha256"] for s in shard_entries)
@@ -142,7 +151,7 @@ class TokenLoader:
         pieces = []
         while length > 0:
             offset = start - int(self._shard_starts[shard])
-            piece = self._shards[shard][offset:offset + length]
+            piece = self._shards[shard][offset : offset + length]
             pieces.append(piece)
             start, length, shard = start + len(piece), length - len(piece), shard + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -170,8 +179,9 @@ class TokenLoader:
         """Continue where `state` was taken. Batch size and world size may differ (elastic
         restarts): the position counts samples, so no sample is repeated or skipped."""
         if state.get("version") != STATE_VERSION:
-            raise ColossusError(f"loader state has version {state.get('version')!r}, this code reads "
-                                f"version {STATE_VERSION}")
+            raise ColossusError(
+                f"loader state has version {state.get('version')!r}, this code reads version {STATE_VERSION}"
+            )
         mine = {"split": self.split, "seq_len": self.seq_len, "dataset": self.fingerprint}
         if self.shuffle:
             mine["seed"] = self.seed
@@ -180,5 +190,6 @@ class TokenLoader:
                 what = "dataset contents" if key == "dataset" else key
                 raise ColossusError(
                     f"cannot resume the data loader: the saved state has {what} {state.get(key)!r} but "
-                    f"this run has {value!r}; resume with the same dataset and data settings")
+                    f"this run has {value!r}; resume with the same dataset and data settings"
+                )
         self._samples_seen = int(state["samples_seen"])

@@ -19,8 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 from tokenizers import Tokenizer
 
 import colossuslm
@@ -28,9 +27,16 @@ from colossuslm.data.assemble import DatasetBuilder, nothing_usable_message
 from colossuslm.data.encode import tokenize_in_order
 from colossuslm.data.shards import FORMAT, FORMAT_VERSION, dtype_for_vocab, sha256_file, write_manifest
 from colossuslm.data.sources import Task, find_sources, plan_tasks, read_task
-from colossuslm.data.tokenizer import (EOS_TOKEN, TOKENIZER_FILE, check_trainable_vocab_size,
-                                       ensure_special_tokens, load_tokenizer, special_token_ids,
-                                       train_tokenizer, vocab_size_of)
+from colossuslm.data.tokenizer import (
+    EOS_TOKEN,
+    TOKENIZER_FILE,
+    check_trainable_vocab_size,
+    ensure_special_tokens,
+    load_tokenizer,
+    special_token_ids,
+    train_tokenizer,
+    vocab_size_of,
+)
 from colossuslm.errors import ColossusError
 
 # Tokenizer training sees at most this much text, spread evenly over the inputs: BPE merges
@@ -38,10 +44,18 @@ from colossuslm.errors import ColossusError
 TOKENIZER_TRAIN_BYTES = 512 * 2**20
 
 
-def prepare_dataset(inputs: list[str | Path], out_dir: str | Path, vocab_size: int, *,
-                    tokenizer_path: str | Path | None = None, val_fraction: float = 0.01,
-                    jsonl_field: str = "text", workers: int = 0, shard_tokens: int = 50_000_000,
-                    progress: bool = True) -> dict:
+def prepare_dataset(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    vocab_size: int,
+    *,
+    tokenizer_path: str | Path | None = None,
+    val_fraction: float = 0.01,
+    jsonl_field: str = "text",
+    workers: int = 0,
+    shard_tokens: int = 50_000_000,
+    progress: bool = True,
+) -> dict:
     """Prepare a dataset directory from text files, directories, JSONL or Parquet; returns the manifest.
 
     `vocab_size` is the size to train; with `tokenizer_path` the given tokenizer is used instead and
@@ -64,16 +78,18 @@ def prepare_dataset(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
     temp_dir = _make_temp_dir(out_dir)
     try:
         with _progress_bar(progress) as bar:
-            tokenizer, tokenizer_info = _obtain_tokenizer(tokenizer_path, vocab_size, tasks,
-                                                          jsonl_field, bar, temp_dir / TOKENIZER_FILE)
+            tokenizer, tokenizer_info = _obtain_tokenizer(
+                tokenizer_path, vocab_size, tasks, jsonl_field, bar, temp_dir / TOKENIZER_FILE
+            )
             vocab = vocab_size_of(tokenizer)
             dtype = dtype_for_vocab(vocab)
             eos_id = tokenizer.token_to_id(EOS_TOKEN)
             builder = DatasetBuilder(temp_dir, dtype, shard_tokens, val_fraction, skipped_files)
             tokenizing = bar.add_task("tokenizing", total=total_bytes)
             # closing(): on any error the worker pool shuts down now, not when the traceback is freed.
-            with closing(tokenize_in_order(tasks, workers, tokenizer.to_str(), dtype.str, eos_id,
-                                           jsonl_field)) as results:
+            with closing(
+                tokenize_in_order(tasks, workers, tokenizer.to_str(), dtype.str, eos_id, jsonl_field)
+            ) as results:
                 for task, result in results:
                     builder.add(task, result)
                     bar.advance(tokenizing, task.nbytes)
@@ -88,15 +104,17 @@ def prepare_dataset(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
             "vocab_size": vocab,
             "eos_id": eos_id,
             "special_tokens": special_token_ids(tokenizer),
-            "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(temp_dir / TOKENIZER_FILE),
-                          **tokenizer_info},
+            "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(temp_dir / TOKENIZER_FILE), **tokenizer_info},
             "val_fraction": val_fraction,
             "val_from_tail": builder.val_from_tail,
             "jsonl_field": jsonl_field,
             "splits": splits,
             "sources": {"inputs": [str(item) for item in inputs], **builder.sources_section()},
-            "stats": {"seconds": round(seconds, 3), "workers": workers,
-                      "mb_per_s": round(builder.bytes_used / 1e6 / max(seconds, 1e-9), 3)},
+            "stats": {
+                "seconds": round(seconds, 3),
+                "workers": workers,
+                "mb_per_s": round(builder.bytes_used / 1e6 / max(seconds, 1e-9), 3),
+            },
         }
         write_manifest(temp_dir, manifest)
         _publish(temp_dir, out_dir)
@@ -106,13 +124,13 @@ def prepare_dataset(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
     return manifest
 
 
-def _check_arguments(vocab_size: int, tokenizer_path: object, val_fraction: float, workers: int,
-                     shard_tokens: int) -> None:
+def _check_arguments(
+    vocab_size: int, tokenizer_path: object, val_fraction: float, workers: int, shard_tokens: int
+) -> None:
     if tokenizer_path is None:
         check_trainable_vocab_size(vocab_size)
     if not 0 < val_fraction < 0.5:
-        raise ColossusError(f"validation fraction {val_fraction} is invalid: it must be in (0, 0.5), "
-                            f"e.g. 0.01")
+        raise ColossusError(f"validation fraction {val_fraction} is invalid: it must be in (0, 0.5), e.g. 0.01")
     if workers < 0:
         raise ColossusError(f"workers = {workers} is invalid: use a positive number, or 0 for one per core")
     if shard_tokens <= 0:
@@ -121,8 +139,9 @@ def _check_arguments(vocab_size: int, tokenizer_path: object, val_fraction: floa
 
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ColossusError(f"output {out_dir} already exists and is not an empty directory; "
-                            f"choose another --out or delete it first")
+        raise ColossusError(
+            f"output {out_dir} already exists and is not an empty directory; choose another --out or delete it first"
+        )
 
 
 def _make_temp_dir(out_dir: Path) -> Path:
@@ -138,8 +157,10 @@ def _publish(temp_dir: Path, out_dir: Path) -> None:
     try:
         os.rename(temp_dir, out_dir)
     except OSError as exc:
-        raise ColossusError(f"cannot move the finished dataset to {out_dir} ({exc.strerror}); "
-                            f"another process may have created it meanwhile") from exc
+        raise ColossusError(
+            f"cannot move the finished dataset to {out_dir} ({exc.strerror}); "
+            f"another process may have created it meanwhile"
+        ) from exc
 
 
 def _cpu_count() -> int:
@@ -149,21 +170,31 @@ def _cpu_count() -> int:
 
 
 def _progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description:<20}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
+    return Progress(
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not enabled,
+    )
 
 
-def _obtain_tokenizer(tokenizer_path: str | Path | None, vocab_size: int, tasks: list[Task],
-                      text_field: str, bar: Progress, save_to: Path) -> tuple[Tokenizer, dict]:
+def _obtain_tokenizer(
+    tokenizer_path: str | Path | None, vocab_size: int, tasks: list[Task], text_field: str, bar: Progress, save_to: Path
+) -> tuple[Tokenizer, dict]:
     """Load the given tokenizer or train one; save it to `save_to`; return it with manifest notes."""
     if tokenizer_path is not None:
         tokenizer = load_tokenizer(tokenizer_path)
         added = ensure_special_tokens(tokenizer)
         size = vocab_size_of(tokenizer)
         if vocab_size and size > vocab_size:
-            raise ColossusError(f"tokenizer {tokenizer_path} has {size} tokens, more than the vocab "
-                                f"size {vocab_size}; raise --vocab-size to at least {size}")
+            raise ColossusError(
+                f"tokenizer {tokenizer_path} has {size} tokens, more than the vocab "
+                f"size {vocab_size}; raise --vocab-size to at least {size}"
+            )
         source = Path(tokenizer_path)
         source = source / TOKENIZER_FILE if source.is_dir() else source
         if added:
@@ -221,11 +252,12 @@ def format_summary(manifest: dict, out_dir: str | Path, max_listed: int = 20) ->
     if sources["skipped_records"]:
         lines.append("  skipped records:")
         for entry in sources["skipped_records"][:max_listed]:
-            reasons = "; ".join(f"{n} {reason} (first at {entry['numbered_by']} {entry['first_at'][reason]})"
-                                for reason, n in entry["reasons"].items())
+            reasons = "; ".join(
+                f"{n} {reason} (first at {entry['numbered_by']} {entry['first_at'][reason]})"
+                for reason, n in entry["reasons"].items()
+            )
             lines.append(f"    {entry['path']}: {reasons}")
-    hidden = (max(0, sources["files_skipped"] - max_listed)
-              + max(0, len(sources["skipped_records"]) - max_listed))
+    hidden = max(0, sources["files_skipped"] - max_listed) + max(0, len(sources["skipped_records"]) - max_listed)
     if hidden:
         lines.append(f"    ... {hidden} more entries in {Path(out_dir) / 'manifest.json'}")
     return "\n".join(lines)

@@ -78,7 +78,7 @@ class ShardWriter:
             path, have = self._path(index), self.shard_counts[-1]
             take = min(count, have)
             data = np.fromfile(path, dtype=self.dtype)
-            pieces.append(data[have - take:])
+            pieces.append(data[have - take :])
             if take == have:
                 path.unlink()
                 self.shard_counts.pop()
@@ -91,8 +91,10 @@ class ShardWriter:
     def close(self) -> list[dict]:
         """Finish writing; returns the manifest entries (file, tokens, sha256) of the shards."""
         self._close_handle()
-        return [{"file": self._path(i).name, "tokens": n, "sha256": sha256_file(self._path(i))}
-                for i, n in enumerate(self.shard_counts)]
+        return [
+            {"file": self._path(i).name, "tokens": n, "sha256": sha256_file(self._path(i))}
+            for i, n in enumerate(self.shard_counts)
+        ]
 
     def _close_handle(self) -> None:
         if self._handle is not None:
@@ -115,30 +117,35 @@ def read_manifest(dataset_dir: str | Path) -> dict:
     path = dataset_dir / MANIFEST_FILE
     if not path.is_file():
         what = "does not exist" if not dataset_dir.exists() else f"has no {MANIFEST_FILE}"
-        raise ColossusError(f"{dataset_dir} is not a prepared dataset ({what}); create one with "
-                            f"`colossus data prepare INPUT... --out {dataset_dir}`")
+        raise ColossusError(
+            f"{dataset_dir} is not a prepared dataset ({what}); create one with "
+            f"`colossus data prepare INPUT... --out {dataset_dir}`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ColossusError(f"{path} is not valid JSON ({exc}); the dataset is damaged, "
-                            f"prepare it again") from exc
+        raise ColossusError(f"{path} is not valid JSON ({exc}); the dataset is damaged, prepare it again") from exc
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ColossusError(
             f"{path} has format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
-            f"expected {FORMAT!r} version {FORMAT_VERSION}; prepare the dataset again with this version")
+            f"expected {FORMAT!r} version {FORMAT_VERSION}; prepare the dataset again with this version"
+        )
     return manifest
 
 
 def _check_shard_size(dataset_dir: Path, shard: dict, itemsize: int) -> Path:
     path = dataset_dir / shard["file"]
     if not path.is_file():
-        raise ColossusError(f"dataset {dataset_dir} is incomplete: shard {path.name} is missing; "
-                            f"prepare the dataset again")
+        raise ColossusError(
+            f"dataset {dataset_dir} is incomplete: shard {path.name} is missing; prepare the dataset again"
+        )
     expected = shard["tokens"] * itemsize
     if path.stat().st_size != expected:
-        raise ColossusError(f"dataset {dataset_dir} is corrupt: shard {path.name} has "
-                            f"{path.stat().st_size} bytes, the manifest says {expected}; "
-                            f"prepare the dataset again")
+        raise ColossusError(
+            f"dataset {dataset_dir} is corrupt: shard {path.name} has "
+            f"{path.stat().st_size} bytes, the manifest says {expected}; "
+            f"prepare the dataset again"
+        )
     return path
 
 
@@ -148,8 +155,10 @@ def open_split(dataset_dir: str | Path, manifest: dict, split: str) -> list[np.m
     if split not in manifest["splits"]:
         raise ColossusError(f"unknown split {split!r}; choose one of {', '.join(manifest['splits'])}")
     dtype = np.dtype(manifest["dtype"])
-    return [np.memmap(_check_shard_size(dataset_dir, shard, dtype.itemsize), dtype=dtype, mode="r")
-            for shard in manifest["splits"][split]["shards"]]
+    return [
+        np.memmap(_check_shard_size(dataset_dir, shard, dtype.itemsize), dtype=dtype, mode="r")
+        for shard in manifest["splits"][split]["shards"]
+    ]
 
 
 def verify_dataset(dataset_dir: str | Path) -> dict:
@@ -165,13 +174,17 @@ def verify_dataset(dataset_dir: str | Path) -> dict:
             path = _check_shard_size(dataset_dir, shard, itemsize)
             actual = sha256_file(path)
             if actual != shard["sha256"]:
-                raise ColossusError(f"dataset {dataset_dir} is corrupt: shard {path.name} has sha256 "
-                                    f"{actual[:16]}..., the manifest says {shard['sha256'][:16]}...; "
-                                    f"prepare the dataset again")
+                raise ColossusError(
+                    f"dataset {dataset_dir} is corrupt: shard {path.name} has sha256 "
+                    f"{actual[:16]}..., the manifest says {shard['sha256'][:16]}...; "
+                    f"prepare the dataset again"
+                )
     tokenizer = manifest["tokenizer"]
     path = dataset_dir / tokenizer["file"]
     if not path.is_file() or sha256_file(path) != tokenizer["sha256"]:
         problem = "is missing" if not path.is_file() else "does not match the manifest's sha256"
-        raise ColossusError(f"dataset {dataset_dir} is corrupt: {path.name} {problem}; the shards "
-                            f"can only be decoded with the tokenizer that wrote them, prepare again")
+        raise ColossusError(
+            f"dataset {dataset_dir} is corrupt: {path.name} {problem}; the shards "
+            f"can only be decoded with the tokenizer that wrote them, prepare again"
+        )
     return manifest

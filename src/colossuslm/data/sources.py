@@ -75,21 +75,24 @@ def find_sources(inputs: list[str | Path], text_field: str) -> tuple[list[Source
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            found = sorted(
+                p
+                for p in item.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
             # An earlier `prepare --out` inside an input folder: its shards and JSON are not text.
-            datasets = {p.parent for p in found if p.name == MANIFEST_FILE
-                        and (p.parent / TOKENIZER_FILE).is_file()}
-            skipped += [{"path": str(d), "reason": "a prepared dataset directory, not text"}
-                        for d in sorted(datasets)]
+            datasets = {p.parent for p in found if p.name == MANIFEST_FILE and (p.parent / TOKENIZER_FILE).is_file()}
+            skipped += [{"path": str(d), "reason": "a prepared dataset directory, not text"} for d in sorted(datasets)]
             paths.extend(p for p in found if not datasets.intersection(p.parents))
         elif item.is_file():
             paths.append(item)
         else:
             raise ColossusError(f"input {item} does not exist; pass existing files or directories")
     if not paths and not skipped:
-        raise ColossusError(f"no input files found in {', '.join(map(str, inputs))}; "
-                            f"the directories are empty (hidden files are ignored)")
+        raise ColossusError(
+            f"no input files found in {', '.join(map(str, inputs))}; "
+            f"the directories are empty (hidden files are ignored)"
+        )
     usable, seen = [], set()
     for path in paths:
         if path.resolve() in seen:
@@ -145,8 +148,9 @@ def plan_tasks(sources: list[SourceFile], chunk_bytes: int) -> list[Task]:
         else:
             ranges = _line_aligned_ranges(source, chunk_bytes)
         for number, (start, end, nbytes) in enumerate(ranges):
-            tasks.append(Task(index, str(source.path), source.kind, start, end,
-                              last=number == len(ranges) - 1, nbytes=nbytes))
+            tasks.append(
+                Task(index, str(source.path), source.kind, start, end, last=number == len(ranges) - 1, nbytes=nbytes)
+            )
     return tasks
 
 
@@ -204,8 +208,9 @@ def _read_text(data: bytes, offset: int) -> TaskText:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return TaskText(file_error=f"not valid UTF-8 (undecodable byte at offset {offset + exc.start}); "
-                                   f"convert it to UTF-8 first")
+        return TaskText(
+            file_error=f"not valid UTF-8 (undecodable byte at offset {offset + exc.start}); convert it to UTF-8 first"
+        )
     if offset == 0:
         text = text.removeprefix("\ufeff")  # a byte-order mark is an encoding marker, not content
     return TaskText(documents=[text])
@@ -248,8 +253,7 @@ def _read_parquet(task: Task, text_field: str) -> TaskText:
     if task.end == task.start:
         return result
     try:
-        table = pq.ParquetFile(task.path).read_row_groups(list(range(task.start, task.end)),
-                                                          columns=[text_field])
+        table = pq.ParquetFile(task.path).read_row_groups(list(range(task.start, task.end)), columns=[text_field])
     except Exception as exc:  # damaged pages surface as several pyarrow exception types
         return TaskText(file_error=f"unreadable row groups {task.start}-{task.end - 1} ({exc})")
     values = table.column(0).to_pylist()

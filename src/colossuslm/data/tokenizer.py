@@ -41,7 +41,8 @@ def check_trainable_vocab_size(vocab_size: int) -> None:
         raise ColossusError(
             f"vocab size {vocab_size} is too small: a byte-level tokenizer needs at least "
             f"{MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + 256 byte tokens); "
-            f"use --vocab-size {MIN_VOCAB_SIZE} or more (8192 is a good start)")
+            f"use --vocab-size {MIN_VOCAB_SIZE} or more (8192 is a good start)"
+        )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, length: int | None = None) -> Tokenizer:
@@ -70,13 +71,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         where = f"directory {path} has no {TOKENIZER_FILE}" if path.is_dir() else f"{path} does not exist"
-        raise ColossusError(f"cannot load tokenizer: {where}; give a tokenizer.json file or a "
-                            f"dataset directory written by `colossus data prepare`")
+        raise ColossusError(
+            f"cannot load tokenizer: {where}; give a tokenizer.json file or a "
+            f"dataset directory written by `colossus data prepare`"
+        )
     try:
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise ColossusError(f"cannot load tokenizer {file}: {exc}; it must be a Hugging Face "
-                            f"`tokenizers` tokenizer.json") from exc
+        raise ColossusError(
+            f"cannot load tokenizer {file}: {exc}; it must be a Hugging Face `tokenizers` tokenizer.json"
+        ) from exc
 
 
 def vocab_size_of(tokenizer: Tokenizer) -> int:
@@ -90,8 +94,10 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     for token in SPECIAL_TOKENS:
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
-            raise ColossusError(f"tokenizer has no {token} token; prepare the dataset with "
-                                f"`colossus data prepare`, which adds the project's special tokens")
+            raise ColossusError(
+                f"tokenizer has no {token} token; prepare the dataset with "
+                f"`colossus data prepare`, which adds the project's special tokens"
+            )
         ids[token] = token_id
     return ids
 
@@ -102,4 +108,3 @@ def ensure_special_tokens(tokenizer: Tokenizer) -> list[str]:
     if missing:
         tokenizer.add_special_tokens(missing)
     return missing
-

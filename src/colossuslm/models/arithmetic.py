@@ -134,15 +134,21 @@ def layer_matmuls(cfg: ModelConfig, moe: bool) -> list[MatmulShape]:
     ]
     if moe:
         f = cfg.expert_hidden
-        shapes += [MatmulShape("router", d, cfg.n_experts, 1, "none"),
-                   MatmulShape("expert_gate_up", d, 2 * f, cfg.top_k, "column", expert=True),
-                   MatmulShape("expert_down", f, d, cfg.top_k, "row", expert=True)]
+        shapes += [
+            MatmulShape("router", d, cfg.n_experts, 1, "none"),
+            MatmulShape("expert_gate_up", d, 2 * f, cfg.top_k, "column", expert=True),
+            MatmulShape("expert_down", f, d, cfg.top_k, "row", expert=True),
+        ]
         if cfg.n_shared_experts:
-            shapes += [MatmulShape("shared_gate_up", d, 2 * f * cfg.n_shared_experts, 1, "column"),
-                       MatmulShape("shared_down", f * cfg.n_shared_experts, d, 1, "row")]
+            shapes += [
+                MatmulShape("shared_gate_up", d, 2 * f * cfg.n_shared_experts, 1, "column"),
+                MatmulShape("shared_down", f * cfg.n_shared_experts, d, 1, "row"),
+            ]
     else:
-        shapes += [MatmulShape("mlp_gate_up", d, 2 * cfg.ffn_hidden, 1, "column"),
-                   MatmulShape("mlp_down", cfg.ffn_hidden, d, 1, "row")]
+        shapes += [
+            MatmulShape("mlp_gate_up", d, 2 * cfg.ffn_hidden, 1, "column"),
+            MatmulShape("mlp_down", cfg.ffn_hidden, d, 1, "row"),
+        ]
     return shapes
 
 

@@ -16,8 +16,14 @@ IGNORE_INDEX = -100
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_rows: int, compute_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_rows: int,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
         w = weight.to(compute_dtype)
         valid_count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -25,8 +31,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grads else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start:start + chunk_rows].to(compute_dtype)
-            t = targets[start:start + chunk_rows]
+            h = hidden[start : start + chunk_rows].to(compute_dtype)
+            t = targets[start : start + chunk_rows]
             valid = t != IGNORE_INDEX
             safe_t = t.clamp(min=0)
             # One fused log-softmax pass (max, sum, subtract) instead of logsumexp + subtract.
@@ -39,7 +45,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(t.shape[0], device=t.device), safe_t] -= 1.0
             grad_logits.mul_((valid.float() / valid_count).unsqueeze(1))
             g = grad_logits.to(compute_dtype)
-            grad_hidden[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
+            grad_hidden[start : start + chunk_rows] = (g @ w).to(hidden.dtype)
             grad_weight += (g.t() @ h).float()
         if need_grads:
             ctx.save_for_backward(grad_hidden, grad_weight)
@@ -52,8 +58,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int = 512) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 512
+) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX rows skipped).
 
     hidden: [N, d]; weight: [V, d]; targets: [N]. Matmuls run in the autocast dtype when autocast

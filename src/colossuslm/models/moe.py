@@ -7,7 +7,6 @@ and the results are scattered back weighted by the gates. The only Python loop i
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +56,11 @@ class GroupedExperts(nn.Module):
         """x_sorted: [N, d] tokens grouped by expert, `counts[e]` rows for expert e."""
         # Cast each stacked weight once (not once per expert) and unbind it: indexing w[e] per
         # expert would make autograd build a full-size zero gradient for every expert.
-        dtype = torch.get_autocast_dtype(x_sorted.device.type) if torch.is_autocast_enabled(x_sorted.device.type) else x_sorted.dtype
+        dtype = (
+            torch.get_autocast_dtype(x_sorted.device.type)
+            if torch.is_autocast_enabled(x_sorted.device.type)
+            else x_sorted.dtype
+        )
         w1, w3, w2 = (w.to(dtype).unbind(0) for w in (self.w1, self.w3, self.w2))
         x_sorted = x_sorted.to(dtype)
         outputs = []
@@ -91,8 +94,9 @@ class MoE(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
         self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k)
         self.experts = GroupedExperts(cfg.d_model, cfg.expert_hidden, cfg.n_experts)
-        self.shared_experts = (SwiGLU(cfg.d_model, cfg.expert_hidden * cfg.n_shared_experts)
-                               if cfg.n_shared_experts else None)
+        self.shared_experts = (
+            SwiGLU(cfg.d_model, cfg.expert_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, S, d] -> (output [B, S, d], weighted auxiliary loss scalar)."""

@@ -32,8 +32,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                         cap: float) -> torch.Tensor:
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, cap: float
+) -> torch.Tensor:
     """Grok-1's attention: softmax(cap * tanh(q k^T / sqrt(hd) / cap)) v, in fp32 (no fused SDPA
     kernel takes the cap). q: [..., Sq, hd]; k, v: [..., Sk, hd] with the same heads as q;
     `allowed`: bool, broadcastable to [..., Sq, Sk]."""
@@ -64,8 +65,7 @@ class Attention(nn.Module):
         if self.softcap > 0:
             out = self._softcapped_attention(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def _softcapped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ is accumulated into `.grad`, so gradient accumulation stays correct without any 
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from colossuslm.errors import ColossusError
-from colossuslm.models.moe import MoE, GroupedExperts
+from colossuslm.models.moe import GroupedExperts, MoE
 from colossuslm.parallel.mesh import Meshes
 
 
@@ -65,16 +64,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _run_local_experts(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor,
-                       w2: torch.Tensor) -> torch.Tensor:
+def _run_local_experts(
+    x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
     """SwiGLU per local expert over its contiguous rows of `x`; the same arithmetic as
     `GroupedExperts.forward`. Empty experts still run a 0-row GEMM so that every weight is in
     the autograd graph on every rank and the gradient all-reduce is reached by all replicas."""
     dtype = _compute_dtype(x)
     x = x.to(dtype)
     w1s, w3s, w2s = (w.to(dtype).unbind(0) for w in (w1, w3, w2))
-    outputs = [(F.silu(chunk @ w1s[e]) * (chunk @ w3s[e])) @ w2s[e]
-               for e, chunk in enumerate(torch.split(x, counts))]
+    outputs = [(F.silu(chunk @ w1s[e]) * (chunk @ w3s[e])) @ w2s[e] for e, chunk in enumerate(torch.split(x, counts))]
     return torch.cat(outputs)
 
 
@@ -96,9 +95,14 @@ class ExpertParallelExperts(nn.Module):
             full = getattr(experts, name)
             # Every rank built the same full weights (same seed), so slicing locally gives the
             # exact values a single-process model has, with no communication.
-            local = full.detach()[first:first + self.n_local].clone()
-            setattr(self, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False),
-                                             requires_grad=full.requires_grad))
+            local = full.detach()[first : first + self.n_local].clone()
+            setattr(
+                self,
+                name,
+                nn.Parameter(
+                    DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False), requires_grad=full.requires_grad
+                ),
+            )
         self.replica_group = replica_mesh.get_group() if replica_mesh.size() > 1 else None
         self.dp_size = dp_size
 
@@ -128,8 +132,9 @@ class ExpertParallelExperts(nn.Module):
         restore = torch.empty_like(by_expert)
         restore[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
 
-        w1, w3, w2 = _SyncExpertGradients.apply(self.replica_group, self.dp_size, self.w1.to_local(),
-                                                self.w3.to_local(), self.w2.to_local())
+        w1, w3, w2 = _SyncExpertGradients.apply(
+            self.replica_group, self.dp_size, self.w1.to_local(), self.w3.to_local(), self.w2.to_local()
+        )
         out = _run_local_experts(received[by_expert], counts_from_rank.sum(0).tolist(), w1, w3, w2)
         # Back to (source rank, local expert) order, then home: the reverse all-to-all returns each
         # sender's rows in the order it sent them, i.e. the order of x_sorted.
@@ -149,8 +154,10 @@ def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> set[nn.Parameter]
         if not isinstance(module, MoE):
             continue
         if module.n_experts % ep_size:
-            raise ColossusError(f"expert parallelism: model.n_experts = {module.n_experts} is not divisible by "
-                                f"parallel.ep = {ep_size}; choose an ep that divides the number of experts")
+            raise ColossusError(
+                f"expert parallelism: model.n_experts = {module.n_experts} is not divisible by "
+                f"parallel.ep = {ep_size}; choose an ep that divides the number of experts"
+            )
         module.experts = ExpertParallelExperts(module.experts, meshes.ep, meshes.dp_mod_ep, meshes.dp.size())
         expert_params.update(module.experts.parameters())
     return expert_params

@@ -8,19 +8,26 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, bf16: bool,
-               ignored_params: set[nn.Parameter] | None = None) -> None:
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, *, bf16: bool, ignored_params: set[nn.Parameter] | None = None
+) -> None:
     """Shard every block, then the remaining parameters (embedding, final norm, head).
 
     A 1-D mesh shards (FSDP / ZeRO-3); a 2-D (replicate, shard) mesh is HSDP, and with a shard
     size of 1 it is plain data parallelism. bf16 all-gathers halve the traffic; gradients are
     reduced in fp32 so that averaging over many ranks does not lose precision.
     """
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1,
-                    ignored_params=ignored_params)
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=policy,
+            reshard_after_forward=index < len(blocks) - 1,
+            ignored_params=ignored_params,
+        )
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored_params)

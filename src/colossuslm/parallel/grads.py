@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -16,8 +16,9 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float,
-                   stage_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def clip_grad_norm(
+    parameters: Iterable[torch.nn.Parameter], max_norm: float, stage_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before.
 
     With pipeline parallelism each rank holds one stage's parameters: `stage_group` (the pipeline

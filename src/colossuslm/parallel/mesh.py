@@ -43,7 +43,7 @@ class ParallelDims:
         return self.dp_shard // self.ep
 
     @classmethod
-    def resolve(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+    def resolve(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
         """Fill dp_shard = -1 and check that the layout multiplies out to the world size."""
         fixed = cfg.pp * cfg.dp_replicate * cfg.tp
         dp_shard = cfg.dp_shard
@@ -52,19 +52,29 @@ class ParallelDims:
                 raise ColossusError(
                     f"parallel layout: pp x dp_replicate x tp = {cfg.pp} x {cfg.dp_replicate} x {cfg.tp} = {fixed} "
                     f"does not divide the world size {world_size}; change parallel.pp, parallel.dp_replicate or "
-                    f"parallel.tp, or the number of processes")
+                    f"parallel.tp, or the number of processes"
+                )
             dp_shard = world_size // fixed
         if fixed * dp_shard != world_size:
             raise ColossusError(
                 f"parallel layout: pp x dp_replicate x dp_shard x tp = {cfg.pp} x {cfg.dp_replicate} x {dp_shard} x "
                 f"{cfg.tp} = {fixed * dp_shard}, but {world_size} processes are running; make the "
-                f"product equal the number of processes (parallel.dp_shard = -1 fills it in)")
+                f"product equal the number of processes (parallel.dp_shard = -1 fills it in)"
+            )
         if dp_shard % cfg.ep:
             raise ColossusError(
                 f"parallel layout: parallel.ep = {cfg.ep} must divide the data-parallel shard size "
-                f"dp_shard = {dp_shard} (expert parallelism borrows ranks from it)")
-        return cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.ep, world_size,
-                   sequence_parallel=cfg.sequence_parallel and cfg.tp > 1, pp=cfg.pp)
+                f"dp_shard = {dp_shard} (expert parallelism borrows ranks from it)"
+            )
+        return cls(
+            cfg.dp_replicate,
+            dp_shard,
+            cfg.tp,
+            cfg.ep,
+            world_size,
+            sequence_parallel=cfg.sequence_parallel and cfg.tp > 1,
+            pp=cfg.pp,
+        )
 
 
 @dataclass(frozen=True)
@@ -103,9 +113,14 @@ def init_distributed(device_kind: str = "auto", timeout_s: float = 300.0) -> Dis
         # torchrun may hand a restarted group the same store: without a per-attempt prefix, gloo
         # would read the dead incarnation's addresses and fail to connect.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
-                                rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=device if use_cuda else None)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            store=dist.PrefixStore(f"attempt{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=device if use_cuda else None,
+        )
     return DistributedEnv(rank, local_rank, world_size, device)
 
 
@@ -125,13 +140,13 @@ class Meshes:
     pp: DeviceMesh  # the pipeline stages of one model replica (size 1 without pipelining)
 
 
-
 def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
     # Pipeline stages outermost: on a GPU cluster the stage-to-stage traffic is the lightest and
     # can cross nodes, while TP (innermost) stays inside a node.
     names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
-    root = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp),
-                            mesh_dim_names=names)
+    root = init_device_mesh(
+        device_type, (dims.pp, dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp), mesh_dim_names=names
+    )
     dp_shard = root["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
     return Meshes(
         root=root,

@@ -88,8 +88,15 @@ def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 class PipelineRunner:
     """Runs training and evaluation steps of one stage of the pipeline."""
 
-    def __init__(self, model: nn.Module, pp_mesh: DeviceMesh, n_microbatches: int, schedule: str,
-                 device: torch.device, autocast: torch.autocast):
+    def __init__(
+        self,
+        model: nn.Module,
+        pp_mesh: DeviceMesh,
+        n_microbatches: int,
+        schedule: str,
+        device: torch.device,
+        autocast: torch.autocast,
+    ):
         self.group = pp_mesh.get_group()
         self.stage_index = pp_mesh.get_local_rank()
         self.n_stages = pp_mesh.size()
@@ -111,8 +118,11 @@ class PipelineRunner:
                 run(target=targets.to(self.device), losses=losses)
             else:
                 run()
-        mean = (torch.stack([loss.detach().float() for loss in losses]).mean() if self.is_last
-                else torch.zeros((), device=self.device))
+        mean = (
+            torch.stack([loss.detach().float() for loss in losses]).mean()
+            if self.is_last
+            else torch.zeros((), device=self.device)
+        )
         dist.all_reduce(mean, group=self.group)  # only the last stage contributes
         return mean
 

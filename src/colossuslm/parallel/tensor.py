@@ -20,8 +20,14 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
-                                               RowwiseParallel, SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from colossuslm.errors import ColossusError
 
@@ -51,17 +57,25 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
 def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
     if not sequence_parallel:
-        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
-                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
+        plan = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(),
+        }
         if not block.is_moe:
-            plan |= {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-                     "feed_forward.w2": RowwiseParallel()}
+            plan |= {
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(),
+            }
         return plan
     # The block's input and output are this rank's sequence shard (a plain local tensor).
     plan = {
         "attention_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(input_layouts=(SEQ, None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),  # all-gather
+        "attention": PrepareModuleInput(
+            input_layouts=(SEQ, None, None), desired_input_layouts=(Replicate(), None, None)
+        ),  # all-gather
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
@@ -71,8 +85,9 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
     if block.is_moe:
         # Experts are not split by TP: each TP rank routes the full sequence, then keeps its shard.
         # (Its output is sliced back to the shard in _apply_sequence_parallel_edges.)
-        plan["moe"] = PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),),
-                                         use_local_output=True)
+        plan["moe"] = PrepareModuleInput(
+            input_layouts=(SEQ,), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
     else:
         plan |= {
             "feed_forward": PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),)),
@@ -91,20 +106,34 @@ def _apply_sequence_parallel_edges(model: nn.Module, tp_mesh: DeviceMesh) -> Non
     # shapes are those of the full sequence): a stage without the final norm gathers its last
     # block's output, and every stage's first block takes its slice again.
     blocks = list(model.layers.values())
-    parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None, None),
-                                                              desired_input_layouts=(SEQ, None, None),
-                                                              use_local_output=True))
+    parallelize_module(
+        blocks[0],
+        tp_mesh,
+        PrepareModuleInput(
+            input_layouts=(Replicate(), None, None), desired_input_layouts=(SEQ, None, None), use_local_output=True
+        ),
+    )
     if model.norm is None:
-        parallelize_module(blocks[-1], tp_mesh, PrepareModuleOutput(output_layouts=(SEQ, None),
-                                                                    desired_output_layouts=(Replicate(), None),
-                                                                    use_local_output=True))
+        parallelize_module(
+            blocks[-1],
+            tp_mesh,
+            PrepareModuleOutput(
+                output_layouts=(SEQ, None), desired_output_layouts=(Replicate(), None), use_local_output=True
+            ),
+        )
     else:
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
-        parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=SEQ,
-                                                                    desired_output_layouts=Replicate(),
-                                                                    use_local_output=True))
+        parallelize_module(
+            model.norm,
+            tp_mesh,
+            PrepareModuleOutput(output_layouts=SEQ, desired_output_layouts=Replicate(), use_local_output=True),
+        )
     for block in model.layers.values():
         if block.is_moe:
-            parallelize_module(block.moe, tp_mesh, PrepareModuleOutput(output_layouts=(Replicate(), None),
-                                                                       desired_output_layouts=(SEQ, None),
-                                                                       use_local_output=True))
+            parallelize_module(
+                block.moe,
+                tp_mesh,
+                PrepareModuleOutput(
+                    output_layouts=(Replicate(), None), desired_output_layouts=(SEQ, None), use_local_output=True
+                ),
+            )

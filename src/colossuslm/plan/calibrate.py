@@ -23,8 +23,12 @@ from colossuslm.plan.layout import Layout, Software
 from colossuslm.plan.workload import Workload
 
 
-def device_gpu(device: str, peak_flops: float | None = None, hardware_file: str | None = None,
-               profile: dict[str, float] | None = None) -> GPU:
+def device_gpu(
+    device: str,
+    peak_flops: float | None = None,
+    hardware_file: str | None = None,
+    profile: dict[str, float] | None = None,
+) -> GPU:
     """The catalogue entry for a runtime device name; a CPU (or an unknown accelerator with a
     known peak) takes the measured peak as its own, and a CPU its measured attention efficiency
     and memory bandwidth (`profile`, from the trainer's `cpu_profile`) when given."""
@@ -32,11 +36,18 @@ def device_gpu(device: str, peak_flops: float | None = None, hardware_file: str 
     gpu = catalogue.match_device(device)
     if gpu is None:
         if not peak_flops:
-            raise ColossusError(f"device {device!r} is not in the hardware catalogue; add it with "
-                                "--hardware-file or give its peak FLOP/s")
+            raise ColossusError(
+                f"device {device!r} is not in the hardware catalogue; add it with "
+                "--hardware-file or give its peak FLOP/s"
+            )
         # Unknown accelerator: an H100's efficiencies and memory system, scaled to its peak.
-        gpu = dataclasses.replace(catalogue.gpu("h100"), name=device, description=device,
-                                  peak_bf16=float(peak_flops), peak_fp8=float(peak_flops))
+        gpu = dataclasses.replace(
+            catalogue.gpu("h100"),
+            name=device,
+            description=device,
+            peak_bf16=float(peak_flops),
+            peak_fp8=float(peak_flops),
+        )
     elif gpu.name == "cpu" and peak_flops:
         gpu = dataclasses.replace(gpu, peak_bf16=float(peak_flops), peak_fp8=float(peak_flops))
     if gpu.name == "cpu" and profile:
@@ -58,15 +69,30 @@ def run_layout(config: Config, n_devices: int) -> Layout:
         raise ColossusError(f"parallel.tp x parallel.pp = {par.tp * par.pp} does not divide {n_devices} devices")
     dp = n_devices // (par.tp * par.pp)
     dp_shard = par.dp_shard if par.dp_shard != -1 else dp // max(1, par.dp_replicate)
-    return Layout(tp=par.tp, pp=par.pp, cp=1, dp=dp, ep=par.ep, micro_batch=config.train.micro_batch_size,
-                  grad_accum=config.train.grad_accum, vp=1, recompute="none",
-                  zero=3 if dp_shard > 1 else 0,
-                  software=Software(fused_elementwise=config.train.compile,
-                                    sequence_parallel=par.sequence_parallel and par.tp > 1))
+    return Layout(
+        tp=par.tp,
+        pp=par.pp,
+        cp=1,
+        dp=dp,
+        ep=par.ep,
+        micro_batch=config.train.micro_batch_size,
+        grad_accum=config.train.grad_accum,
+        vp=1,
+        recompute="none",
+        zero=3 if dp_shard > 1 else 0,
+        software=Software(
+            fused_elementwise=config.train.compile, sequence_parallel=par.sequence_parallel and par.tp > 1
+        ),
+    )
 
 
-def predict_run(config: Config, device: str, n_devices: int, peak_flops: float | None = None,
-                profile: dict[str, float] | None = None) -> dict:
+def predict_run(
+    config: Config,
+    device: str,
+    n_devices: int,
+    peak_flops: float | None = None,
+    profile: dict[str, float] | None = None,
+) -> dict:
     """The planner's step time, tokens/s and MFU for a trainer config on `n_devices` devices.
 
     MFU uses `peak_flops` when given (the peak the trainer's own MFU used), so the two compare.
@@ -76,9 +102,14 @@ def predict_run(config: Config, device: str, n_devices: int, peak_flops: float |
     est: StepEstimate = CostModel(work, gpu).estimate(run_layout(config, n_devices))
     peak = float(peak_flops) if peak_flops else gpu.peak_bf16
     mfu = work.flops_per_token * est.tokens_per_s / (n_devices * peak)
-    return {"step_time_s": est.step_time, "tokens_per_s": est.tokens_per_s, "mfu": mfu,
-            "device_model": gpu.name, "memory_gb": est.memory.total / 1e9,
-            "breakdown_s": dict(est.breakdown)}
+    return {
+        "step_time_s": est.step_time,
+        "tokens_per_s": est.tokens_per_s,
+        "mfu": mfu,
+        "device_model": gpu.name,
+        "memory_gb": est.memory.total / 1e9,
+        "breakdown_s": dict(est.breakdown),
+    }
 
 
 @dataclass(frozen=True)
@@ -119,7 +150,9 @@ def calibrate(run_dir: str | Path) -> Calibration:
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     records = [r for r in _read_metrics(run / "metrics.jsonl") if "step_time_s" in r]
     if not summary and not records:
-        raise ColossusError(f"{run}: neither summary.json nor step records in metrics.jsonl; let the run log some steps")
+        raise ColossusError(
+            f"{run}: neither summary.json nor step records in metrics.jsonl; let the run log some steps"
+        )
     device = summary.get("device") or "cpu"
     n_devices = int(summary.get("n_devices") or 1)
     peak = summary.get("peak_flops")
@@ -131,22 +164,35 @@ def calibrate(run_dir: str | Path) -> Calibration:
         values = [float(r[record_key]) for r in records[1:] or records if r.get(record_key) is not None]
         return statistics.median(values) if values else math.nan
 
-    observed = {"step_time_s": measured("median_step_time_s", "step_time_s"),
-                "tokens_per_s": measured("median_tokens_per_s", "tokens_per_s"),
-                "mfu": measured("mfu", "mfu")}
-    return Calibration(run_dir=str(run), device=device, n_devices=n_devices, measured=observed,
-                       predicted=predict_run(config, device, n_devices, peak_flops=peak,
-                                             profile=summary.get("device_profile")))
+    observed = {
+        "step_time_s": measured("median_step_time_s", "step_time_s"),
+        "tokens_per_s": measured("median_tokens_per_s", "tokens_per_s"),
+        "mfu": measured("mfu", "mfu"),
+    }
+    return Calibration(
+        run_dir=str(run),
+        device=device,
+        n_devices=n_devices,
+        measured=observed,
+        predicted=predict_run(config, device, n_devices, peak_flops=peak, profile=summary.get("device_profile")),
+    )
 
 
 def calibration_text(cal: Calibration) -> str:
-    lines = [f"run {cal.run_dir}: {cal.n_devices} x {cal.device} (catalogue: {cal.predicted['device_model']})",
-             f"{'':<12} {'measured':>12} {'predicted':>12} {'error':>8}"]
-    for key, label, fmt in (("step_time_s", "step time", "{:.4g} s"), ("tokens_per_s", "tokens/s", "{:.4g}"),
-                            ("mfu", "MFU", "{:.2%}")):
+    lines = [
+        f"run {cal.run_dir}: {cal.n_devices} x {cal.device} (catalogue: {cal.predicted['device_model']})",
+        f"{'':<12} {'measured':>12} {'predicted':>12} {'error':>8}",
+    ]
+    for key, label, fmt in (
+        ("step_time_s", "step time", "{:.4g} s"),
+        ("tokens_per_s", "tokens/s", "{:.4g}"),
+        ("mfu", "MFU", "{:.2%}"),
+    ):
         m, p = cal.measured.get(key, math.nan), cal.predicted.get(key, math.nan)
         err = cal.error(key)
         lines.append(f"{label:<12} {fmt.format(m):>12} {fmt.format(p):>12} {err:>+8.1%}")
-    lines.append("error = predicted / measured - 1; GPU efficiencies come from the catalogue (fitted to published "
-                 "runs), a CPU's attention efficiency and memory bandwidth from the trainer's measurement")
+    lines.append(
+        "error = predicted / measured - 1; GPU efficiencies come from the catalogue (fitted to published "
+        "runs), a CPU's attention efficiency and memory bandwidth from the trainer's measurement"
+    )
     return "\n".join(lines)

@@ -106,18 +106,28 @@ class LayerCost:
         return scale * (self.gemm + self.attention) if sw.ep_overlap else 0.0
 
     def forward(self, sw: Software) -> float:
-        return (self.gemm + self.attention + self.elementwise + self.overhead
-                + exposed(self.tp, self.gemm, sw.tp_overlap)
-                + exposed(self.cp, self.attention, True)
-                + exposed(self.ep, self.ep_window(sw, 1), sw.ep_overlap))
+        return (
+            self.gemm
+            + self.attention
+            + self.elementwise
+            + self.overhead
+            + exposed(self.tp, self.gemm, sw.tp_overlap)
+            + exposed(self.cp, self.attention, True)
+            + exposed(self.ep, self.ep_window(sw, 1), sw.ep_overlap)
+        )
 
     def backward(self, sw: Software) -> float:
         gemm = 2 * self.gemm
         attention = self.attention_backward_ratio * self.attention
-        return (gemm + attention + 2 * self.elementwise + 2 * self.overhead
-                + exposed(self.tp, gemm, sw.tp_overlap)
-                + exposed(self.cp, attention, True)
-                + exposed(self.ep, self.ep_window(sw, 2), sw.ep_overlap))
+        return (
+            gemm
+            + attention
+            + 2 * self.elementwise
+            + 2 * self.overhead
+            + exposed(self.tp, gemm, sw.tp_overlap)
+            + exposed(self.cp, attention, True)
+            + exposed(self.ep, self.ep_window(sw, 2), sw.ep_overlap)
+        )
 
     def total(self, sw: Software, recompute: str) -> float:
         selective = self.attention + self.elementwise  # attention core, norms, MLP activation
@@ -161,7 +171,9 @@ class CostModel:
         return memory_per_gpu(self.work, lay, self.gpu, self.params(lay))
 
     # -- one layer --------------------------------------------------------------------------
-    def _matmuls(self, shapes: tuple[MatmulShape, ...], tokens: float, tp: int, ep: int, fp8: bool) -> tuple[float, float]:
+    def _matmuls(
+        self, shapes: tuple[MatmulShape, ...], tokens: float, tp: int, ep: int, fp8: bool
+    ) -> tuple[float, float]:
         cfg, gpu = self.work.cfg, self.gpu
         total = expert_total = 0.0
         for s in shapes:
@@ -214,7 +226,9 @@ class CostModel:
         passes = 1 if sw.fused_elementwise else EAGER_PASSES
         return passes * 2.0 * elements * tokens / (self.gpu.hbm_bandwidth * HBM_EFFICIENCY)
 
-    def layer_cost(self, tp: int, cp: int, ep: int, micro_batch: int, sw: Software) -> tuple[LayerCost, LayerCost | None]:
+    def layer_cost(
+        self, tp: int, cp: int, ep: int, micro_batch: int, sw: Software
+    ) -> tuple[LayerCost, LayerCost | None]:
         """(dense layer, MoE layer or None) costs for one micro-batch."""
         key = (tp, cp, ep, micro_batch, sw)
         if key in self._layers:
@@ -236,9 +250,17 @@ class CostModel:
             shapes = work.moe_matmuls if moe else work.dense_matmuls
             gemm, expert = self._matmuls(shapes, tokens, tp, ep, sw.fp8)
             ep_time = self._expert_exchange(tokens, tp, ep, sw) if moe else 0.0
-            return LayerCost(gemm=gemm, expert_gemm=expert, attention=attention,
-                             elementwise=self._elementwise(tokens, tp, moe, sw), tp=tp_time, cp=cp_time,
-                             ep=ep_time, overhead=overhead, attention_backward_ratio=back_ratio)
+            return LayerCost(
+                gemm=gemm,
+                expert_gemm=expert,
+                attention=attention,
+                elementwise=self._elementwise(tokens, tp, moe, sw),
+                tp=tp_time,
+                cp=cp_time,
+                ep=ep_time,
+                overhead=overhead,
+                attention_backward_ratio=back_ratio,
+            )
 
         result = (build(False), build(True) if cfg.is_moe else None)
         self._layers[key] = result
@@ -334,16 +356,22 @@ class CostModel:
         return out
 
     @staticmethod
-    def _layer_parts(dense: LayerCost, moe: LayerCost | None, moe_share: float, sw: Software,
-                     recompute: str) -> dict[str, float]:
+    def _layer_parts(
+        dense: LayerCost, moe: LayerCost | None, moe_share: float, sw: Software, recompute: str
+    ) -> dict[str, float]:
         """Seconds of one (average) layer by cause: compute, recompute and exposed traffic."""
+
         def parts(c: LayerCost) -> dict[str, float]:
-            comm_fwd = {"tp_comm": exposed(c.tp, c.gemm, sw.tp_overlap),
-                        "cp_comm": exposed(c.cp, c.attention, True),
-                        "ep_comm": exposed(c.ep, c.ep_window(sw, 1), sw.ep_overlap)}
-            comm_bwd = {"tp_comm": exposed(c.tp, 2 * c.gemm, sw.tp_overlap),
-                        "cp_comm": exposed(c.cp, c.attention_backward_ratio * c.attention, True),
-                        "ep_comm": exposed(c.ep, c.ep_window(sw, 2), sw.ep_overlap)}
+            comm_fwd = {
+                "tp_comm": exposed(c.tp, c.gemm, sw.tp_overlap),
+                "cp_comm": exposed(c.cp, c.attention, True),
+                "ep_comm": exposed(c.ep, c.ep_window(sw, 1), sw.ep_overlap),
+            }
+            comm_bwd = {
+                "tp_comm": exposed(c.tp, 2 * c.gemm, sw.tp_overlap),
+                "cp_comm": exposed(c.cp, c.attention_backward_ratio * c.attention, True),
+                "ep_comm": exposed(c.ep, c.ep_window(sw, 2), sw.ep_overlap),
+            }
             out = {k: comm_fwd[k] + comm_bwd[k] for k in comm_fwd}
             if recompute == "full":  # the rerun forward repeats its collectives
                 for k in out:
@@ -383,8 +411,9 @@ class CostModel:
         expert_group = comm.group(expert_dp, lay.tp * lay.ep, gpu.nvlink_domain)
 
         def reduce_scatter(bytes_per_param: float) -> float:
-            return (comm.reduce_scatter(bytes_per_param * dense_p, dense_group, gpu)
-                    + comm.reduce_scatter(bytes_per_param * expert_p, expert_group, gpu))
+            return comm.reduce_scatter(bytes_per_param * dense_p, dense_group, gpu) + comm.reduce_scatter(
+                bytes_per_param * expert_p, expert_group, gpu
+            )
 
         per_micro_dp = 0.0
         if lay.zero >= 3:
@@ -416,12 +445,17 @@ class CostModel:
         tokens_per_step = lay.global_batch * work.seq_len
         tokens_per_s = tokens_per_step / step
         mfu = work.flops_per_token * tokens_per_s / (lay.n_gpus * gpu.peak_bf16)
-        return StepEstimate(layout=lay, step_time=step, tokens_per_step=tokens_per_step,
-                            tokens_per_s=tokens_per_s, mfu=mfu, memory=self.memory(lay),
-                            breakdown=breakdown)
+        return StepEstimate(
+            layout=lay,
+            step_time=step,
+            tokens_per_step=tokens_per_step,
+            tokens_per_s=tokens_per_s,
+            mfu=mfu,
+            memory=self.memory(lay),
+            breakdown=breakdown,
+        )
 
 
 def estimate(work: Workload, lay: Layout, gpu: GPU) -> StepEstimate:
     """One-off estimate (a search should keep one CostModel to share its caches)."""
     return CostModel(work, gpu).estimate(lay)
-

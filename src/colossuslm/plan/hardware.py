@@ -80,11 +80,14 @@ class Cluster:
         slowest = min(g.peak_bf16 for g in gpus)
         gpu = min((g for g in gpus if g.peak_bf16 == slowest), key=lambda g: (g.hbm_bytes, g.hbm_bandwidth))
         # The network is a property of the cluster, not of the GPU's data sheet.
-        return dataclasses.replace(gpu, scaleout_bandwidth=self.scaleout_bandwidth,
-                                   scaleout_latency=self.scaleout_latency,
-                                   nvlink_domain=min(gpu.nvlink_domain, self.gpus_per_node))
+        return dataclasses.replace(
+            gpu,
+            scaleout_bandwidth=self.scaleout_bandwidth,
+            scaleout_latency=self.scaleout_latency,
+            nvlink_domain=min(gpu.nvlink_domain, self.gpus_per_node),
+        )
 
-    def with_gpus(self, n_gpus: int) -> "Cluster":
+    def with_gpus(self, n_gpus: int) -> Cluster:
         """The same cluster resized to `n_gpus`, keeping the pools' proportions."""
         total = self.n_gpus
         pools, left = [], n_gpus
@@ -104,14 +107,18 @@ class Catalogue:
         key = name.lower()
         if key in self.gpus:
             return self.gpus[key]
-        raise ColossusError(f"unknown GPU {name!r}; choose one of: {', '.join(self.gpus)} "
-                            "(or add a [gpu.NAME] table with --hardware-file)")
+        raise ColossusError(
+            f"unknown GPU {name!r}; choose one of: {', '.join(self.gpus)} "
+            "(or add a [gpu.NAME] table with --hardware-file)"
+        )
 
     def cluster(self, name: str) -> Cluster:
         if name in self.clusters:
             return self.clusters[name]
-        raise ColossusError(f"unknown cluster {name!r}; choose one of: {', '.join(self.clusters)} "
-                            "(or add a [cluster.NAME] table with --hardware-file)")
+        raise ColossusError(
+            f"unknown cluster {name!r}; choose one of: {', '.join(self.clusters)} "
+            "(or add a [cluster.NAME] table with --hardware-file)"
+        )
 
     def cluster_or_gpus(self, name: str, n_gpus: int | None = None) -> Cluster:
         """A named cluster, or an ad-hoc one of `n_gpus` of the GPU called `name`."""
@@ -137,11 +144,18 @@ class Catalogue:
 def ad_hoc_cluster(gpu: GPU, n_gpus: int, **overrides: Any) -> Cluster:
     """A homogeneous cluster of `n_gpus` with the GPU's own network figures and plain defaults."""
     values: dict[str, Any] = dict(
-        name=f"{n_gpus}x{gpu.name}", description=f"{n_gpus} x {gpu.description}",
-        pools=(Pool(gpu, n_gpus),), gpus_per_node=max(1, gpu.nvlink_domain),
-        scaleout_bandwidth=gpu.scaleout_bandwidth, scaleout_latency=gpu.scaleout_latency,
-        pue=1.3, storage_write_bandwidth=max(1e9, 5e8 * n_gpus), restart_s=600.0,
-        failures_per_gpu_hour=1.97e-5, electricity_per_mwh=80.0)
+        name=f"{n_gpus}x{gpu.name}",
+        description=f"{n_gpus} x {gpu.description}",
+        pools=(Pool(gpu, n_gpus),),
+        gpus_per_node=max(1, gpu.nvlink_domain),
+        scaleout_bandwidth=gpu.scaleout_bandwidth,
+        scaleout_latency=gpu.scaleout_latency,
+        pue=1.3,
+        storage_write_bandwidth=max(1e9, 5e8 * n_gpus),
+        restart_s=600.0,
+        failures_per_gpu_hour=1.97e-5,
+        electricity_per_mwh=80.0,
+    )
     values.update(overrides)
     return Cluster(**values)
 
@@ -165,9 +179,11 @@ def _parse_cluster(name: str, raw: dict[str, Any], gpus: dict[str, GPU], where: 
     known = _CLUSTER_FIELDS | {"pools"}
     unknown = set(raw) - known
     if unknown or "pools" not in raw:
-        raise ColossusError(f"{where}: [cluster.{name}] needs pools = [{{gpu = NAME, count = N}}] and "
-                            f"may set: {', '.join(sorted(_CLUSTER_FIELDS))}"
-                            + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""))
+        raise ColossusError(
+            f"{where}: [cluster.{name}] needs pools = [{{gpu = NAME, count = N}}] and "
+            f"may set: {', '.join(sorted(_CLUSTER_FIELDS))}"
+            + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "")
+        )
     pools = []
     for pool in raw["pools"]:
         gpu_name = str(pool.get("gpu", "")).lower()

@@ -67,12 +67,12 @@ class Layout:
     def short(self, compact: bool = False) -> str:
         """ "TP8 PP16x4 CP1 EP1 DP64" (xN: interleaved chunks); `compact` drops CP1 and EP1."""
         parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vp}" if self.vp > 1 else "")]
-        parts += [f"{name}{degree}" for name, degree in (("CP", self.cp), ("EP", self.ep))
-                  if degree > 1 or not compact]
+        parts += [f"{name}{degree}" for name, degree in (("CP", self.cp), ("EP", self.ep)) if degree > 1 or not compact]
         return " ".join(parts + [f"DP{self.dp}"])
 
     def family(self) -> str:
         """The combination of parallelisms in use, e.g. "DP+TP+PP"; rejections are grouped by it."""
-        names = ["DP"] + [name for name, degree in (("TP", self.tp), ("PP", self.pp), ("CP", self.cp),
-                                                    ("EP", self.ep)) if degree > 1]
+        names = ["DP"] + [
+            name for name, degree in (("TP", self.tp), ("PP", self.pp), ("CP", self.cp), ("EP", self.ep)) if degree > 1
+        ]
         return "+".join(names)

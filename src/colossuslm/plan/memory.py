@@ -97,8 +97,7 @@ def activation_bytes_per_layer_token(work: Workload, lay: Layout) -> float:
     return kept / lay.tp  # sequence parallelism splits the rest of the block's tensors too
 
 
-def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU,
-                   params: tuple[float, float] | None = None) -> MemoryBreakdown:
+def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU, params: tuple[float, float] | None = None) -> MemoryBreakdown:
     """Bytes on the fullest GPU; `params` may pass in `params_per_gpu` already computed."""
     cfg = work.cfg
     tokens = lay.micro_batch * work.seq_len / lay.cp
@@ -115,8 +114,16 @@ def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU,
             o = _sharded(FSDP_OPTIMIZER_BYTES, dense, expert, dense_group, expert_group)
             return w, g, o
         w = WEIGHT_BYTES * (dense + expert)
-        g = _sharded(GRAD_BYTES, dense, expert, dense_group, expert_group) if lay.zero >= 2 else GRAD_BYTES * (dense + expert)
-        o = _sharded(OPTIMIZER_BYTES, dense, expert, dense_group, expert_group) if lay.zero >= 1 else OPTIMIZER_BYTES * (dense + expert)
+        g = (
+            _sharded(GRAD_BYTES, dense, expert, dense_group, expert_group)
+            if lay.zero >= 2
+            else GRAD_BYTES * (dense + expert)
+        )
+        o = (
+            _sharded(OPTIMIZER_BYTES, dense, expert, dense_group, expert_group)
+            if lay.zero >= 1
+            else OPTIMIZER_BYTES * (dense + expert)
+        )
         return w, g, o
 
     per_layer = activation_bytes_per_layer_token(work, lay) * tokens

@@ -34,9 +34,18 @@ def default_global_batch(n_gpus: int, seq_len: int) -> int:
     return max(1, math.ceil(tokens / seq_len))
 
 
-def make_plan(model: str, cluster: str, tokens: float, gpus: int | None = None, seq_len: int | None = None,
-              batch_tokens: float | None = None, software: Software = Software(), fixed: dict | None = None,
-              hardware_file: str | None = None, top: int = 10) -> Plan:
+def make_plan(
+    model: str,
+    cluster: str,
+    tokens: float,
+    gpus: int | None = None,
+    seq_len: int | None = None,
+    batch_tokens: float | None = None,
+    software: Software = Software(),
+    fixed: dict | None = None,
+    hardware_file: str | None = None,
+    top: int = 10,
+) -> Plan:
     if tokens <= 0:
         raise ColossusError(f"--tokens must be > 0, got {tokens:g}")
     if gpus is not None and gpus <= 0:
@@ -47,9 +56,19 @@ def make_plan(model: str, cluster: str, tokens: float, gpus: int | None = None, 
     gpu = the_cluster.pace_gpu
     if batch_tokens is not None and batch_tokens < work.seq_len:
         raise ColossusError(f"--batch-tokens {batch_tokens:g} is less than one sequence of {work.seq_len} tokens")
-    batch = (max(1, round(batch_tokens / work.seq_len)) if batch_tokens is not None
-             else default_global_batch(the_cluster.n_gpus, work.seq_len))
+    batch = (
+        max(1, round(batch_tokens / work.seq_len))
+        if batch_tokens is not None
+        else default_global_batch(the_cluster.n_gpus, work.seq_len)
+    )
     result = search(work, gpu, the_cluster.n_gpus, batch, software=software, fixed=fixed, top=top)
     proj = project(result.ranked[0], work, the_cluster, tokens) if result.ranked else None
-    return Plan(work=work, cluster=the_cluster, gpu=gpu, global_batch=batch,
-                batch_was_default=batch_tokens is None, result=result, projection=proj)
+    return Plan(
+        work=work,
+        cluster=the_cluster,
+        gpu=gpu,
+        global_batch=batch,
+        batch_was_default=batch_tokens is None,
+        result=result,
+        projection=proj,
+    )

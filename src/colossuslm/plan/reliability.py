@@ -68,8 +68,14 @@ def goodput(interval_s: float, write_s: float, restart_s: float, mtbf_s: float) 
     return max(0.0, useful_share * (1.0 - lost_per_second))
 
 
-def assess(n_gpus: int, params: int, compute_s: float, failures_per_gpu_hour: float,
-           storage_write_bandwidth: float, restart_s: float) -> Reliability:
+def assess(
+    n_gpus: int,
+    params: int,
+    compute_s: float,
+    failures_per_gpu_hour: float,
+    storage_write_bandwidth: float,
+    restart_s: float,
+) -> Reliability:
     """Reliability of a run needing `compute_s` seconds of failure-free training."""
     mtbf = job_mtbf_s(n_gpus, failures_per_gpu_hour)
     size = params * CHECKPOINT_BYTES_PER_PARAM
@@ -78,6 +84,12 @@ def assess(n_gpus: int, params: int, compute_s: float, failures_per_gpu_hour: fl
     share = goodput(interval, write, restart_s, mtbf)
     wall = compute_s / share if share > 0 else math.inf
     interruptions = wall / mtbf if not math.isinf(mtbf) else 0.0
-    return Reliability(mtbf_s=mtbf, checkpoint_bytes=size, checkpoint_write_s=write,
-                       checkpoint_interval_s=interval, restart_s=restart_s, goodput=share,
-                       interruptions=interruptions)
+    return Reliability(
+        mtbf_s=mtbf,
+        checkpoint_bytes=size,
+        checkpoint_write_s=write,
+        checkpoint_interval_s=interval,
+        restart_s=restart_s,
+        goodput=share,
+        interruptions=interruptions,
+    )

@@ -38,8 +38,10 @@ class FamilyOutcome:
         if self.best is not None:
             return "fits"
         if self.least_memory < math.inf:
-            return (f"does not fit: needs at least {self.least_memory / 1e9:.0f} GB per GPU "
-                    f"(even with full recomputation and ZeRO-3) > {capacity / 1e9:.0f} GB")
+            return (
+                f"does not fit: needs at least {self.least_memory / 1e9:.0f} GB per GPU "
+                f"(even with full recomputation and ZeRO-3) > {capacity / 1e9:.0f} GB"
+            )
         if self.reasons:
             return max(self.reasons, key=self.reasons.get)
         return "no valid layout"
@@ -54,8 +56,10 @@ class SearchResult:
     @property
     def best(self) -> StepEstimate:
         if not self.ranked:
-            raise ColossusError("no layout fits this model on this hardware; see the rejected families "
-                                "(more GPUs, more memory per GPU, or a shorter sequence)")
+            raise ColossusError(
+                "no layout fits this model on this hardware; see the rejected families "
+                "(more GPUs, more memory per GPU, or a shorter sequence)"
+            )
         return self.ranked[0]
 
 
@@ -75,7 +79,9 @@ def tensor_parallel_options(work: Workload, gpu: GPU) -> list[int]:
 
 
 def context_parallel_options(work: Workload) -> list[int]:
-    return [cp for cp in (1, 2, 4, 8, 16, 32) if work.seq_len % cp == 0 and (cp == 1 or work.seq_len // cp >= MIN_CP_CHUNK)]
+    return [
+        cp for cp in (1, 2, 4, 8, 16, 32) if work.seq_len % cp == 0 and (cp == 1 or work.seq_len // cp >= MIN_CP_CHUNK)
+    ]
 
 
 def expert_parallel_options(work: Workload) -> list[int]:
@@ -89,8 +95,16 @@ def virtual_stage_options(n_layers: int, pp: int) -> list[int]:
     return [v for v in divisors(per_stage) if v <= 8]
 
 
-def search(work: Workload, gpu: GPU, n_gpus: int, global_batch: int, software: Software = Software(),
-           fixed: dict | None = None, exact_batch: bool = False, top: int = 10) -> SearchResult:
+def search(
+    work: Workload,
+    gpu: GPU,
+    n_gpus: int,
+    global_batch: int,
+    software: Software = Software(),
+    fixed: dict | None = None,
+    exact_batch: bool = False,
+    top: int = 10,
+) -> SearchResult:
     """Best layouts for `global_batch` sequences per step on `n_gpus` of `gpu`.
 
     `fixed` pins layout fields (tp, pp, cp, ep, micro_batch, vp, recompute, zero); the rest are
@@ -115,7 +129,8 @@ def search(work: Workload, gpu: GPU, n_gpus: int, global_batch: int, software: S
         if tp not in allowed_tp:
             families.setdefault(Layout(tp=tp).family(), FamilyOutcome()).reject(
                 f"TP {tp} must divide the NVLink domain ({gpu.nvlink_domain} GPUs) and the attention heads "
-                f"({cfg.n_heads} query, {cfg.n_kv_heads} key/value); allowed: {', '.join(map(str, allowed_tp))}")
+                f"({cfg.n_heads} query, {cfg.n_kv_heads} key/value); allowed: {', '.join(map(str, allowed_tp))}"
+            )
             continue
         for cp in options("cp", context_parallel_options(work)):
             for pp in options("pp", [p for p in divisors(n_gpus) if p <= cfg.n_layers]):
@@ -131,14 +146,18 @@ def search(work: Workload, gpu: GPU, n_gpus: int, global_batch: int, software: S
                     for mb in options("micro_batch", list(MICRO_BATCHES)):
                         if exact_batch:
                             if global_batch % (dp * mb):
-                                outcome.reject("the global batch is not a multiple of data-parallel ranks x micro-batch")
+                                outcome.reject(
+                                    "the global batch is not a multiple of data-parallel ranks x micro-batch"
+                                )
                                 continue
                             accum = global_batch // (dp * mb)
                         else:
                             if dp * mb > global_batch and mb > 1:
                                 continue
                             if dp > global_batch:
-                                outcome.reject(f"{dp} data-parallel ranks exceed the global batch of {global_batch} sequences")
+                                outcome.reject(
+                                    f"{dp} data-parallel ranks exceed the global batch of {global_batch} sequences"
+                                )
                                 continue
                             accum = max(1, math.ceil(global_batch / (dp * mb)))
                         for vp in options("vp", virtual_stage_options(cfg.n_layers, pp)):
@@ -149,9 +168,19 @@ def search(work: Workload, gpu: GPU, n_gpus: int, global_batch: int, software: S
                             best_level = len(recompute_levels)  # a later ZeRO stage must beat this
                             for zero in zero_levels:
                                 for rank, level in enumerate(recompute_levels[:best_level]):
-                                    lay = Layout(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, micro_batch=mb,
-                                                 grad_accum=accum, vp=vp, recompute=level, zero=zero,
-                                                 software=software)
+                                    lay = Layout(
+                                        tp=tp,
+                                        pp=pp,
+                                        cp=cp,
+                                        dp=dp,
+                                        ep=ep,
+                                        micro_batch=mb,
+                                        grad_accum=accum,
+                                        vp=vp,
+                                        recompute=level,
+                                        zero=zero,
+                                        software=software,
+                                    )
                                     need = model.memory(lay).total
                                     if need > capacity:
                                         outcome.least_memory = min(outcome.least_memory, need)

@@ -49,24 +49,51 @@ def parse_sweep(text: str) -> list[int]:
     return sorted(set(counts))
 
 
-def run_sweep(model: str, cluster: str, counts: list[int], tokens: float, seq_len: int | None = None,
-              batch_tokens: float | None = None, software: Software = Software(), fixed: dict | None = None,
-              hardware_file: str | None = None) -> list[SweepPoint]:
-    return [SweepPoint(n, make_plan(model, cluster, tokens, gpus=n, seq_len=seq_len, batch_tokens=batch_tokens,
-                                    software=software, fixed=fixed, hardware_file=hardware_file, top=1))
-            for n in counts]
+def run_sweep(
+    model: str,
+    cluster: str,
+    counts: list[int],
+    tokens: float,
+    seq_len: int | None = None,
+    batch_tokens: float | None = None,
+    software: Software = Software(),
+    fixed: dict | None = None,
+    hardware_file: str | None = None,
+) -> list[SweepPoint]:
+    return [
+        SweepPoint(
+            n,
+            make_plan(
+                model,
+                cluster,
+                tokens,
+                gpus=n,
+                seq_len=seq_len,
+                batch_tokens=batch_tokens,
+                software=software,
+                fixed=fixed,
+                hardware_file=hardware_file,
+                top=1,
+            ),
+        )
+        for n in counts
+    ]
 
 
 def sweep_rows(points: list[SweepPoint]) -> list[str]:
-    head = f"{'GPUs':>9}  {'best layout':<28} {'tokens/s':>9} {'MFU':>6} {'days':>8} {'goodput':>8} {'cost':>10} {'MW':>7}"
+    head = (
+        f"{'GPUs':>9}  {'best layout':<28} {'tokens/s':>9} {'MFU':>6} {'days':>8} {'goodput':>8} {'cost':>10} {'MW':>7}"
+    )
     rows = [head, "-" * len(head)]
     for pt in points:
         if not pt.fits:
             rows.append(f"{pt.n_gpus:>9,}  no layout fits")
             continue
         p, best = pt.plan.projection, pt.plan.result.best
-        rows.append(f"{pt.n_gpus:>9,}  {best.layout.short():<28} {si(p.tokens_per_s):>9} {p.mfu:>6.1%} "
-                    f"{p.wall_days:>8.1f} {p.reliability.goodput:>8.1%} {money(p.cost_usd):>10} {p.power_mw:>7.1f}")
+        rows.append(
+            f"{pt.n_gpus:>9,}  {best.layout.short():<28} {si(p.tokens_per_s):>9} {p.mfu:>6.1%} "
+            f"{p.wall_days:>8.1f} {p.reliability.goodput:>8.1%} {money(p.cost_usd):>10} {p.power_mw:>7.1f}"
+        )
     return rows
 
 
@@ -74,6 +101,7 @@ def plot_sweep(points: list[SweepPoint], path: str, title: str) -> None:
     """Tokens/s, MFU and wall-clock days against GPU count (matplotlib imported only here)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -103,4 +131,3 @@ def plot_sweep(points: list[SweepPoint], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

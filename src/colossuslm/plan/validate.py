@@ -87,10 +87,10 @@ class Comparison:
 def megatron_flops_per_token(work: Workload, recompute: bool) -> float:
     """The Megatron-LM papers' count (Narayanan et al. 2021, eq. 3), per token."""
     cfg, s = work.cfg, work.seq_len
-    h, l, v = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    h, layers, v = cfg.d_model, cfg.n_layers, cfg.vocab_size
     if recompute:
-        return 96 * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
-    return 72 * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+        return 96 * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
+    return 72 * layers * h * h * (1 + s / (6 * h) + v / (12 * layers * h))
 
 
 def published_tokens_per_s_per_gpu(run: PublishedRun, peak: float) -> float:
@@ -133,11 +133,21 @@ def load_runs(path: str = str(RUNS_FILE)) -> tuple[PublishedRun, ...]:
             work = replace(work, mla=LatentAttention(**latent[row["mla"]]))
         if row.get("mtp_depth"):
             work = replace(work, mtp_depth=int(row["mtp_depth"]))
-        runs.append(PublishedRun(
-            id=row["id"], source=row["source"], work=work, gpu_name=row["gpu"], gpus=int(row["gpus"]),
-            global_batch=int(row["global_batch"]), fixed=_fixed_layout(row.get("layout", {})),
-            software=Software(**row.get("software", {})), published=dict(row["published"]),
-            scaleout_bandwidth=row.get("scaleout_bandwidth"), note=row.get("note", "")))
+        runs.append(
+            PublishedRun(
+                id=row["id"],
+                source=row["source"],
+                work=work,
+                gpu_name=row["gpu"],
+                gpus=int(row["gpus"]),
+                global_batch=int(row["global_batch"]),
+                fixed=_fixed_layout(row.get("layout", {})),
+                software=Software(**row.get("software", {})),
+                published=dict(row["published"]),
+                scaleout_bandwidth=row.get("scaleout_bandwidth"),
+                note=row.get("note", ""),
+            )
+        )
     return tuple(runs)
 
 
@@ -145,17 +155,31 @@ def predict_published(run: PublishedRun, catalogue_file: str | None = None) -> C
     gpu = load_catalogue(catalogue_file).gpu(run.gpu_name)
     if run.scaleout_bandwidth:
         gpu = replace(gpu, scaleout_bandwidth=float(run.scaleout_bandwidth))
-    result = search(run.work, gpu, run.gpus, run.global_batch, software=run.software,
-                    fixed=run.fixed, exact_batch=True, top=1)
+    result = search(
+        run.work, gpu, run.gpus, run.global_batch, software=run.software, fixed=run.fixed, exact_batch=True, top=1
+    )
     fits = bool(result.ranked)
     best = result.ranked[0] if fits else None
     if best is None:  # report what it would do, memory notwithstanding
         relaxed = replace(gpu, hbm_bytes=1e15)
-        loose = search(run.work, relaxed, run.gpus, run.global_batch, software=run.software,
-                       fixed=run.fixed, exact_batch=True, top=1)
+        loose = search(
+            run.work,
+            relaxed,
+            run.gpus,
+            run.global_batch,
+            software=run.software,
+            fixed=run.fixed,
+            exact_batch=True,
+            top=1,
+        )
         best = loose.ranked[0] if loose.ranked else None
-    return Comparison(run=run, published_tps=published_tokens_per_s_per_gpu(run, gpu.peak_bf16),
-                      predicted=best, fits=fits, peak=gpu.peak_bf16)
+    return Comparison(
+        run=run,
+        published_tps=published_tokens_per_s_per_gpu(run, gpu.peak_bf16),
+        predicted=best,
+        fits=fits,
+        peak=gpu.peak_bf16,
+    )
 
 
 def validate(catalogue_file: str | None = None) -> list[Comparison]:
@@ -164,6 +188,10 @@ def validate(catalogue_file: str | None = None) -> list[Comparison]:
 
 def summary(rows: list[Comparison]) -> dict[str, float]:
     errors = [abs(r.error) for r in rows if r.predicted is not None]
-    return {"rows": len(rows), "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
-            "within_25pct": sum(e <= TARGET_MAX for e in errors),
-            "meets_target": statistics.median(errors) <= TARGET_MEDIAN and max(errors) <= TARGET_MAX}
+    return {
+        "rows": len(rows),
+        "median_abs_error": statistics.median(errors),
+        "max_abs_error": max(errors),
+        "within_25pct": sum(e <= TARGET_MAX for e in errors),
+        "meets_target": statistics.median(errors) <= TARGET_MEDIAN and max(errors) <= TARGET_MAX,
+    }

@@ -13,8 +13,14 @@ from pathlib import Path
 
 from colossuslm.config.schema import ModelConfig
 from colossuslm.errors import ColossusError
-from colossuslm.models.arithmetic import (MatmulShape, ModelArithmetic, activation_bytes_per_token, head_matmul,
-                                          layer_matmuls, model_arithmetic)
+from colossuslm.models.arithmetic import (
+    MatmulShape,
+    ModelArithmetic,
+    activation_bytes_per_token,
+    head_matmul,
+    layer_matmuls,
+    model_arithmetic,
+)
 from colossuslm.models.presets import get_preset, preset_names
 
 
@@ -44,11 +50,13 @@ class LatentAttention:
         """The projections, in forward order. Under TP the down-projections to the latents are
         replicated ("none"); the per-head up-projections split by heads."""
         h = self.n_heads
-        return [MatmulShape("q_down", d, self.q_lora_rank, 1, "none"),
-                MatmulShape("q_up", self.q_lora_rank, h * self.qk_head_dim, 1, "column"),
-                MatmulShape("kv_down", d, self.kv_lora_rank + self.qk_rope_head_dim, 1, "none"),
-                MatmulShape("kv_up", self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), 1, "column"),
-                MatmulShape("attn_out", h * self.v_head_dim, d, 1, "row")]
+        return [
+            MatmulShape("q_down", d, self.q_lora_rank, 1, "none"),
+            MatmulShape("q_up", self.q_lora_rank, h * self.qk_head_dim, 1, "column"),
+            MatmulShape("kv_down", d, self.kv_lora_rank + self.qk_rope_head_dim, 1, "none"),
+            MatmulShape("kv_up", self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), 1, "column"),
+            MatmulShape("attn_out", h * self.v_head_dim, d, 1, "row"),
+        ]
 
     def params(self, d: int) -> int:
         """Projection weights plus the two latent RMSNorm gains."""
@@ -167,7 +175,9 @@ class Workload:
         """Bytes a token keeps per layer for backward, without and with full recomputation."""
         out = {level: activation_bytes_per_token(self.cfg, level) for level in ("none", "full")}
         if self.mla:
-            out["none"] += _mla_attention_activation_bytes(self.cfg, self.mla) - _gqa_attention_activation_bytes(self.cfg)
+            out["none"] += _mla_attention_activation_bytes(self.cfg, self.mla) - _gqa_attention_activation_bytes(
+                self.cfg
+            )
         return out
 
     @property
@@ -209,8 +219,9 @@ def resolve_model(spec: str, seq_len: int | None = None) -> Workload:
         cfg = get_preset(spec)
         name = spec
     else:
-        raise ColossusError(f"unknown model {spec!r}: give a preset ({', '.join(preset_names())}) "
-                            "or a TOML file with a [model] table")
+        raise ColossusError(
+            f"unknown model {spec!r}: give a preset ({', '.join(preset_names())}) or a TOML file with a [model] table"
+        )
     seq = seq_len or cfg.max_seq_len
     if seq <= 0:
         raise ColossusError(f"sequence length must be > 0, got {seq}")

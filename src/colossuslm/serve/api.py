@@ -25,8 +25,17 @@ from colossuslm.serve.async_engine import AsyncEngine, EngineDeadError, RequestS
 from colossuslm.serve.errors import ApiError, InvalidRequestError, ModelNotFoundError, ServerBusyError
 from colossuslm.serve.http_guards import RequestGuard
 from colossuslm.serve.metrics import ServerMetrics
-from colossuslm.serve.protocol import (ChatCompletionRequest, CompletionRequest, chat_body, chat_chunk,
-                                       completion_body, error_body, new_id, usage, usage_chunk)
+from colossuslm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    error_body,
+    new_id,
+    usage,
+    usage_chunk,
+)
 from colossuslm.serve.sampling import SamplingParams
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
@@ -40,8 +49,13 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
 
 
-def _error(status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    error_type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(message, error_type, param, code), status_code=status)
 
 
@@ -93,8 +107,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
         if exc.status_code in (404, 405):
-            message = (f"{request.method} {request.url.path} is not an endpoint of this server; "
-                       f"it serves {', '.join(ENDPOINTS)}")
+            message = (
+                f"{request.method} {request.url.path} is not an endpoint of this server; "
+                f"it serves {', '.join(ENDPOINTS)}"
+            )
         return _error(exc.status_code, message)
 
     @app.exception_handler(EngineDeadError)
@@ -129,9 +145,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
 
     def check_model(name: str) -> None:
         if name != settings.model_name:
-            raise ModelNotFoundError(f"The model '{name}' does not exist; this server serves "
-                                     f"'{settings.model_name}' (see GET /v1/models).", param="model",
-                                     code="model_not_found")
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist; this server serves '{settings.model_name}' (see GET /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
 
     # ------------------------------------------------------------------------- generation
 
@@ -159,12 +177,13 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
             return streaming(job, chat_events(job))
         return await plain(job, request)
 
-    def admit(kind: str, request_id: str, prompt_ids: list[int], params: SamplingParams,
-              include_usage: bool) -> _Job:
+    def admit(kind: str, request_id: str, prompt_ids: list[int], params: SamplingParams, include_usage: bool) -> _Job:
         nonlocal in_flight
         if in_flight >= settings.max_concurrent_requests:
-            raise ServerBusyError(f"The server is handling {settings.max_concurrent_requests} requests, "
-                                  f"its limit; retry shortly.", code="server_busy")
+            raise ServerBusyError(
+                f"The server is handling {settings.max_concurrent_requests} requests, its limit; retry shortly.",
+                code="server_busy",
+            )
         stream = engine.add_request(prompt_ids, params, request_id)  # validates: 400 before any output
         in_flight += 1
         return _Job(kind, request_id, stream, include_usage, time.monotonic())
@@ -196,8 +215,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
             gone.cancel()
             collected.cancel()
             last = result[1] if result else None
-            finish(job, last.prompt_tokens if last else 0, last.completion_tokens if last else 0,
-                   result[2] if result else None)
+            finish(
+                job,
+                last.prompt_tokens if last else 0,
+                last.completion_tokens if last else 0,
+                result[2] if result else None,
+            )
         if result is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody will read it
         text, last, _ = result
@@ -207,12 +230,17 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         return JSONResponse(completion_body(job.id, settings.model_name, text, last.finish_reason, counts))
 
     def streaming(job: _Job, events: AsyncIterator[str]) -> StreamingResponse:
-        return _ClosingStreamingResponse(events, on_close=lambda: finish(job), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ClosingStreamingResponse(
+            events,
+            on_close=lambda: finish(job),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def completion_events(job: _Job) -> AsyncIterator[str]:
         def chunk(text: str, reason: str | None) -> dict:
             return completion_body(job.id, settings.model_name, text, reason, None, chunk=True)
+
         async for event in _events(job, chunk):
             yield event
 
@@ -221,6 +249,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
 
         def chunk(text: str, reason: str | None) -> dict:
             return chat_chunk(job.id, settings.model_name, {"content": text} if text else {}, reason)
+
         async for event in _events(job, chunk):
             yield event
 

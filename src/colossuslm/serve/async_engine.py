@@ -35,7 +35,7 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="colossus-engine", daemon=True)
 
-    def start(self) -> "AsyncEngine":
+    def start(self) -> AsyncEngine:
         self._thread.start()
         return self
 
@@ -52,8 +52,9 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats  # a snapshot taken by the engine thread after each step
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> "RequestStream":
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
         """Validate (InvalidRequestError here, before anything is queued) and queue a request.
 
         Iterate the returned stream for its outputs; call `abort()` if you stop early (a client
@@ -143,7 +144,7 @@ class RequestStream:
         self._engine = engine
         self._done = False
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:

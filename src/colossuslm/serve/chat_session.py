@@ -68,8 +68,10 @@ class ChatSession:
             del self.history[:2]  # one user turn and the reply to it
             self.dropped_turns += 1
         if len(ids) + reserve > context:
-            raise ColossusError(f"that message is {len(ids)} tokens with the template; the context window is "
-                                f"{context} tokens and {reserve} are kept for the reply. Send something shorter")
+            raise ColossusError(
+                f"that message is {len(ids)} tokens with the template; the context window is "
+                f"{context} tokens and {reserve} are kept for the reply. Send something shorter"
+            )
         return ids
 
 

@@ -103,13 +103,13 @@ class StopStringMatcher:
         self.text += new_text
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             self.stopped = True
 
     def take(self, final: bool) -> str:
         """New text the client may see now (everything, once the output is final)."""
         end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self._hold)
-        delta = self.text[self.sent:end]
+        delta = self.text[self.sent : end]
         self.sent = end
         return delta
 

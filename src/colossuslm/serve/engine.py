@@ -49,8 +49,7 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_token_id: int,
-                 config: EngineConfig | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_token_id: int, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -62,28 +61,32 @@ class LLMEngine:
         cache_tokens = self._cache_tokens(config)
         whole_contexts = cache_tokens >= config.max_num_seqs * self.max_model_len
         block_size = config.block_size or (self.max_model_len if whole_contexts else 16)
-        cache = PagedKVCache(model.cfg, -(-cache_tokens // block_size), block_size, self.device,
-                             model.tok_embeddings.weight.dtype)
+        cache = PagedKVCache(
+            model.cfg, -(-cache_tokens // block_size), block_size, self.device, model.tok_embeddings.weight.dtype
+        )
         self.runner = ModelRunner(model, cache)
-        self.scheduler = Scheduler(cache, config.max_num_seqs,
-                                   config.max_num_batched_tokens or max(2048, self.max_model_len),
-                                   # a whole-context block never grows, so nothing need be kept free
-                                   watermark_blocks=0 if block_size >= self.max_model_len else None)
+        self.scheduler = Scheduler(
+            cache,
+            config.max_num_seqs,
+            config.max_num_batched_tokens or max(2048, self.max_model_len),
+            # a whole-context block never grows, so nothing need be kept free
+            watermark_blocks=0 if block_size >= self.max_model_len else None,
+        )
         self._ids = itertools.count()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "auto", dtype: str = "auto",
-                        config: EngineConfig | None = None) -> "LLMEngine":
+    def from_checkpoint(
+        cls, path: str | Path, *, device: str = "auto", dtype: str = "auto", config: EngineConfig | None = None
+    ) -> LLMEngine:
         return cls.from_loaded(load_for_inference(path, device=device, dtype=dtype), config)
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig | None = None) -> "LLMEngine":
+    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig | None = None) -> LLMEngine:
         return cls(loaded.model, loaded.tokenizer, loaded.eos_token_id, config)
 
     # ----------------------------------------------------------------------------- requests
 
-    def make_request(self, prompt_ids: list[int], params: SamplingParams,
-                     request_id: str | None = None) -> Request:
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         """Validate and build a request without touching engine state (safe from any thread)."""
         params.validate()
         if not prompt_ids:
@@ -95,7 +98,9 @@ class LLMEngine:
             if prompt_len >= self.max_model_len:
                 raise InvalidRequestError(
                     f"This model's maximum context length is {self.max_model_len} tokens, and the prompt "
-                    f"has {prompt_len}, leaving no room for a reply. Shorten the prompt.", param="messages")
+                    f"has {prompt_len}, leaving no room for a reply. Shorten the prompt.",
+                    param="messages",
+                )
             max_total = self.max_model_len
         else:
             max_total = prompt_len + params.max_tokens
@@ -103,15 +108,22 @@ class LLMEngine:
                 raise InvalidRequestError(
                     f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                     f"requested {max_total} tokens ({prompt_len} in the prompt, {params.max_tokens} in the "
-                    f"completion). Shorten the prompt or lower max_tokens.", param="max_tokens")
+                    f"completion). Shorten the prompt or lower max_tokens.",
+                    param="max_tokens",
+                )
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.add(self.eos_token_id)
         return Request(
-            request_id=request_id or f"req-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params,
-            max_total_tokens=max_total, stop_token_ids=frozenset(stop_ids),
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=list(prompt_ids),
+            params=params,
+            max_total_tokens=max_total,
+            stop_token_ids=frozenset(stop_ids),
             generator=make_generator(params.seed, self.device),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, self._token_bytes), stop_matcher=StopStringMatcher(params.stop))
+            detokenizer=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
+            stop_matcher=StopStringMatcher(params.stop),
+        )
 
     def add(self, request: Request) -> None:
         self.scheduler.add(request)
@@ -129,8 +141,12 @@ class LLMEngine:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           kv_cache_usage=self.runner.cache.usage, preemptions=self.scheduler.num_preemptions)
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.runner.cache.usage,
+            preemptions=self.scheduler.num_preemptions,
+        )
 
     # ----------------------------------------------------------------------------- stepping
 
@@ -139,8 +155,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        items = [StepItem(new_tokens=self._uncached_tokens(r), start_pos=r.num_cached, block_table=r.block_table)
-                 for r in batch]
+        items = [
+            StepItem(new_tokens=self._uncached_tokens(r), start_pos=r.num_cached, block_table=r.block_table)
+            for r in batch
+        ]
         logits = self.runner.execute(items)
         next_tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
         now = time.monotonic()
@@ -154,7 +172,7 @@ class LLMEngine:
     def _uncached_tokens(request: Request) -> list[int]:
         start, prompt = request.num_cached, request.prompt_ids
         if start >= len(prompt):
-            return request.output_ids[start - len(prompt):]
+            return request.output_ids[start - len(prompt) :]
         return prompt[start:] + request.output_ids
 
     def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
@@ -175,9 +193,15 @@ class LLMEngine:
             matcher.add(request.detokenizer.flush())
             self.scheduler.running.remove(request)
             self.scheduler.finish(request, reason)
-        return RequestOutput(request_id=request.request_id, text=matcher.take(final=reason is not None),
-                             token_ids=[token], finished=reason is not None, finish_reason=reason,
-                             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids))
+        return RequestOutput(
+            request_id=request.request_id,
+            text=matcher.take(final=reason is not None),
+            token_ids=[token],
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(request.output_ids),
+        )
 
     # ----------------------------------------------------------------------------- conveniences
 
@@ -198,8 +222,9 @@ class LLMEngine:
         finally:
             self.abort_request(request_id)  # no-op once finished; frees the slot if the caller stops early
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
-                 ) -> list[GenerationResult]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
         """Complete every prompt, all batched together; results in prompt order."""
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
@@ -214,9 +239,16 @@ class LLMEngine:
                 tokens[out.request_id].extend(out.token_ids)
                 if out.finished:
                     done[out.request_id] = out
-        return [GenerationResult(text="".join(texts[i]), token_ids=tokens[i], finish_reason=done[i].finish_reason,
-                                 prompt_tokens=done[i].prompt_tokens, completion_tokens=done[i].completion_tokens)
-                for i in ids]
+        return [
+            GenerationResult(
+                text="".join(texts[i]),
+                token_ids=tokens[i],
+                finish_reason=done[i].finish_reason,
+                prompt_tokens=done[i].prompt_tokens,
+                completion_tokens=done[i].completion_tokens,
+            )
+            for i in ids
+        ]
 
     # ----------------------------------------------------------------------------- sizing
 
@@ -225,8 +257,10 @@ class LLMEngine:
         if asked is None:
             return model_max
         if not 1 <= asked <= model_max:
-            raise ColossusError(f"max_model_len = {asked} is invalid: must be between 1 and the model's "
-                                f"max_seq_len = {model_max} (RoPE tables end there)")
+            raise ColossusError(
+                f"max_model_len = {asked} is invalid: must be between 1 and the model's "
+                f"max_seq_len = {model_max} (RoPE tables end there)"
+            )
         return asked
 
     def _cache_tokens(self, config: EngineConfig) -> int:
@@ -239,7 +273,8 @@ class LLMEngine:
         if tokens < self.max_model_len:
             raise ColossusError(
                 f"the KV cache holds {tokens} tokens, less than one full context of {self.max_model_len}; "
-                f"give it more memory or lower the served context length (--max-model-len)")
+                f"give it more memory or lower the served context length (--max-model-len)"
+            )
         return tokens
 
 

@@ -32,13 +32,18 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ColossusError(
             f"this model caps attention logits (model.attn_logit_softcap = {cfg.attn_logit_softcap}, Grok-style); "
             f"Llama and Mixtral have no such option, so transformers/vLLM would compute different outputs. "
-            f"Serve it with `colossus serve` instead, or train with attn_logit_softcap = 0 to export")
+            f"Serve it with `colossus serve` instead, or train with attn_logit_softcap = 0 to export"
+        )
     if cfg.is_moe and cfg.n_shared_experts:
-        raise ColossusError(f"model.n_shared_experts = {cfg.n_shared_experts}: Mixtral has no shared experts; "
-                            f"only MoE models with n_shared_experts = 0 can be exported")
+        raise ColossusError(
+            f"model.n_shared_experts = {cfg.n_shared_experts}: Mixtral has no shared experts; "
+            f"only MoE models with n_shared_experts = 0 can be exported"
+        )
     if cfg.is_moe and cfg.first_dense_layers:
-        raise ColossusError(f"model.first_dense_layers = {cfg.first_dense_layers}: Mixtral makes every layer "
-                            f"MoE; only MoE models with first_dense_layers = 0 can be exported")
+        raise ColossusError(
+            f"model.first_dense_layers = {cfg.first_dense_layers}: Mixtral makes every layer "
+            f"MoE; only MoE models with first_dense_layers = 0 can be exported"
+        )
 
 
 def hf_config(cfg: ModelConfig, special: dict[str, int], dtype: torch.dtype) -> dict:
@@ -65,21 +70,33 @@ def hf_config(cfg: ModelConfig, special: dict[str, int], dtype: torch.dtype) -> 
         "use_cache": True,
     }
     if cfg.is_moe:
-        config.update({
-            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-            "intermediate_size": cfg.expert_hidden,
-            "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k,
-            "router_aux_loss_coef": cfg.aux_loss_coef, "router_jitter_noise": 0.0,
-            "output_router_logits": False, "sliding_window": None,
-            # Written untied (lm_head stored) even for tied models: not every Mixtral loader ties.
-            "tie_word_embeddings": False,
-        })
+        config.update(
+            {
+                "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral",
+                "intermediate_size": cfg.expert_hidden,
+                "num_local_experts": cfg.n_experts,
+                "num_experts_per_tok": cfg.top_k,
+                "router_aux_loss_coef": cfg.aux_loss_coef,
+                "router_jitter_noise": 0.0,
+                "output_router_logits": False,
+                "sliding_window": None,
+                # Written untied (lm_head stored) even for tied models: not every Mixtral loader ties.
+                "tie_word_embeddings": False,
+            }
+        )
     else:
-        config.update({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "intermediate_size": cfg.ffn_hidden, "attention_bias": False, "mlp_bias": False,
-            "pretraining_tp": 1, "tie_word_embeddings": cfg.tie_embeddings,
-        })
+        config.update(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "intermediate_size": cfg.ffn_hidden,
+                "attention_bias": False,
+                "mlp_bias": False,
+                "pretraining_tp": 1,
+                "tie_word_embeddings": cfg.tie_embeddings,
+            }
+        )
     return config
 
 
@@ -125,9 +142,17 @@ def tokenizer_config(special: dict[str, int], max_len: int) -> dict:
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
         "chat_template": HF_CHAT_TEMPLATE,
-        "added_tokens_decoder": {str(i): {"content": tok, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False}
-                                 for tok, i in sorted(special.items(), key=lambda kv: kv[1])},
+        "added_tokens_decoder": {
+            str(i): {
+                "content": tok,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for tok, i in sorted(special.items(), key=lambda kv: kv[1])
+        },
     }
 
 
@@ -147,8 +172,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", 
     for token in (EOS_TOKEN, PAD_TOKEN, IM_START, IM_END):
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
-            raise ColossusError(f"the checkpoint's tokenizer has no {token} token; it was not made by "
-                                f"`colossus data prepare`, so the export would lack its special tokens")
+            raise ColossusError(
+                f"the checkpoint's tokenizer has no {token} token; it was not made by "
+                f"`colossus data prepare`, so the export would lack its special tokens"
+            )
         special[token] = token_id
 
     state = hf_state_dict(load_file(str(ckpt_dir / "model.safetensors")), cfg)
@@ -156,13 +183,20 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out_dir / "config.json", hf_config(cfg, special, torch_dtype))
-    _write_json(out_dir / "generation_config.json", {
-        "bos_token_id": special[EOS_TOKEN], "eos_token_id": [special[EOS_TOKEN], special[IM_END]],
-        "pad_token_id": special[PAD_TOKEN]})
+    _write_json(
+        out_dir / "generation_config.json",
+        {
+            "bos_token_id": special[EOS_TOKEN],
+            "eos_token_id": [special[EOS_TOKEN], special[IM_END]],
+            "pad_token_id": special[PAD_TOKEN],
+        },
+    )
     shutil.copyfile(ckpt_dir / "tokenizer.json", out_dir / "tokenizer.json")
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config(special, cfg.max_seq_len))
-    _write_json(out_dir / "special_tokens_map.json", {
-        "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "additional_special_tokens": [IM_START, IM_END]})
+    _write_json(
+        out_dir / "special_tokens_map.json",
+        {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "additional_special_tokens": [IM_START, IM_END]},
+    )
     return out_dir
 
 

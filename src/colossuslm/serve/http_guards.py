@@ -15,15 +15,24 @@ from colossuslm.serve.protocol import error_body
 
 async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
 class RequestGuard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int,
-                 on_response: Callable[[str, int], None] | None = None):
+    def __init__(
+        self, app, api_key: str | None, max_body_bytes: int, on_response: Callable[[str, int], None] | None = None
+    ):
         self.app = app
         self.on_response = on_response or (lambda path, status: None)
         self.api_key = api_key.encode() if api_key else None
@@ -35,24 +44,38 @@ class RequestGuard:
         send = self._recording(scope["path"], send)
         # /health and /metrics stay open for load balancers and Prometheus; the model API does not.
         if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorized(scope):
-            return await send_json(send, 401, error_body(
-                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                param=None, code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+            return await send_json(
+                send,
+                401,
+                error_body(
+                    "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                    param=None,
+                    code="invalid_api_key",
+                ),
+                [(b"www-authenticate", b"Bearer")],
+            )
         if scope["method"] in ("POST", "PUT", "PATCH"):
             body = await self._read_body(scope, receive)
             if body is None:
-                return await send_json(send, 413, error_body(
-                    f"Request body is larger than the server's limit of {self.max_body_bytes} bytes.",
-                    code="request_too_large"))
+                return await send_json(
+                    send,
+                    413,
+                    error_body(
+                        f"Request body is larger than the server's limit of {self.max_body_bytes} bytes.",
+                        code="request_too_large",
+                    ),
+                )
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
     def _recording(self, path: str, send):
         """`send`, reporting each response's status to `on_response` (for the request counters)."""
+
         async def recording_send(message):
             if message["type"] == "http.response.start":
                 self.on_response(path, message["status"])
             await send(message)
+
         return recording_send
 
     def _authorized(self, scope) -> bool:

@@ -47,8 +47,7 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, cfg.n_kv_heads, block_size, cfg.resolved_head_dim)

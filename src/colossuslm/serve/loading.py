@@ -60,16 +60,19 @@ def default_model_name(ckpt_dir: Path) -> str:
     return ckpt_dir.name
 
 
-def build_model(config: Config, state: dict[str, torch.Tensor], device: torch.device,
-                dtype: torch.dtype) -> Transformer:
+def build_model(
+    config: Config, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> Transformer:
     """A Transformer holding `state`, without spending time on a random init first."""
     with torch.device("meta"):
         model = Transformer(config.model)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ColossusError(f"checkpoint weights do not match its config.toml ({exc}); "
-                            f"the checkpoint is damaged or was written by a different model version") from None
+        raise ColossusError(
+            f"checkpoint weights do not match its config.toml ({exc}); "
+            f"the checkpoint is damaged or was written by a different model version"
+        ) from None
     # RoPE tables are non-persistent buffers (not in the file); rebuild them on a real device.
     cos, sin = rope_tables(config.model.resolved_head_dim, config.model.max_seq_len, config.model.rope_theta)
     model.rope_cos, model.rope_sin = cos, sin
@@ -89,11 +92,20 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
     tokenizer = load_tokenizer(ckpt_dir)
     eos = tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
-        raise ColossusError(f"the tokenizer in {ckpt_dir} has no {EOS_TOKEN} token; it was not made "
-                            f"by `colossus data prepare`")
+        raise ColossusError(
+            f"the tokenizer in {ckpt_dir} has no {EOS_TOKEN} token; it was not made by `colossus data prepare`"
+        )
     if tokenizer.get_vocab_size(with_added_tokens=True) > config.model.vocab_size:
-        raise ColossusError(f"tokenizer in {ckpt_dir} has {tokenizer.get_vocab_size()} tokens but the "
-                            f"model only {config.model.vocab_size}; they do not belong together")
-    return LoadedModel(path=ckpt_dir, config=config, model=model, tokenizer=tokenizer,
-                       name=default_model_name(ckpt_dir), eos_token_id=eos,
-                       im_end_token_id=tokenizer.token_to_id(IM_END))
+        raise ColossusError(
+            f"tokenizer in {ckpt_dir} has {tokenizer.get_vocab_size()} tokens but the "
+            f"model only {config.model.vocab_size}; they do not belong together"
+        )
+    return LoadedModel(
+        path=ckpt_dir,
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        name=default_model_name(ckpt_dir),
+        eos_token_id=eos,
+        im_end_token_id=tokenizer.token_to_id(IM_END),
+    )

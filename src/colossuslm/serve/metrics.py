@@ -78,16 +78,29 @@ class ServerMetrics:
         self.gauges = [
             Gauge("colossus_requests_running", "Requests in the running batch.", lambda: engine_stats().running),
             Gauge("colossus_requests_waiting", "Requests queued for a batch slot.", lambda: engine_stats().waiting),
-            Gauge("colossus_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.",
-                  lambda: engine_stats().kv_cache_usage),
-            Gauge("colossus_preemptions_total", "Requests preempted because the KV cache was full.",
-                  lambda: engine_stats().preemptions, kind="counter"),
+            Gauge(
+                "colossus_kv_cache_usage_ratio",
+                "Fraction of KV-cache blocks in use.",
+                lambda: engine_stats().kv_cache_usage,
+            ),
+            Gauge(
+                "colossus_preemptions_total",
+                "Requests preempted because the KV cache was full.",
+                lambda: engine_stats().preemptions,
+                kind="counter",
+            ),
         ]
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.latency,
-                       *self.gauges):
+        for metric in (
+            self.requests,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.ttft,
+            self.latency,
+            *self.gauges,
+        ):
             lines += metric.render()
         return "\n".join(lines) + "\n"
 

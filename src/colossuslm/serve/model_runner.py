@@ -40,12 +40,12 @@ class StepItem:
 class _DecodeLayout:
     """Where a step's decode tokens find their cached keys and values (chosen in `_decode_layout`).
 
-      - `row_range` (lo, hi): every history is its sequence's first block (blocks as long as the
-        context) and the blocks lie in [lo, hi): attended as a view of the cache, no copy. When
-        the batch's blocks are not exactly lo, lo+1, ..., `rows` says which row each sequence is;
-        the other rows are masked filler.
-      - `rows` alone: single blocks spread too thinly for that; those blocks are picked out.
-      - `tables` [B, W]: histories span several blocks, which are gathered.
+    - `row_range` (lo, hi): every history is its sequence's first block (blocks as long as the
+      context) and the blocks lie in [lo, hi): attended as a view of the cache, no copy. When
+      the batch's blocks are not exactly lo, lo+1, ..., `rows` says which row each sequence is;
+      the other rows are masked filler.
+    - `rows` alone: single blocks spread too thinly for that; those blocks are picked out.
+    - `tables` [B, W]: histories span several blocks, which are gathered.
     """
 
     max_len: int  # longest history in the batch, the new token included
@@ -78,7 +78,7 @@ class ModelRunner:
         cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
 
-    def _forward(self, batch: "_BatchTensors") -> torch.Tensor:
+    def _forward(self, batch: _BatchTensors) -> torch.Tensor:
         """Embeddings to fp32 logits [B, vocab] of each sequence's last token, in batch order."""
         model = self.model
         h = model.tok_embeddings(batch.tokens)
@@ -107,8 +107,9 @@ class ModelRunner:
         restore[torch.tensor(order)] = torch.arange(len(order))
         return logits[restore.to(logits.device)]
 
-    def _attention(self, layer_index: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   batch: _BatchTensors) -> torch.Tensor:
+    def _attention(
+        self, layer_index: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: _BatchTensors
+    ) -> torch.Tensor:
         tokens = x.shape[0]
         q = apply_rope(attn.wq(x).view(tokens, -1, self.head_dim), cos, sin)  # [T, H, hd]
         k = apply_rope(attn.wk(x).view(tokens, -1, self.head_dim), cos, sin)  # [T, KVH, hd]
@@ -120,8 +121,9 @@ class ModelRunner:
         outputs = []
         start = 0
         for length in batch.prefill_lens:
-            outputs.append(self._prefill_attention(q[start:start + length], k[start:start + length],
-                                                   v[start:start + length]))
+            outputs.append(
+                self._prefill_attention(q[start : start + length], k[start : start + length], v[start : start + length])
+            )
             start += length
         if batch.decode is not None:
             outputs.append(self._decode_attention(q[start:], keys, values, batch.decode))
@@ -137,12 +139,14 @@ class ModelRunner:
             groups = q.shape[0] // k.shape[0]
             k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
             return softcapped_attention(q, k, v, causal, self.softcap).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                             is_causal=True, enable_gqa=q.shape[0] != k.shape[0])
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=q.shape[0] != k.shape[0]
+        )
         return out.squeeze(0).transpose(0, 1)
 
-    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          layout: _DecodeLayout) -> torch.Tensor:
+    def _decode_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: _DecodeLayout
+    ) -> torch.Tensor:
         """One token per sequence over its cached history. q: [B, H, hd] -> [B, H, hd].
 
         Query heads that share a key/value head form one small `[group, hd]` matrix, so grouped
@@ -207,10 +211,15 @@ class ModelRunner:
         def on_device(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device)
 
-        return _BatchTensors(tokens=on_device(tokens), positions=on_device(positions),
-                             write_blocks=on_device(write_blocks), write_offsets=on_device(write_offsets),
-                             prefill_lens=prefill_lens, decode=self._decode_layout(decodes) if decodes else None,
-                             last_token_index=on_device(last_index))
+        return _BatchTensors(
+            tokens=on_device(tokens),
+            positions=on_device(positions),
+            write_blocks=on_device(write_blocks),
+            write_offsets=on_device(write_offsets),
+            prefill_lens=prefill_lens,
+            decode=self._decode_layout(decodes) if decodes else None,
+            last_token_index=on_device(last_index),
+        )
 
     def _decode_layout(self, decodes: list[StepItem]) -> _DecodeLayout:
         lengths = torch.tensor([d.start_pos + 1 for d in decodes])
@@ -219,14 +228,17 @@ class ModelRunner:
 
         def layout(row_lengths: torch.Tensor, **where) -> _DecodeLayout:
             allowed = positions.unsqueeze(0) < row_lengths.unsqueeze(1)
-            where = {name: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                     for name, value in where.items()}
+            where = {
+                name: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                for name, value in where.items()
+            }
             return _DecodeLayout(max_len, allowed.to(self.device), **where)
 
         if max_len > self.cache.block_size:
             width = max(len(d.block_table) for d in decodes)
-            return layout(lengths, tables=torch.tensor([d.block_table + [0] * (width - len(d.block_table))
-                                                        for d in decodes]))
+            return layout(
+                lengths, tables=torch.tensor([d.block_table + [0] * (width - len(d.block_table)) for d in decodes])
+            )
         blocks = torch.tensor([d.block_table[0] for d in decodes])
         lo, hi = int(blocks.min()), int(blocks.max()) + 1
         if hi - lo > 2 * len(decodes):  # too sparse: copying the blocks beats attending filler rows

@@ -51,9 +51,15 @@ class _SamplingFields(BaseModel):
         self.check_supported()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
-            stop=stop, stop_token_ids=stop_token_ids, ignore_eos=self.ignore_eos).validate()
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        ).validate()
 
     @property
     def include_usage(self) -> bool:
@@ -81,8 +87,9 @@ class CompletionRequest(_SamplingFields):
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise InvalidRequestError("send one prompt per request (a list of prompts is not supported)",
-                                          param="prompt")
+                raise InvalidRequestError(
+                    "send one prompt per request (a list of prompts is not supported)", param="prompt"
+                )
             prompt = prompt[0]
         return prompt
 
@@ -102,37 +109,69 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_body(request_id: str, model: str, text: str, finish_reason: str | None,
-                    usage_counts: dict | None, chunk: bool = False) -> dict:
-    body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def completion_body(
+    request_id: str, model: str, text: str, finish_reason: str | None, usage_counts: dict | None, chunk: bool = False
+) -> dict:
+    body = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
     if usage_counts is not None or not chunk:
         body["usage"] = usage_counts
     return body
 
 
 def chat_body(request_id: str, model: str, text: str, finish_reason: str | None, usage_counts: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage_counts}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage_counts,
+    }
 
 
 def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
 
 
 def usage_chunk(request_id: str, model: str, kind: Literal["chat", "completion"], usage_counts: dict) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [],
-            "usage": usage_counts}
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage_counts,
+    }
 
 
-def error_body(message: str, error_type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, error_type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

@@ -23,7 +23,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         if isinstance(self.stop, str):
@@ -35,7 +35,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k", "must be -1 or 0 (off) or a positive number of tokens"),
             (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"takes at most {MAX_STOP_STRINGS} strings"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "entries must be non-empty strings"),
-            (self.seed is None or -2**63 <= self.seed < 2**64, "seed", "must fit in 64 bits"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits"),
         ]
         for ok, param, why in checks:
             if not ok:

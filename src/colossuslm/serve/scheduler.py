@@ -19,8 +19,9 @@ from colossuslm.serve.request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark_blocks: int | None = None):
+    def __init__(
+        self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, watermark_blocks: int | None = None
+    ):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

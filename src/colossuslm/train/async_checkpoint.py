@@ -27,10 +27,11 @@ on any rank means the checkpoint is complete on disk for all of them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,9 +69,19 @@ class AsyncCheckpointer:
     def pending(self) -> bool:
         return self._pending is not None
 
-    def save(self, ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any], config_toml: str, tokenizer_json: Path | None,
-             keep_last: int, consolidate_from_shards: bool = True) -> Path:
+    def save(
+        self,
+        ckpt_root: Path,
+        step: int,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        config_toml: str,
+        tokenizer_json: Path | None,
+        keep_last: int,
+        consolidate_from_shards: bool = True,
+    ) -> Path:
         """Snapshot the state and start writing it; returns the directory the checkpoint will be
         promoted to. Waits first for the previous save, so at most one is in flight.
         (model.safetensors is always assembled from the shards here: `consolidate_from_shards`
@@ -82,11 +93,22 @@ class AsyncCheckpointer:
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         # Returns once the shards are copied to CPU memory; the upload runs in DCP's own thread.
-        upload = dcp.async_save({"model": model_state, "optimizer": optimizer_state},
-                                checkpoint_id=str(tmp / "dcp"), process_group=group, no_dist=group is None)
-        snapshot = _Snapshot(step=step, tmp=tmp, final=final, rng=ckpt.rng_state(),
-                             trainer_state_json=json.dumps(trainer_state, indent=1), config_toml=config_toml,
-                             tokenizer_json=tokenizer_json, keep_last=keep_last)
+        upload = dcp.async_save(
+            {"model": model_state, "optimizer": optimizer_state},
+            checkpoint_id=str(tmp / "dcp"),
+            process_group=group,
+            no_dist=group is None,
+        )
+        snapshot = _Snapshot(
+            step=step,
+            tmp=tmp,
+            final=final,
+            rng=ckpt.rng_state(),
+            trainer_state_json=json.dumps(trainer_state, indent=1),
+            config_toml=config_toml,
+            tokenizer_json=tokenizer_json,
+            keep_last=keep_last,
+        )
         self._pending = self._finisher.submit(self._finish, upload, snapshot, group)
         return final
 
@@ -117,15 +139,18 @@ class AsyncCheckpointer:
             # From the shards just written rather than gathered at the save step: the gather is a
             # collective (so it would stall training) and a second copy of the model in memory.
             full_model = ckpt.consolidate_model(snapshot.tmp / "dcp")
-            ckpt.write_main_files(snapshot.tmp, full_model=full_model,
-                                  trainer_state_json=snapshot.trainer_state_json,
-                                  config_toml=snapshot.config_toml, tokenizer_json=snapshot.tokenizer_json)
+            ckpt.write_main_files(
+                snapshot.tmp,
+                full_model=full_model,
+                trainer_state_json=snapshot.trainer_state_json,
+                config_toml=snapshot.config_toml,
+                tokenizer_json=snapshot.tokenizer_json,
+            )
 
     @staticmethod
     def _promote(snapshot: _Snapshot, rank: int) -> None:
         if rank == 0:  # every rank's files are written: the agreement before this said so
-            ckpt.promote(snapshot.tmp, snapshot.final, snapshot.step, ckpt.Collectives.world_size(),
-                         snapshot.keep_last)
+            ckpt.promote(snapshot.tmp, snapshot.final, snapshot.step, ckpt.Collectives.world_size(), snapshot.keep_last)
 
 
 def _agree(group: dist.ProcessGroup | None, what: str, work: Callable[[], object]) -> None:

@@ -35,15 +35,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from colossuslm.errors import ColossusError
 
 # One-process runs use DCP on purpose (so their checkpoints reshard onto N ranks later); DCP warns
 # about it on every save and load, which only alarms users.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
-                        category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning
+)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -144,9 +149,11 @@ def consolidate_model(dcp_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights assembled from the DCP shards of all ranks by this process alone (no
     collectives): what `gather_full_model` returns, for a writer that must not join collectives."""
     metadata = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
-    full = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-            for key, meta in metadata.state_dict_metadata.items()
-            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    full = {
+        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
     state = {"model": full}
     dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
     return {k: v.float().contiguous() for k, v in state["model"].items()}
@@ -157,8 +164,14 @@ def write_rank_files(tmp: Path, rng: dict[str, Any]) -> None:
     (tmp / "rng" / f"rank_{Collectives.rank()}.json").write_text(json.dumps(rng))
 
 
-def write_main_files(tmp: Path, *, full_model: dict[str, torch.Tensor], trainer_state_json: str,
-                     config_toml: str, tokenizer_json: Path | None) -> None:
+def write_main_files(
+    tmp: Path,
+    *,
+    full_model: dict[str, torch.Tensor],
+    trainer_state_json: str,
+    config_toml: str,
+    tokenizer_json: Path | None,
+) -> None:
     """What rank 0 alone adds: the consolidated weights and the run's metadata."""
     save_file(full_model, str(tmp / "model.safetensors"))
     (tmp / "trainer_state.json").write_text(trainer_state_json)
@@ -174,8 +187,13 @@ def promote(tmp: Path, final: Path, step: int, world_size: int, keep_last: int) 
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
         files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
-                "world_size": world_size, "files": files}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "created": time.time(),
+        "world_size": world_size,
+        "files": files,
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for directory in (tmp / "dcp", tmp / "rng", tmp):
         _fsync_dir(directory)
@@ -186,9 +204,18 @@ def promote(tmp: Path, final: Path, step: int, world_size: int, keep_last: int) 
     prune_checkpoints(final.parent, keep_last)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], config_toml: str, tokenizer_json: Path | None,
-                    keep_last: int, consolidate_from_shards: bool = False) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    config_toml: str,
+    tokenizer_json: Path | None,
+    keep_last: int,
+    consolidate_from_shards: bool = False,
+) -> Path:
     """Write a checkpoint atomically (collective: every rank calls it) and prune to `keep_last`.
 
     Blocks until the checkpoint is promoted; `async_checkpoint.AsyncCheckpointer` writes the same
@@ -207,14 +234,21 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
     if Collectives.rank() == 0:
         if full_model is None:
             full_model = consolidate_model(tmp / "dcp")
-        write_main_files(tmp, full_model=full_model, trainer_state_json=json.dumps(trainer_state, indent=1),
-                         config_toml=config_toml, tokenizer_json=tokenizer_json)
+        write_main_files(
+            tmp,
+            full_model=full_model,
+            trainer_state_json=json.dumps(trainer_state, indent=1),
+            config_toml=config_toml,
+            tokenizer_json=tokenizer_json,
+        )
         promote(tmp, final, step, Collectives.world_size(), keep_last)
     Collectives.barrier()
     return final
 
 
-def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def load_checkpoint(
+    ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load model and optimizer (resharding to this run's layout) and return
     (trainer state, this rank's RNG state or None when the world size changed)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -233,8 +267,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Completed checkpoints (manifest present), oldest first. Temp directories are ignored."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.iterdir()
-             if p.is_dir() and p.name.startswith(_PREFIX) and (p / MANIFEST).is_file()]
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -260,8 +293,10 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
             raise ColossusError(f"checkpoint {ckpt_dir}: file {name} is missing")
         size = path.stat().st_size
         if size != expected["bytes"]:
-            raise ColossusError(f"checkpoint {ckpt_dir}: file {name} has {size} bytes, "
-                                f"manifest says {expected['bytes']} (truncated or overwritten)")
+            raise ColossusError(
+                f"checkpoint {ckpt_dir}: file {name} has {size} bytes, "
+                f"manifest says {expected['bytes']} (truncated or overwritten)"
+            )
         if _sha256(path) != expected["sha256"]:
             raise ColossusError(f"checkpoint {ckpt_dir}: file {name} fails its sha256 check (corrupted)")
     return manifest

@@ -29,8 +29,11 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the checkpoint we resume from: they will be produced again."""
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -69,12 +72,20 @@ class ProgressDisplay:
         self.console = Console(stderr=True, quiet=silent)
         self.enabled = enabled and not silent
         self._progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=self.console, disable=not self.enabled, refresh_per_second=4)
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.enabled,
+            refresh_per_second=4,
+        )
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
 
-    def __enter__(self) -> "ProgressDisplay":
+    def __enter__(self) -> ProgressDisplay:
         self._progress.__enter__()
         return self
 

@@ -23,15 +23,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         exempt = param.ndim < 2 or id(param) in embedding_ids
         groups.setdefault((exempt, hasattr(param, "device_mesh")), []).append(param)
-    return [{"params": params, "weight_decay": 0.0 if exempt else weight_decay}
-            for (exempt, _), params in sorted(groups.items())]
+    return [
+        {"params": params, "weight_decay": 0.0 if exempt else weight_decay}
+        for (exempt, _), params in sorted(groups.items())
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # The fused CPU/GPU kernel is faster; foreach is the fallback where fused is unavailable.
     kwargs = {"fused": True} if _fused_supported(model) else {"foreach": True}
-    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs
+    )
 
 
 def _fused_supported(model: nn.Module) -> bool:

@@ -33,7 +33,8 @@ def gpu_peak_flops(device_name: str) -> float:
         raise ColossusError(
             f"no bf16 peak is known for GPU {device_name!r}, so MFU cannot be computed; add a [gpu.NAME] table "
             f"with its figures and an alias matching that name (as in colossuslm/plan/hardware.toml) to a "
-            f"TOML file and set COLOSSUS_HARDWARE_FILE to it")
+            f"TOML file and set COLOSSUS_HARDWARE_FILE to it"
+        )
     return gpu.peak_bf16
 
 
@@ -97,8 +98,11 @@ def cpu_profile() -> dict[str, float]:
         cached = {}
     if not isinstance(cached.get(key), dict):
         peak = measure_cpu_bf16_peak()
-        cached[key] = {"peak_flops": peak, "attention_efficiency": measure_cpu_attention_efficiency(peak),
-                       "memory_bandwidth": measure_cpu_memory_bandwidth()}
+        cached[key] = {
+            "peak_flops": peak,
+            "attention_efficiency": measure_cpu_attention_efficiency(peak),
+            "memory_bandwidth": measure_cpu_memory_bandwidth(),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached, indent=1))
     return {name: float(value) for name, value in cached[key].items()}

@@ -12,9 +12,10 @@ import resource
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,12 +24,12 @@ from colossuslm.config import Config, config_to_dict, load_config, save_config
 from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
-from colossuslm.train import checkpoint as ckpt
-from colossuslm.train.async_checkpoint import AsyncCheckpointer
-from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay, read_metrics
 from colossuslm.parallel.grads import clip_grad_norm
 from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from colossuslm.parallel.parallelize import parallelize_model
+from colossuslm.train import checkpoint as ckpt
+from colossuslm.train.async_checkpoint import AsyncCheckpointer
+from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay, read_metrics
 from colossuslm.train.optim import build_optimizer, build_scheduler
 from colossuslm.train.peak import device_name, device_profile, peak_flops
 
@@ -42,9 +43,16 @@ class StepResult:
     skipped: bool
 
 
-def forward_backward(step_model: torch.nn.Module, model: torch.nn.Module, batches, grad_accum: int,
-                     autocast: torch.autocast, grad_clip: float, device: torch.device,
-                     dp_group: dist.ProcessGroup | None = None) -> tuple[float, float]:
+def forward_backward(
+    step_model: torch.nn.Module,
+    model: torch.nn.Module,
+    batches,
+    grad_accum: int,
+    autocast: torch.autocast,
+    grad_clip: float,
+    device: torch.device,
+    dp_group: dist.ProcessGroup | None = None,
+) -> tuple[float, float]:
     """Accumulate gradients over `grad_accum` micro-batches and clip them.
 
     Returns (mean loss over micro-batches and data-parallel ranks, gradient norm before
@@ -63,9 +71,13 @@ def forward_backward(step_model: torch.nn.Module, model: torch.nn.Module, batche
     return average_and_clip(total_loss, model, grad_clip, dp_group)
 
 
-def average_and_clip(loss: torch.Tensor, model: torch.nn.Module, grad_clip: float,
-                     dp_group: dist.ProcessGroup | None, stage_group: dist.ProcessGroup | None = None
-                     ) -> tuple[float, float]:
+def average_and_clip(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    grad_clip: float,
+    dp_group: dist.ProcessGroup | None,
+    stage_group: dist.ProcessGroup | None = None,
+) -> tuple[float, float]:
     """The end of every step's backward: the loss averaged over data-parallel ranks, gradients
     clipped by their global norm (over pipeline stages too, given `stage_group`).
     Returns (loss, gradient norm before clipping)."""
@@ -100,8 +112,10 @@ class Trainer:
             # Fine-tuning keeps the architecture the weights were trained with.
             trained = load_config([self.init_checkpoint / "config.toml"]).model
             if trained != cfg.model:
-                self._log(f"train.init_from: using the architecture {self.init_checkpoint} was trained with "
-                          f"(the [model] settings of this config are ignored)")
+                self._log(
+                    f"train.init_from: using the architecture {self.init_checkpoint} was trained with "
+                    f"(the [model] settings of this config are ignored)"
+                )
             cfg.model = trained
             cfg.validate()
         self.train_loader, self.val_loader, self.tokenizer_json = self._build_loaders()
@@ -133,8 +147,9 @@ class Trainer:
         if self.dims.pp > 1:
             from colossuslm.parallel.pipeline import PipelineRunner
 
-            self.pipeline = PipelineRunner(self.model, self.meshes.pp, tc.grad_accum, cfg.parallel.pp_schedule,
-                                           self.device, self.autocast)
+            self.pipeline = PipelineRunner(
+                self.model, self.meshes.pp, tc.grad_accum, cfg.parallel.pp_schedule, self.device, self.autocast
+            )
 
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
@@ -149,8 +164,13 @@ class Trainer:
 
     def _build_loaders(self):
         cfg, tc = self.cfg, self.cfg.train
-        loader_args = dict(seq_len=cfg.data.seq_len, batch_size=tc.micro_batch_size, seed=tc.seed,
-                           rank=self.dp_rank, world_size=self.dp_size)
+        loader_args = dict(
+            seq_len=cfg.data.seq_len,
+            batch_size=tc.micro_batch_size,
+            seed=tc.seed,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
+        )
         if cfg.data.format == "chat":
             from colossuslm.data.chat_loader import ChatLoader
             from colossuslm.data.tokenizer import load_tokenizer
@@ -158,15 +178,21 @@ class Trainer:
             tokenizer_json = self.init_checkpoint / "tokenizer.json"
             tokenizer = load_tokenizer(tokenizer_json)
             path = None if cfg.data.dataset == "default" else cfg.data.dataset
-            return (ChatLoader(path, tokenizer, split="train", **loader_args),
-                    ChatLoader(path, tokenizer, split="val", **loader_args), tokenizer_json)
+            return (
+                ChatLoader(path, tokenizer, split="train", **loader_args),
+                ChatLoader(path, tokenizer, split="val", **loader_args),
+                tokenizer_json,
+            )
 
         from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
         from colossuslm.data.loader import TokenLoader
 
         dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)  # file-locked across ranks
-        return (TokenLoader(dataset_dir, split="train", **loader_args),
-                TokenLoader(dataset_dir, split="val", **loader_args), dataset_dir / "tokenizer.json")
+        return (
+            TokenLoader(dataset_dir, split="train", **loader_args),
+            TokenLoader(dataset_dir, split="val", **loader_args),
+            dataset_dir / "tokenizer.json",
+        )
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self) -> StepResult:
@@ -174,8 +200,16 @@ class Trainer:
         start = time.perf_counter()
         batches = (self.train_loader.next_batch() for _ in range(tc.grad_accum))
         if self.pipeline is None:
-            loss_value, norm_value = forward_backward(self.step_model, self.model, batches, tc.grad_accum,
-                                                      self.autocast, tc.grad_clip, self.device, self.dp_group)
+            loss_value, norm_value = forward_backward(
+                self.step_model,
+                self.model,
+                batches,
+                tc.grad_accum,
+                self.autocast,
+                tc.grad_clip,
+                self.device,
+                self.dp_group,
+            )
         else:
             loss_value, norm_value = self._pipeline_forward_backward(list(batches))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -229,9 +263,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                "scheduler": self.scheduler.state_dict(), "train_loader": self.train_loader.state_dict(),
-                "model_config": asdict(self.cfg.model)}
+        return {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "train_loader": self.train_loader.state_dict(),
+            "model_config": asdict(self.cfg.model),
+        }
 
     def save_checkpoint(self) -> Path:
         """Collective. With train.async_checkpoint it returns once the state is copied to CPU memory and
@@ -240,11 +279,17 @@ class Trainer:
 
         save = self.async_checkpointer.save if self.async_checkpointer else ckpt.save_checkpoint
         return save(
-            self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
-            trainer_state=self.trainer_state(), config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
-            tokenizer_json=self.tokenizer_json, keep_last=self.cfg.train.keep_last,
+            self.ckpt_root,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainer_state=self.trainer_state(),
+            config_toml=tomli_w.dumps(config_to_dict(self.cfg)),
+            tokenizer_json=self.tokenizer_json,
+            keep_last=self.cfg.train.keep_last,
             # a rank holds one pipeline stage: the full weights are assembled from every rank's shards
-            consolidate_from_shards=self.dims.pp > 1)
+            consolidate_from_shards=self.dims.pp > 1,
+        )
 
     def wait_for_checkpoint(self) -> None:
         """Collective. Returns once a background save in flight (if any) is promoted on every rank."""
@@ -268,7 +313,8 @@ class Trainer:
         if state["model_config"] != asdict(self.cfg.model):
             raise ColossusError(
                 f"{found} was written for a different model configuration than this run's; "
-                f"pick a new run name (--set train.name=...) or set train.resume=false with a new name")
+                f"pick a new run name (--set train.name=...) or set train.resume=false with a new name"
+            )
         state, rng = ckpt.load_checkpoint(found, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["train_loader"])
@@ -303,8 +349,11 @@ class Trainer:
             dist.all_gather_object(medians, mine)
         slowest = max(range(len(medians)), key=lambda r: medians[r])
         fastest = min(medians)
-        return {"per_rank_median_step_s": medians, "slowest_rank": slowest,
-                "step_time_spread": medians[slowest] / fastest - 1 if fastest > 0 else float("nan")}
+        return {
+            "per_rank_median_step_s": medians,
+            "slowest_rank": slowest,
+            "step_time_spread": medians[slowest] / fastest - 1 if fastest > 0 else float("nan"),
+        }
 
     def close(self, clean: bool = True) -> None:
         """Leave the process group. After a failure (`clean` False) no barrier: the peers may be
@@ -326,8 +375,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed_from = self.resume() if tc.resume else None
         if not tc.resume and ckpt.list_checkpoints(self.ckpt_root):
-            raise ColossusError(f"{self.run_dir} already holds checkpoints and train.resume = false; "
-                                f"choose another train.name so nothing is overwritten")
+            raise ColossusError(
+                f"{self.run_dir} already holds checkpoints and train.resume = false; "
+                f"choose another train.name so nothing is overwritten"
+            )
         if resumed_from is not None:
             self._log(f"resumed from {resumed_from} (step {self.step})")
         if self.step >= tc.steps:
@@ -337,9 +388,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.toml")
         metrics = MetricsLogger(self.run_dir, resume_step=self.step) if self.is_main else NullMetrics()
         a = self.arithmetic
-        self._log(f"model: {a.total_params / 1e6:.2f}M parameters ({a.active_params / 1e6:.2f}M active), "
-                  f"{a.flops_per_token / 1e6:.1f} MFLOP/token; device {device_name(self.device)} "
-                  f"(peak {self.peak_flops / 1e12:.2f} TFLOP/s bf16); {self.tokens_per_step} tokens/step")
+        self._log(
+            f"model: {a.total_params / 1e6:.2f}M parameters ({a.active_params / 1e6:.2f}M active), "
+            f"{a.flops_per_token / 1e6:.1f} MFLOP/token; device {device_name(self.device)} "
+            f"(peak {self.peak_flops / 1e12:.2f} TFLOP/s bf16); {self.tokens_per_step} tokens/step"
+        )
 
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         started, step_times, window, first_val, val_loss = time.perf_counter(), [], [], None, None
@@ -357,7 +410,8 @@ class Trainer:
                         raise ColossusError(
                             f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
                             f"(last loss {result.loss}); stopping. The last good checkpoint is kept in "
-                            f"{self.ckpt_root}; lower train.lr or check the data")
+                            f"{self.ckpt_root}; lower train.lr or check the data"
+                        )
                     record = None
                     if self.step % tc.log_every == 0 or self.step == tc.steps:
                         record = self._window_record(window)
@@ -368,9 +422,12 @@ class Trainer:
                         bar.print(f"step {self.step}: val_loss {val_loss:.4f}")
                     if record is not None:
                         metrics.log(record)
-                        bar.update(self.step, f"loss {record.get('loss', float('nan')):.3f} "
-                                              f"{record.get('tokens_per_s', 0):,.0f} tok/s "
-                                              f"MFU {100 * record.get('mfu', 0):.1f}%")
+                        bar.update(
+                            self.step,
+                            f"loss {record.get('loss', float('nan')):.3f} "
+                            f"{record.get('tokens_per_s', 0):,.0f} tok/s "
+                            f"MFU {100 * record.get('mfu', 0):.1f}%",
+                        )
                     else:
                         bar.update(self.step)
                     # Never checkpoint in the middle of a run of non-finite steps: the newest
@@ -397,36 +454,57 @@ class Trainer:
         good = [r for r in window if not r.skipped] or window
         step_time = statistics.median(r.step_time_s for r in window)
         tokens_per_s = self.tokens_per_step / step_time
-        return {"step": self.step, "tokens": self.tokens_seen,
-                "loss": statistics.fmean(r.loss for r in good), "lr": window[-1].lr,
-                "grad_norm": statistics.fmean(r.grad_norm for r in good),
-                "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s),
-                "mem_gb": self._memory_gb(), "step_time_s": step_time, "skipped_steps": self.skipped_steps}
+        return {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "loss": statistics.fmean(r.loss for r in good),
+            "lr": window[-1].lr,
+            "grad_norm": statistics.fmean(r.grad_norm for r in good),
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.mfu(tokens_per_s),
+            "mem_gb": self._memory_gb(),
+            "step_time_s": step_time,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def mfu(self, tokens_per_s: float) -> float:
         return self.arithmetic.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
 
-    def _write_summary(self, step_times: list[float], wall_s: float, first_val: float | None,
-                       val_loss: float | None) -> dict[str, Any]:
+    def _write_summary(
+        self, step_times: list[float], wall_s: float, first_val: float | None, val_loss: float | None
+    ) -> dict[str, Any]:
         # The first steps include warm-up (allocator, compile); they are not the steady state.
-        steady = step_times[min(len(step_times) - 1, 3):] if step_times else []
+        steady = step_times[min(len(step_times) - 1, 3) :] if step_times else []
         median_step = statistics.median(steady) if steady else float("nan")
         tokens_per_s = self.tokens_per_step / median_step if steady else float("nan")
         if first_val is None:  # resumed run: the starting loss is in the metrics written before
-            first_val = next((r["val_loss"] for r in read_metrics(self.run_dir)
-                              if r.get("step") == 0 and "val_loss" in r), None)
+            first_val = next(
+                (r["val_loss"] for r in read_metrics(self.run_dir) if r.get("step") == 0 and "val_loss" in r), None
+            )
         summary = {
-            "name": self.cfg.train.name, "steps": self.step, "tokens": self.tokens_seen,
-            "wall_time_s": wall_s, "median_step_time_s": median_step, "median_tokens_per_s": tokens_per_s,
+            "name": self.cfg.train.name,
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "wall_time_s": wall_s,
+            "median_step_time_s": median_step,
+            "median_tokens_per_s": tokens_per_s,
             "mfu": self.mfu(tokens_per_s) if steady else float("nan"),
-            "device": device_name(self.device), "n_devices": self.world_size, "peak_flops": self.peak_flops,
+            "device": device_name(self.device),
+            "n_devices": self.world_size,
+            "peak_flops": self.peak_flops,
             "device_profile": self.device_profile,
-            "layout": {"dp_replicate": self.dims.dp_replicate, "dp_shard": self.dims.dp_shard,
-                       "tp": self.dims.tp, "ep": self.dims.ep},
-            "params": self.arithmetic.total_params, "active_params": self.arithmetic.active_params,
+            "layout": {
+                "dp_replicate": self.dims.dp_replicate,
+                "dp_shard": self.dims.dp_shard,
+                "tp": self.dims.tp,
+                "ep": self.dims.ep,
+            },
+            "params": self.arithmetic.total_params,
+            "active_params": self.arithmetic.active_params,
             "flops_per_token": self.arithmetic.flops_per_token,
             "first_val_loss": first_val,
-            "final_val_loss": val_loss, "skipped_steps": self.skipped_steps,
+            "final_val_loss": val_loss,
+            "skipped_steps": self.skipped_steps,
             "interrupted": self.step < self.cfg.train.steps,
             "planner_prediction": self._planner_prediction(),
         }
@@ -438,8 +516,13 @@ class Trainer:
         except ImportError:
             return None
         try:
-            return predict_run(self.cfg, device_name(self.device), self.world_size, peak_flops=self.peak_flops,
-                               profile=self.device_profile)
+            return predict_run(
+                self.cfg,
+                device_name(self.device),
+                self.world_size,
+                peak_flops=self.peak_flops,
+                profile=self.device_profile,
+            )
         except ColossusError as exc:  # e.g. a device the planner's catalogue does not know
             self._log(f"planner: no prediction for this run ({exc})")
             return None
