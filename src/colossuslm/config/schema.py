@@ -182,6 +182,10 @@ class TrainConfig:
     init_from: str = ""  # start from these weights (a checkpoint or run directory), e.g. to fine-tune
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True
+    # Float8 matmuls for the Linears (torchao; CUDA compute capability >= 8.9, or CPU for numerics):
+    # tensorwise = one scale per tensor (fastest), rowwise = one scale per row (more accurate).
+    float8: bool = False
+    float8_recipe: str = "tensorwise"
 
     def validate(self) -> None:
         _positive(
@@ -213,6 +217,12 @@ class TrainConfig:
         _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _require(
+            self.float8_recipe in ("tensorwise", "rowwise"),
+            "train.float8_recipe",
+            self.float8_recipe,
+            "choose tensorwise or rowwise",
+        )
         _require(
             self.name != "" and "/" not in self.name, "train.name", self.name, "must be a non-empty name without '/'"
         )

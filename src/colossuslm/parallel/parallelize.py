@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
+from colossuslm.config.schema import TrainConfig
 from colossuslm.parallel.mesh import Meshes, ParallelDims
 
 
-def parallelize_model(model: nn.Module, meshes: Meshes, dims: ParallelDims, *, bf16: bool) -> bool:
+def parallelize_model(
+    model: nn.Module, meshes: Meshes, dims: ParallelDims, *, bf16: bool, train_cfg: TrainConfig | None = None
+) -> bool:
     """Shard `model` in place. Returns True when FSDP2 manages its mixed precision (the caller
-    then runs without autocast, as FSDP casts parameters to bf16 when it gathers them)."""
+    then runs without autocast, as FSDP casts parameters to bf16 when it gathers them).
+    `train_cfg.float8` converts the Linears to float8 first, so TP and FSDP2 shard the float8
+    modules (a single process calls `colossuslm.parallel.float8.apply_float8` itself)."""
+    if train_cfg is not None and train_cfg.float8:
+        from colossuslm.parallel.float8 import apply_float8
+
+        apply_float8(model, train_cfg, fsdp_float8_all_gather=dims.dp_size > 1)
     if dims.tp > 1:
         from colossuslm.parallel.tensor import apply_tensor_parallel
 
