@@ -1,8 +1,10 @@
 """Grok-style Mixture-of-Experts feed-forward: top-k softmax router, dropless dispatch.
 
 Every token reaches its k experts (no capacity factor, nothing dropped). Tokens are grouped per
-expert by one stable sort of their expert ids, each expert runs one GEMM over its contiguous slice,
-and the results are scattered back weighted by the gates. The only Python loop is over experts.
+expert by one stable sort of their expert ids; the group boundaries stay on the device as int32
+cumulative counts, and all experts run as one grouped GEMM per projection (`torch._grouped_mm`)
+over the sorted rows; the results are scattered back weighted by the gates. Nothing waits on the
+device and no shape depends on the routing, so the layer compiles with `fullgraph=True` once.
 """
 
 from __future__ import annotations
@@ -39,6 +41,112 @@ class Router(nn.Module):
         return gates, expert_ids, logits
 
 
+# `torch._grouped_mm` kernels by device type and dtype. CPU (torch >= 2.9) takes all three float
+# types; on CUDA the documented kernel is bf16 (SM >= 80). Anything else takes the fallback below.
+_GROUPED_MM_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.bfloat16,),
+}
+
+
+@torch.library.custom_op("colossuslm::grouped_mm", mutates_args=())
+def _grouped_mm_any_dtype(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm` behind an op of our own: the kernel runs fp32 and fp16, but its meta
+    function (what torch.compile traces with) accepts only bf16."""
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+@_grouped_mm_any_dtype.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:  # [N, k] x [G, k, n] -> [N, n]
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])  # [k, N] x [N, n] -> [G, k, n]
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    a, b, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernel rejects broadcast (stride-0) gradients
+    grad_a = _grouped_mm_any_dtype(grad, b.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_any_dtype(a.t(), grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+def _grouped_mm_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+# Only the forward form ([N, k] x [G, k, n]) is differentiated; the backward uses both forms.
+_grouped_mm_any_dtype.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _has_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs these operands: a kernel for the device and dtype, and
+    every inner dimension a multiple of 16 bytes (the kernel's alignment rule). Shapes and dtypes
+    are known while tracing, so the choice never waits on the device."""
+    if x.dtype not in _GROUPED_MM_DTYPES.get(x.device.type, ()):
+        return False
+    alignment = 16 // x.element_size()
+    return all(w.shape[-1] % alignment == 0 and w.shape[-2] % alignment == 0 for w in weights)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[g-1]:offsets[g] of x [N, k] times w[g] [k, n] -> [N, n], in one kernel.
+
+    `offsets` are int32 cumulative row counts on x's device, ending at N."""
+    if x.dtype == torch.bfloat16:
+        return torch._grouped_mm(x, w, offs=offsets)  # traced natively (inductor may template it)
+    return _grouped_mm_any_dtype(x, w, offsets)
+
+
+def expert_offsets(sorted_expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """int32 cumulative row counts [E] of ids sorted ascending: rows of expert e are
+    offsets[e-1]:offsets[e]. Computed on the device, with a fixed output shape."""
+    experts = torch.arange(n_experts, device=sorted_expert_ids.device, dtype=sorted_expert_ids.dtype)
+    return torch.searchsorted(sorted_expert_ids, experts, right=True, out_int32=True)
+
+
+def _swiglu_grouped(
+    x: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    return grouped_mm(F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets), w2, offsets)
+
+
+def _swiglu_masked(
+    x: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """Fallback without a grouped kernel: every expert runs over all N rows and a mask keeps its
+    own, so E times the FLOPs of the grouped path, but no shape depends on the routing (nothing
+    waits on the device, nothing recompiles)."""
+    expert_of_row = torch.searchsorted(
+        offsets, torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype), right=True
+    )
+    out = x.new_zeros(x.shape[0], w2.shape[-1])
+    # unbind, not w[e]: indexing would make autograd build a full-size zero gradient per expert.
+    for e, (a, b, c) in enumerate(zip(w1.unbind(0), w3.unbind(0), w2.unbind(0))):
+        keep = (expert_of_row == e).unsqueeze(-1).to(x.dtype)
+        out = out + keep * ((F.silu(x @ a) * (x @ b)) @ c)
+    return out
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype experts compute in: autocast's when it is on (the weights stay fp32 there)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def grouped_swiglu(
+    x: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU experts over rows grouped by expert: x [N, d], offsets int32 [E] (cumulative row
+    counts), w1/w3 [E, d, h], w2 [E, h, d] -> [N, d]. Every weight is in the autograd graph even
+    when its expert got no rows (its gradient is then zero), which collectives on gradients rely on."""
+    dtype = compute_dtype(x)
+    x = x.to(dtype)
+    w1, w3, w2 = (w.to(dtype) for w in (w1, w3, w2))
+    swiglu = _swiglu_grouped if _has_grouped_mm(x, w1, w2) else _swiglu_masked
+    return swiglu(x, offsets, w1, w3, w2)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights [E, ...] so they can be sharded along E."""
 
@@ -49,35 +157,18 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
-    # Token counts per expert change every step; compiled, this loop would recompile for each new
-    # set of shapes. It runs eagerly (one GEMM chain per expert) while the rest of the block compiles.
-    @torch.compiler.disable
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_sorted: [N, d] tokens grouped by expert, `counts[e]` rows for expert e."""
-        # Cast each stacked weight once (not once per expert) and unbind it: indexing w[e] per
-        # expert would make autograd build a full-size zero gradient for every expert.
-        dtype = (
-            torch.get_autocast_dtype(x_sorted.device.type)
-            if torch.is_autocast_enabled(x_sorted.device.type)
-            else x_sorted.dtype
-        )
-        w1, w3, w2 = (w.to(dtype).unbind(0) for w in (self.w1, self.w3, self.w2))
-        x_sorted = x_sorted.to(dtype)
-        outputs = []
-        for e, chunk in enumerate(torch.split(x_sorted, counts)):
-            if chunk.shape[0] == 0:
-                continue
-            h = F.silu(chunk @ w1[e]) * (chunk @ w3[e])
-            outputs.append(h @ w2[e])
-        if not outputs:
-            return x_sorted.new_zeros(x_sorted.shape)
-        return torch.cat(outputs)
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x_sorted: [N, d] tokens grouped by expert, rows offsets[e-1]:offsets[e] for expert e."""
+        return grouped_swiglu(x_sorted, offsets, self.w1, self.w3, self.w2)
 
 
 def load_balancing_loss(router_logits: torch.Tensor, expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Switch-Transformer auxiliary loss: E * sum_e f_e * P_e; equals 1 at perfectly uniform load."""
     probs = router_logits.softmax(dim=-1)
-    fraction_routed = torch.bincount(expert_ids.flatten(), minlength=n_experts).float() / expert_ids.numel()
+    flat_ids = expert_ids.flatten()
+    # scatter_add, not bincount: bincount's output length depends on the values (a host sync).
+    routed = probs.new_zeros(n_experts).scatter_add_(0, flat_ids, probs.new_ones(flat_ids.shape))
+    fraction_routed = routed / flat_ids.numel()
     mean_prob = probs.mean(dim=0)
     return n_experts * torch.sum(fraction_routed * mean_prob)
 
@@ -105,10 +196,11 @@ class MoE(nn.Module):
         gates, expert_ids, logits = self.router(tokens)
 
         flat_ids = expert_ids.flatten()  # [T*k], assignment a belongs to token a // k
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        sorted_ids, order = torch.sort(flat_ids, stable=True)
+        # Group boundaries stay on the device: no shape here depends on the routing.
+        offsets = expert_offsets(sorted_ids, self.n_experts)
         token_of_assignment = order // self.top_k
-        expert_out = self.experts(tokens[token_of_assignment], counts)
+        expert_out = self.experts(tokens[token_of_assignment], offsets)
         # Sum the k expert outputs of each token in fp32 so bf16 rounding does not depend on k.
         weighted = expert_out.float() * gates.flatten()[order].unsqueeze(-1)
         out = tokens.new_zeros(tokens.shape, dtype=torch.float32).index_add_(0, token_of_assignment, weighted)
@@ -130,4 +222,15 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_experts.w2.weight, std=out_std)
 
 
-__all__ = ["MoE", "SwiGLU", "Router", "GroupedExperts", "load_balancing_loss", "router_z_loss"]
+__all__ = [
+    "MoE",
+    "SwiGLU",
+    "Router",
+    "GroupedExperts",
+    "compute_dtype",
+    "expert_offsets",
+    "grouped_mm",
+    "grouped_swiglu",
+    "load_balancing_loss",
+    "router_z_loss",
+]
