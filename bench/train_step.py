@@ -21,9 +21,9 @@ from colossuslm.config import ModelConfig, TrainConfig
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.presets import get_preset
 from colossuslm.models.transformer import Transformer
+from colossuslm.parallel.runner import forward_backward
 from colossuslm.train.optim import build_optimizer
 from colossuslm.train.peak import measure_cpu_bf16_peak, peak_flops
-from colossuslm.train.trainer import forward_backward
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:

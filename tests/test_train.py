@@ -13,7 +13,7 @@ import pytest
 
 from colossuslm.config import load_config
 from colossuslm.errors import ColossusError
-from colossuslm.train import trainer as trainer_module
+from colossuslm.parallel.runner import PlainRunner
 from colossuslm.train.checkpoint import list_checkpoints
 from colossuslm.train.metrics import read_metrics
 from colossuslm.train.trainer import Trainer
@@ -106,7 +106,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, preset_args):
 
 def test_loss_guard_skips_then_stops(tmp_path, monkeypatch):
     cfg = micro_config(tmp_path, "train.steps=20", "train.ckpt_every=3", "train.max_bad_steps=3")
-    real = trainer_module.forward_backward
+    real = PlainRunner.train_step
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -116,7 +116,7 @@ def test_loss_guard_skips_then_stops(tmp_path, monkeypatch):
             return float("nan"), norm
         return loss, norm
 
-    monkeypatch.setattr(trainer_module, "forward_backward", sometimes_nan)
+    monkeypatch.setattr(PlainRunner, "train_step", sometimes_nan)
     trainer = Trainer(cfg, log=lambda _: None)
     with pytest.raises(ColossusError, match="3 steps in a row had a non-finite loss"):
         trainer.fit()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colossuslm.config.schema import ModelConfig
+from colossuslm.models.init import Locator, init_parameter_, stable_seed, whole_tensor
 from colossuslm.models.loss import linear_cross_entropy
 from colossuslm.models.moe import MoE, SwiGLU
 
@@ -111,32 +112,35 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std); projections into the residual stream scaled by 1/sqrt(2 * layers)."""
+    def init_rule(self, name: str) -> tuple[str, float]:
+        """How parameter `name` starts: Normal(0, init_std), projections into the residual stream
+        scaled by 1/sqrt(2 * layers) (GPT-2), norm weights 1, biases 0."""
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        if self.tok_embeddings.weight.device.type != "meta":
-            cos, sin = rope_tables(self.cfg.resolved_head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        if self.output is not None:
-            nn.init.normal_(self.output.weight, std=std)
-        for block in self.layers.values():
-            attn = block.attention
-            for linear in (attn.wq, attn.wk, attn.wv):
-                nn.init.normal_(linear.weight, std=std)
-            nn.init.normal_(attn.wo.weight, std=out_std)
-            if block.is_moe:
-                block.moe.init_weights(std, out_std)
-            else:
-                nn.init.normal_(block.feed_forward.w1.weight, std=std)
-                nn.init.normal_(block.feed_forward.w3.weight, std=std)
-                nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
+        if name.endswith("norm.weight"):
+            return ("ones", 0.0)
+        if name.endswith(".bias"):
+            return ("zeros", 0.0)
+        if name.endswith(("attention.wo.weight", "w2.weight", "experts.w2")):
+            return ("normal", std / math.sqrt(2 * self.cfg.n_layers))
+        return ("normal", std)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, locate: Locator = whole_tensor) -> None:
+        """Draw every parameter by `init_rule`, layout-independently (models/init.py): a sharded
+        model materialized with the same `seed` holds exactly the single-process weights.
+
+        Without `seed`, one is drawn from torch's global generator (so `torch.manual_seed` still
+        makes `Transformer(cfg)` reproducible). `locate` finds a parameter's local shard and its
+        global indices; `colossuslm.parallel.materialize` passes one for DTensor shards."""
+        if self.rope_cos.device.type == "meta":
+            return  # built on the meta device: parallelize first, then materialize and init
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        cos, sin = rope_tables(self.cfg.resolved_head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for name, param in self.named_parameters():
+            init_parameter_(param, self.init_rule(name), stable_seed(seed, name), locate)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: [B, S] int64 -> (logits [B, S, vocab], summed MoE auxiliary loss scalar).

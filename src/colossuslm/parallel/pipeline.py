@@ -14,6 +14,8 @@ head's logits; every rank learns it through one all-reduce over the pipeline gro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from colossuslm.models.loss import IGNORE_INDEX
+from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip
 
 
 def stage_layer_ranges(n_layers: int, n_stages: int) -> list[range]:
@@ -86,7 +89,8 @@ def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 class PipelineRunner:
-    """Runs training and evaluation steps of one stage of the pipeline."""
+    """Runs training and evaluation steps of one stage of the pipeline (the `StepRunner`
+    interface of colossuslm.parallel.runner)."""
 
     def __init__(
         self,
@@ -96,7 +100,11 @@ class PipelineRunner:
         schedule: str,
         device: torch.device,
         autocast: torch.autocast,
+        *,
+        grad_clip: float = 0.0,
+        dp_group: dist.ProcessGroup | None = None,
     ):
+        self.model = model
         self.group = pp_mesh.get_group()
         self.stage_index = pp_mesh.get_local_rank()
         self.n_stages = pp_mesh.size()
@@ -104,6 +112,7 @@ class PipelineRunner:
         self.n_microbatches = n_microbatches
         self.device = device
         self.autocast = autocast
+        self.grad_clip, self.dp_group = grad_clip, dp_group
         stage = PipelineStage(_StageForward(model), self.stage_index, self.n_stages, device, group=self.group)
         schedule_class = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
         self.schedule = schedule_class(stage, n_microbatches=n_microbatches, loss_fn=_next_token_loss)
@@ -126,16 +135,28 @@ class PipelineRunner:
         dist.all_reduce(mean, group=self.group)  # only the last stage contributes
         return mean
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward and backward of the step's micro-batches (gradients averaged over them)."""
+    def train_step(self, batches: Iterable[Batch]) -> tuple[float, float]:
+        """Forward and backward of the step's micro-batches (gradients averaged over them), then
+        the loss averaged over data-parallel ranks and gradients clipped over all stages."""
+        self.model.train()
         inputs, targets = (torch.cat(parts) for parts in zip(*batches))
-        return self._run(self.schedule.step, inputs, targets)
+        loss = self._run(self.schedule.step, inputs, targets)
+        return average_and_clip(loss, self.model, self.grad_clip, self.dp_group, self.group)
 
     @torch.no_grad()
-    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Mean loss of `n_microbatches` batches, forward only."""
-        inputs, targets = (torch.cat(parts) for parts in zip(*batches))
-        return self._run(self.schedule.eval, inputs, targets)
+    def eval_loss(self, loader: BatchSource, n_batches: int) -> float:
+        """Mean validation loss: `n_batches` rounded up to whole groups of `n_microbatches`."""
+        self.model.eval()
+        groups = -(-n_batches // self.n_microbatches)
+        total = torch.zeros((), device=self.device)
+        for _ in range(groups):
+            batches = [loader.next_batch() for _ in range(self.n_microbatches)]
+            inputs, targets = (torch.cat(parts) for parts in zip(*batches))
+            total += self._run(self.schedule.eval, inputs, targets)
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)
+            total /= dist.get_world_size(self.dp_group)
+        return total.item() / groups
 
 
 __all__ = ["PipelineRunner", "split_model_for_stage", "stage_layer_ranges"]

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -261,6 +262,41 @@ def load_checkpoint(
     world = Collectives.world_size()
     rng = json.loads(rng_path.read_text()) if rng_path.is_file() and manifest.get("world_size") == world else None
     return trainer_state, rng
+
+
+def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
+    """Load only the model's weights into its (possibly sharded) parameters, each rank reading
+    just its own shards: from the DCP shards when the checkpoint has them, otherwise slice by
+    slice from model.safetensors (never the whole file into memory)."""
+    if (ckpt_dir / "dcp" / ".metadata").is_file():
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        set_model_state_dict(model, state["model"])
+        return
+    _load_safetensors_shards(ckpt_dir / "model.safetensors", model)
+
+
+@torch.no_grad()
+def _load_safetensors_shards(path: Path, model: torch.nn.Module) -> None:
+    from safetensors import safe_open
+
+    from colossuslm.parallel.materialize import locate_shard
+
+    with safe_open(str(path), framework="pt") as weights:
+        missing = [name for name, _ in model.named_parameters() if name not in weights.keys()]
+        if missing:
+            raise ColossusError(f"{path} lacks {len(missing)} of the model's weights, e.g. {missing[:3]}")
+        for name, param in model.named_parameters():
+            local, shape, indices = locate_shard(param)
+            stored = weights.get_slice(name)
+            if tuple(stored.get_shape()) != shape:
+                raise ColossusError(f"{path}: {name} has shape {tuple(stored.get_shape())}, the model {shape}")
+            # Read the bounding box of this rank's indices, then pick them (a strided shard's
+            # indices need not be one contiguous range).
+            box = tuple(slice(int(i.min()), int(i.max()) + 1) if len(i) else slice(0, 0) for i in indices)
+            block = stored[box]
+            picked = block[tuple(torch.meshgrid(*[i - b.start for i, b in zip(indices, box)], indexing="ij"))]
+            local.copy_(picked.to(local.dtype))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

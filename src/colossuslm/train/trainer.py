@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import signal
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,68 +22,16 @@ from colossuslm.config import Config, config_to_dict, load_config, save_config
 from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
-from colossuslm.parallel.grads import clip_grad_norm
+from colossuslm.parallel.materialize import materialize_model
 from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from colossuslm.parallel.parallelize import parallelize_model
+from colossuslm.parallel.runner import PlainRunner, StepRunner
 from colossuslm.train import checkpoint as ckpt
 from colossuslm.train.async_checkpoint import AsyncCheckpointer
-from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay, read_metrics
+from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay
 from colossuslm.train.optim import build_optimizer, build_scheduler
 from colossuslm.train.peak import device_name, device_profile, peak_flops
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
-    step_time_s: float
-    skipped: bool
-
-
-def forward_backward(
-    step_model: torch.nn.Module,
-    model: torch.nn.Module,
-    batches,
-    grad_accum: int,
-    autocast: torch.autocast,
-    grad_clip: float,
-    device: torch.device,
-    dp_group: dist.ProcessGroup | None = None,
-) -> tuple[float, float]:
-    """Accumulate gradients over `grad_accum` micro-batches and clip them.
-
-    Returns (mean loss over micro-batches and data-parallel ranks, gradient norm before
-    clipping). `step_model` may be the compiled wrapper of `model`; gradients live on `model`'s
-    parameters either way. A non-finite loss on any rank makes the returned loss non-finite on
-    every rank, so all ranks take the same skip decision.
-    """
-    model.train()
-    total_loss = torch.zeros((), device=device)
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast:
-            loss, aux_loss = step_model(inputs, targets)
-        ((loss + aux_loss) / grad_accum).backward()
-        total_loss += loss.detach() / grad_accum
-    return average_and_clip(total_loss, model, grad_clip, dp_group)
-
-
-def average_and_clip(
-    loss: torch.Tensor,
-    model: torch.nn.Module,
-    grad_clip: float,
-    dp_group: dist.ProcessGroup | None,
-    stage_group: dist.ProcessGroup | None = None,
-) -> tuple[float, float]:
-    """The end of every step's backward: the loss averaged over data-parallel ranks, gradients
-    clipped by their global norm (over pipeline stages too, given `stage_group`).
-    Returns (loss, gradient norm before clipping)."""
-    if dp_group is not None:
-        dist.all_reduce(loss, group=dp_group)
-        loss /= dist.get_world_size(dp_group)
-    grad_norm = clip_grad_norm(model.parameters(), grad_clip if grad_clip > 0 else float("inf"), stage_group)
-    return loss.item(), float(grad_norm)
+from colossuslm.train.report import RunReport, StepResult, straggler_report
 
 
 class Trainer:
@@ -120,19 +66,7 @@ class Trainer:
             cfg.validate()
         self.train_loader, self.val_loader, self.tokenizer_json = self._build_loaders()
 
-        # Every rank builds the same full model from the same seed; parallelize() then keeps each
-        # rank's shards, so a sharded run starts from exactly the single-process weights.
-        self.model = Transformer(cfg.model)
-        if self.init_checkpoint is not None:
-            self.model.load_state_dict(ckpt.load_model_state(self.init_checkpoint))
-        self.model.to(self.device)
-        self.pp_group = self.meshes.pp.get_group() if self.dims.pp > 1 else None
-        if self.dims.pp > 1:
-            from colossuslm.parallel.pipeline import split_model_for_stage
-
-            split_model_for_stage(self.model, self.meshes.pp.get_local_rank(), self.dims.pp)
-        bf16 = tc.dtype == "bf16"
-        fsdp_casts = parallelize_model(self.model, self.meshes, self.dims, bf16=bf16) if self.meshes else False
+        self.model, fsdp_casts = self._build_model()
         self.step_model = self.model
         if tc.compile and self.dims.pp > 1:
             # The pipeline schedule calls the stage's model itself: compile its blocks in place.
@@ -142,25 +76,75 @@ class Trainer:
             self.step_model = torch.compile(self.model)
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
+        bf16 = tc.dtype == "bf16"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
-        self.pipeline = None
-        if self.dims.pp > 1:
-            from colossuslm.parallel.pipeline import PipelineRunner
-
-            self.pipeline = PipelineRunner(
-                self.model, self.meshes.pp, tc.grad_accum, cfg.parallel.pp_schedule, self.device, self.autocast
-            )
+        self.runner = self._build_runner()
 
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
         self.device_profile = device_profile(self.device)  # CPU: measured once per machine, with the peak
         self.peak_flops = self.device_profile["peak_flops"] if self.device_profile else peak_flops(self.device)
+        self.report = RunReport(
+            cfg,
+            self.dims,
+            self.arithmetic,
+            self.device,
+            peak_flops=self.peak_flops,
+            device_profile=self.device_profile,
+            tokens_per_step=self.tokens_per_step,
+            run_dir=self.run_dir,
+            log=self._log,
+        )
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.bad_steps_in_row = 0
         self._stop_signal: int | None = None
         self.async_checkpointer = AsyncCheckpointer() if tc.async_checkpoint else None
+
+    def _build_model(self) -> tuple[Transformer, bool]:
+        """Meta device -> this rank's pipeline stage -> TP / EP / FSDP2 -> allocate and initialize
+        only this rank's shards (parallel/materialize.py), so nothing ever holds the whole model.
+        Initial weights are layout-independent: any layout starts from the single-process weights.
+        Returns (model, whether FSDP2 casts to bf16 itself)."""
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        if self.dims.pp > 1:
+            from colossuslm.parallel.pipeline import split_model_for_stage
+
+            split_model_for_stage(model, self.meshes.pp.get_local_rank(), self.dims.pp)
+        bf16 = cfg.train.dtype == "bf16"
+        fsdp_casts = parallelize_model(model, self.meshes, self.dims, bf16=bf16) if self.meshes else False
+        materialize_model(model, self.device, seed=cfg.train.seed)
+        if self.init_checkpoint is not None:
+            ckpt.load_model_weights(self.init_checkpoint, model)  # each rank reads only its shards
+        return model, fsdp_casts
+
+    def _build_runner(self) -> StepRunner:
+        tc = self.cfg.train
+        if self.dims.pp > 1:
+            from colossuslm.parallel.pipeline import PipelineRunner
+
+            return PipelineRunner(
+                self.model,
+                self.meshes.pp,
+                tc.grad_accum,
+                self.cfg.parallel.pp_schedule,
+                self.device,
+                self.autocast,
+                grad_clip=tc.grad_clip,
+                dp_group=self.dp_group,
+            )
+        return PlainRunner(
+            self.step_model,
+            self.model,
+            grad_accum=tc.grad_accum,
+            grad_clip=tc.grad_clip,
+            autocast=self.autocast,
+            device=self.device,
+            dp_group=self.dp_group,
+        )
 
     def _build_loaders(self):
         cfg, tc = self.cfg, self.cfg.train
@@ -199,19 +183,7 @@ class Trainer:
         tc = self.cfg.train
         start = time.perf_counter()
         batches = (self.train_loader.next_batch() for _ in range(tc.grad_accum))
-        if self.pipeline is None:
-            loss_value, norm_value = forward_backward(
-                self.step_model,
-                self.model,
-                batches,
-                tc.grad_accum,
-                self.autocast,
-                tc.grad_clip,
-                self.device,
-                self.dp_group,
-            )
-        else:
-            loss_value, norm_value = self._pipeline_forward_backward(list(batches))
+        loss_value, norm_value = self.runner.train_step(batches)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped:  # keep the weights: one bad batch must not poison the run
@@ -228,38 +200,9 @@ class Trainer:
             torch.cuda.synchronize()
         return StepResult(loss_value, norm_value, lr, time.perf_counter() - start, skipped)
 
-    def _pipeline_forward_backward(self, batches: list) -> tuple[float, float]:
-        self.model.train()
-        loss = self.pipeline.train_step(batches)
-        return average_and_clip(loss, self.model, self.cfg.train.grad_clip, self.dp_group, self.pp_group)
-
-    @torch.no_grad()
-    def _pipeline_evaluate(self) -> float:
-        """Validation through the pipeline: eval_batches rounded up to whole groups of grad_accum."""
-        groups = -(-self.cfg.train.eval_batches // self.cfg.train.grad_accum)
-        total = torch.zeros((), device=self.device)
-        for _ in range(groups):
-            batches = [self.val_loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
-            total += self.pipeline.eval_loss(batches)
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)
-        return total.item() / (groups * self.dp_size)
-
-    @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
         self.val_loader.reset()
-        if self.pipeline is not None:
-            return self._pipeline_evaluate()
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.train.eval_batches):
-            inputs, targets = self.val_loader.next_batch()
-            with self.autocast:
-                loss, _ = self.step_model(inputs.to(self.device), targets.to(self.device))
-            total += loss.float()
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)
-        return total.item() / (self.cfg.train.eval_batches * self.dp_size)
+        return self.runner.eval_loss(self.val_loader, self.cfg.train.eval_batches)
 
     # ---------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
@@ -340,21 +283,6 @@ class Trainer:
                 self._stop_signal = signal.SIGTERM
         return stop
 
-    def _straggler_report(self, step_times: list[float]) -> dict[str, Any]:
-        """Each rank's median step time; names the slowest rank and the spread."""
-        mine = statistics.median(step_times) if step_times else float("nan")
-        medians = [mine]
-        if self.world_size > 1:
-            medians = [None] * self.world_size
-            dist.all_gather_object(medians, mine)
-        slowest = max(range(len(medians)), key=lambda r: medians[r])
-        fastest = min(medians)
-        return {
-            "per_rank_median_step_s": medians,
-            "slowest_rank": slowest,
-            "step_time_spread": medians[slowest] / fastest - 1 if fastest > 0 else float("nan"),
-        }
-
     def close(self, clean: bool = True) -> None:
         """Leave the process group. After a failure (`clean` False) no barrier: the peers may be
         waiting in another collective, and the failing rank must exit so torchrun sees it."""
@@ -364,11 +292,6 @@ class Trainer:
             if clean:
                 dist.barrier()
             dist.destroy_process_group()
-
-    def _memory_gb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 1e9
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
     def fit(self) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
@@ -406,7 +329,7 @@ class Trainer:
                     window.append(result)
                     step_times.append(result.step_time_s)
                     if self.bad_steps_in_row >= tc.max_bad_steps:
-                        metrics.log(self._window_record(window))
+                        metrics.log(self._record(window))
                         raise ColossusError(
                             f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
                             f"(last loss {result.loss}); stopping. The last good checkpoint is kept in "
@@ -414,7 +337,7 @@ class Trainer:
                         )
                     record = None
                     if self.step % tc.log_every == 0 or self.step == tc.steps:
-                        record = self._window_record(window)
+                        record = self._record(window)
                         window = []
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
                         val_loss = self.evaluate()
@@ -443,89 +366,24 @@ class Trainer:
                 signal.signal(sig, handler)
             metrics.close()
             self.wait_for_checkpoint()  # never leave with a save in flight, even on an error
-        stragglers = self._straggler_report(step_times)
+        stragglers = straggler_report(step_times, self.world_size)
         if not self.is_main:
             return {}
-        summary = self._write_summary(step_times, time.perf_counter() - started, first_val, val_loss) | stragglers
+        summary = self.report.summary(
+            steps=self.step,
+            tokens=self.tokens_seen,
+            skipped_steps=self.skipped_steps,
+            step_times=step_times,
+            wall_s=time.perf_counter() - started,
+            first_val=first_val,
+            val_loss=val_loss,
+        )
+        summary |= stragglers
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _window_record(self, window: list[StepResult]) -> dict[str, Any]:
-        good = [r for r in window if not r.skipped] or window
-        step_time = statistics.median(r.step_time_s for r in window)
-        tokens_per_s = self.tokens_per_step / step_time
-        return {
-            "step": self.step,
-            "tokens": self.tokens_seen,
-            "loss": statistics.fmean(r.loss for r in good),
-            "lr": window[-1].lr,
-            "grad_norm": statistics.fmean(r.grad_norm for r in good),
-            "tokens_per_s": tokens_per_s,
-            "mfu": self.mfu(tokens_per_s),
-            "mem_gb": self._memory_gb(),
-            "step_time_s": step_time,
-            "skipped_steps": self.skipped_steps,
-        }
-
-    def mfu(self, tokens_per_s: float) -> float:
-        return self.arithmetic.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
-
-    def _write_summary(
-        self, step_times: list[float], wall_s: float, first_val: float | None, val_loss: float | None
-    ) -> dict[str, Any]:
-        # The first steps include warm-up (allocator, compile); they are not the steady state.
-        steady = step_times[min(len(step_times) - 1, 3) :] if step_times else []
-        median_step = statistics.median(steady) if steady else float("nan")
-        tokens_per_s = self.tokens_per_step / median_step if steady else float("nan")
-        if first_val is None:  # resumed run: the starting loss is in the metrics written before
-            first_val = next(
-                (r["val_loss"] for r in read_metrics(self.run_dir) if r.get("step") == 0 and "val_loss" in r), None
-            )
-        summary = {
-            "name": self.cfg.train.name,
-            "steps": self.step,
-            "tokens": self.tokens_seen,
-            "wall_time_s": wall_s,
-            "median_step_time_s": median_step,
-            "median_tokens_per_s": tokens_per_s,
-            "mfu": self.mfu(tokens_per_s) if steady else float("nan"),
-            "device": device_name(self.device),
-            "n_devices": self.world_size,
-            "peak_flops": self.peak_flops,
-            "device_profile": self.device_profile,
-            "layout": {
-                "dp_replicate": self.dims.dp_replicate,
-                "dp_shard": self.dims.dp_shard,
-                "tp": self.dims.tp,
-                "ep": self.dims.ep,
-            },
-            "params": self.arithmetic.total_params,
-            "active_params": self.arithmetic.active_params,
-            "flops_per_token": self.arithmetic.flops_per_token,
-            "first_val_loss": first_val,
-            "final_val_loss": val_loss,
-            "skipped_steps": self.skipped_steps,
-            "interrupted": self.step < self.cfg.train.steps,
-            "planner_prediction": self._planner_prediction(),
-        }
-        return summary
-
-    def _planner_prediction(self) -> dict[str, Any] | None:
-        try:
-            from colossuslm.plan.calibrate import predict_run
-        except ImportError:
-            return None
-        try:
-            return predict_run(
-                self.cfg,
-                device_name(self.device),
-                self.world_size,
-                peak_flops=self.peak_flops,
-                profile=self.device_profile,
-            )
-        except ColossusError as exc:  # e.g. a device the planner's catalogue does not know
-            self._log(f"planner: no prediction for this run ({exc})")
-            return None
+    def _record(self, window: list[StepResult]) -> dict[str, Any]:
+        return self.report.window_record(self.step, self.tokens_seen, window, self.skipped_steps)
 
     def _read_summary(self) -> dict[str, Any]:
         path = self.run_dir / "summary.json"
