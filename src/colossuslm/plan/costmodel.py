@@ -15,6 +15,7 @@ predicted with this one model and no per-run factors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from colossuslm.models.arithmetic import MatmulShape
 from colossuslm.plan import comm
@@ -30,8 +31,16 @@ GEMM_SIZE_KNEE = 128
 HBM_EFFICIENCY = 0.75
 # Overlapped communication still slows compute: NCCL kernels take SMs and memory bandwidth.
 OVERLAP_INTERFERENCE = 0.15
-# Flash attention's backward runs five matmuls to the forward's two (it recomputes the scores).
-FLASH_BACKWARD_RATIO = 2.5
+# Flash attention's backward runs five matmuls to the forward's two (it recomputes the scores), 2.5x
+# the FLOPs, at a lower rate than the forward (atomics on dQ, more shared-memory traffic): the
+# time ratio is above 2.5. Set once against the fit rows (the long-sequence ones are mostly
+# attention).
+FLASH_BACKWARD_RATIO = 3.0
+# FlashAttention-2 (PyTorch SDPA's flash backend, the triton kernels) is written for Ampere's
+# mma.sync: on Hopper and later it cannot use wgmma/TMA and runs at this share of the rate of
+# the kernels built for the part (cuDNN / Transformer Engine fused attention, FlashAttention-3:
+# 1.5-2x faster on H100, Shah et al. 2024, arXiv:2407.08608). On Ampere it is the native kernel.
+FA2_ON_HOPPER = 0.6
 # Materialised attention: bytes moved per score element in the forward pass
 # (write scores, scale-mask-softmax read+write, dropout read+write+mask).
 SCORE_BYTES_FORWARD = 11
@@ -47,11 +56,47 @@ KERNELS_PER_LAYER_FORWARD = 14
 EAGER_PASSES = 3
 
 
+@dataclass(frozen=True)
+class Stack(Software):
+    """`Software` plus the features of a training stack that only the cost model reads.
+
+    attention_kernel: "fused" -- a kernel built for the GPU (cuDNN / Transformer Engine fused
+        attention, FlashAttention-3 on Hopper); "fa2" -- FlashAttention-2 through PyTorch SDPA
+        or its triton port, which on Hopper and later runs at FA2_ON_HOPPER of that rate.
+    selective: what `recompute = "selective"` reruns in backward. "attention" -- the attention
+        core and the element-wise ops, GEMM outputs kept (Megatron, Korthikanti et al. 2022);
+        "every_other_matmul" -- torchtitan's per-op policy: every second matmul and the
+        element-wise ops are rerun, the attention output and reduce-scatters are kept.
+    """
+
+    attention_kernel: Literal["fused", "fa2"] = "fused"
+    selective: Literal["attention", "every_other_matmul"] = "attention"
+
+
+def stack_feature(sw: Software, name: str):
+    """A `Stack` feature of `sw`, or its default when `sw` is a plain `Software`."""
+    return getattr(sw, name, getattr(Stack, name))
+
+
 def exposed(comm_time: float, window: float, overlap: bool) -> float:
     """Communication time left on the critical path after hiding it behind `window` of compute."""
     if not overlap:
         return comm_time
     return max(0.0, comm_time - window) + OVERLAP_INTERFERENCE * min(comm_time, window)
+
+
+def exposed_tp(comm_time: float, window: float, overlap: bool, tp: int) -> float:
+    """Tensor-parallel traffic left exposed. Overlapped TP (Megatron-Core's TP comm overlap,
+    PyTorch async TP) splits each collective into `tp` chunks pipelined with GEMMs over the
+    chunks already there (a ring): an all-gather + GEMM starts on the local shard, so all of it
+    can hide, but a GEMM + reduce-scatter must still reduce its last chunk after the last GEMM.
+    `comm_time` is half all-gathers, half reduce-scatters (one pair per block and pass). The
+    chunked GEMMs are costed at full size: costing them as `tp` GEMMs of 1/tp of the rows made
+    every Megatron-Core row with TP overlap 10-25 % slow, so its kernels keep their efficiency."""
+    if not overlap or tp <= 1:
+        return exposed(comm_time, window, overlap)
+    last = 0.5 * comm_time / tp
+    return last + exposed(comm_time - last, window, True)
 
 
 def gemm_knee(gpu: GPU, fp8: bool) -> float:
@@ -99,6 +144,10 @@ class LayerCost:
     ep: float  # forward expert all-to-alls (dispatch + combine)
     overhead: float  # forward kernel launches
     attention_backward_ratio: float
+    tp_degree: int = 1
+
+    def tp_exposed(self, sw: Software, window: float) -> float:
+        return exposed_tp(self.tp, window, sw.tp_overlap, self.tp_degree)
 
     def ep_window(self, sw: Software, scale: float) -> float:
         # DualPipe-style schedules hide one micro-batch's all-to-all behind another's whole
@@ -111,7 +160,7 @@ class LayerCost:
             + self.attention
             + self.elementwise
             + self.overhead
-            + exposed(self.tp, self.gemm, sw.tp_overlap)
+            + self.tp_exposed(sw, self.gemm)
             + exposed(self.cp, self.attention, True)
             + exposed(self.ep, self.ep_window(sw, 1), sw.ep_overlap)
         )
@@ -124,14 +173,19 @@ class LayerCost:
             + attention
             + 2 * self.elementwise
             + 2 * self.overhead
-            + exposed(self.tp, gemm, sw.tp_overlap)
+            + self.tp_exposed(sw, gemm)
             + exposed(self.cp, attention, True)
             + exposed(self.ep, self.ep_window(sw, 2), sw.ep_overlap)
         )
 
+    def selective_rerun(self, sw: Software) -> float:
+        """Forward seconds a selective policy reruns in backward (see `Stack.selective`)."""
+        if stack_feature(sw, "selective") == "every_other_matmul":
+            return 0.5 * self.gemm + self.elementwise + 0.5 * self.overhead
+        return self.attention + self.elementwise  # attention core, norms, MLP activation
+
     def total(self, sw: Software, recompute: str) -> float:
-        selective = self.attention + self.elementwise  # attention core, norms, MLP activation
-        extra = {"none": 0.0, "selective": selective, "full": self.forward(sw)}[recompute]
+        extra = {"none": 0.0, "selective": self.selective_rerun(sw), "full": self.forward(sw)}[recompute]
         return self.forward(sw) + self.backward(sw) + extra
 
 
@@ -174,6 +228,7 @@ class CostModel:
     def _matmuls(
         self, shapes: tuple[MatmulShape, ...], tokens: float, tp: int, ep: int, fp8: bool
     ) -> tuple[float, float]:
+        """(all, routed-expert) forward GEMM seconds."""
         cfg, gpu = self.work.cfg, self.gpu
         total = expert_total = 0.0
         for s in shapes:
@@ -200,7 +255,10 @@ class CostModel:
             # Causal: a fused kernel skips the masked half. With CP each GPU owns s/cp queries
             # against all s keys (load-balanced chunks).
             flops = 2.0 * micro_batch * (s / cp) * s * (qk + v) * heads * 0.5
-            t = flops / (gpu.peak_bf16 * gpu.attention_efficiency) + gpu.kernel_overhead
+            efficiency = gpu.attention_efficiency
+            if stack_feature(sw, "attention_kernel") == "fa2" and gpu.peak_fp8 > gpu.peak_bf16:
+                efficiency *= FA2_ON_HOPPER  # fp8 tensor cores mark Hopper and later
+            t = flops / (gpu.peak_bf16 * efficiency) + gpu.kernel_overhead
             return t, FLASH_BACKWARD_RATIO
         # Materialised: batched QK^T and AV over the full s x s (the mask is applied, not skipped),
         # plus the softmax/dropout traffic over every score.
@@ -260,6 +318,7 @@ class CostModel:
                 ep=ep_time,
                 overhead=overhead,
                 attention_backward_ratio=back_ratio,
+                tp_degree=tp,
             )
 
         result = (build(False), build(True) if cfg.is_moe else None)
@@ -363,12 +422,12 @@ class CostModel:
 
         def parts(c: LayerCost) -> dict[str, float]:
             comm_fwd = {
-                "tp_comm": exposed(c.tp, c.gemm, sw.tp_overlap),
+                "tp_comm": c.tp_exposed(sw, c.gemm),
                 "cp_comm": exposed(c.cp, c.attention, True),
                 "ep_comm": exposed(c.ep, c.ep_window(sw, 1), sw.ep_overlap),
             }
             comm_bwd = {
-                "tp_comm": exposed(c.tp, 2 * c.gemm, sw.tp_overlap),
+                "tp_comm": c.tp_exposed(sw, 2 * c.gemm),
                 "cp_comm": exposed(c.cp, c.attention_backward_ratio * c.attention, True),
                 "ep_comm": exposed(c.ep, c.ep_window(sw, 2), sw.ep_overlap),
             }
@@ -389,6 +448,28 @@ class CostModel:
         return result
 
     # -- a whole step -------------------------------------------------------------------------
+    @staticmethod
+    def _fsdp_exposed(lay: Layout, parts: dict[str, float], gather: float, reduce: float) -> tuple[float, float]:
+        """(seconds per micro-batch, seconds per step) of FSDP / ZeRO-3 traffic left exposed.
+
+        Each layer's weights are gathered (bf16) before its forward and again before its
+        backward, and its gradients reduce-scattered (fp32) after; prefetching hides a layer's
+        traffic behind its neighbour's compute of the same phase, so the forward gathers race the
+        forward compute and the backward gathers plus reduce-scatters race the backward (and any
+        recompute), phase by phase: a small per-GPU batch leaves the network exposed even when the
+        whole micro-batch would cover it. The forward is a third of the compute (backward: 2x).
+        Under pipeline parallelism the schedule keeps the gathered weights and the unreduced
+        gradients across micro-batches (torch.distributed.pipelining turns off resharding and
+        gradient sync until the last backward), so it gathers once and reduce-scatters once a
+        step instead of every micro-batch.
+        """
+        overlap = lay.software.dp_overlap
+        forward = parts["compute"] / 3
+        backward = parts["compute"] - forward + parts["recompute"]
+        if lay.pp > 1:
+            return 0.0, exposed(gather, forward, overlap) + exposed(reduce, backward, overlap)
+        return exposed(gather, forward, overlap) + exposed(gather + reduce, backward, overlap), 0.0
+
     def estimate(self, lay: Layout) -> StepEstimate:
         work, gpu, sw = self.work, self.gpu, lay.software
         cfg = work.cfg
@@ -417,11 +498,7 @@ class CostModel:
 
         per_micro_dp = 0.0
         if lay.zero >= 3:
-            # FSDP: gather weights for forward and again for backward, reduce-scatter gradients,
-            # every micro-batch; prefetching hides it behind that micro-batch's compute.
-            traffic = 2 * reduce_scatter(2) + reduce_scatter(4)
-            per_micro_dp = exposed(traffic, stage, sw.dp_overlap)
-            step_dp = 0.0
+            per_micro_dp, step_dp = self._fsdp_exposed(lay, parts, reduce_scatter(2), reduce_scatter(4))
         elif lay.zero >= 1:
             # Distributed optimizer: reduce-scatter fp32 gradients, all-gather bf16 weights once a step.
             step_dp = exposed(reduce_scatter(4) + reduce_scatter(2), stage, sw.dp_overlap)

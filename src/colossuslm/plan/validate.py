@@ -28,9 +28,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from colossuslm.errors import ColossusError
-from colossuslm.plan.costmodel import StepEstimate
+from colossuslm.plan.costmodel import Stack, StepEstimate
 from colossuslm.plan.hardware import load_catalogue
-from colossuslm.plan.layout import Software
 from colossuslm.plan.search import search
 from colossuslm.plan.workload import LatentAttention, Workload, model_from_table
 
@@ -48,7 +47,7 @@ class PublishedRun:
     gpus: int
     global_batch: int
     fixed: dict[str, Any]
-    software: Software
+    software: Stack
     published: dict[str, Any]
     scaleout_bandwidth: float | None = None
     note: str = ""
@@ -161,7 +160,7 @@ def load_runs(path: str = str(RUNS_FILE)) -> tuple[PublishedRun, ...]:
                 gpus=int(row["gpus"]),
                 global_batch=int(row["global_batch"]),
                 fixed=_fixed_layout(row.get("layout", {})),
-                software=Software(**row.get("software", {})),
+                software=Stack(**row.get("software", {})),
                 published=dict(row["published"]),
                 scaleout_bandwidth=row.get("scaleout_bandwidth"),
                 note=row.get("note", ""),
