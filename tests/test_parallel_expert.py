@@ -72,6 +72,21 @@ def test_all_tokens_routed_to_one_ep_rank(tmp_path: Path):
             assert grad[:2].abs().sum() > 0 and grad[2:].abs().sum() == 0, name
 
 
+def test_tp2_splits_every_experts_hidden_width_and_matches_single_process_gradients(tmp_path: Path):
+    # Routed experts split their hidden width 24 over tp (w1/w3 by columns, w2 by rows); the
+    # shared expert is split like the MLP. One TP group, so dp = 1.
+    got = run_worker(2, "grads", tmp_path, "--ep", "1", "--tp", "2", "--shared", "1")
+    assert got["local_expert_shapes"] == [(EXPERTS, 12, 32), (EXPERTS, 32, 12)]
+    assert_same_gradients(got, reference_grads(tiny_config(EXPERTS, shared=1), 1, favour=None))
+
+
+def test_tp2_with_ep2_holds_a_quarter_of_the_experts_and_matches_single_process_gradients(tmp_path: Path):
+    # routed / (tp x ep) expert weights per rank, as the planner's memory model assumes.
+    got = run_worker(4, "grads", tmp_path, "--ep", "2", "--tp", "2", "--shared", "1")
+    assert got["local_expert_shapes"] == [(EXPERTS // 2, 12, 32), (EXPERTS // 2, 32, 12)]
+    assert_same_gradients(got, reference_grads(tiny_config(EXPERTS, shared=1), 2, favour=None))
+
+
 def test_ep_with_fsdp2_trains_like_single_process(tmp_path: Path):
     got = run_worker(4, "fsdp", tmp_path, "--ep", "2")
     want = reference_training(tiny_config(EXPERTS), 4)

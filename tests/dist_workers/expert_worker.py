@@ -9,7 +9,11 @@ the test compares against a single process (`reference_*` below, run by the test
   checkpoint  DCP save of the EP model (test loads it in one process), and DCP load of a
               single-process checkpoint into the EP model
 
-Usage: torchrun --standalone --nproc-per-node N expert_worker.py SCENARIO OUT_DIR --ep 2 [--favour 0,1]
+With --tp 2 tensor parallelism (with sequence parallelism) is applied first: the experts' hidden
+width is split over tp, the shared experts (--shared 1) like the MLP.
+
+Usage: torchrun --standalone --nproc-per-node N expert_worker.py SCENARIO OUT_DIR --ep 2 [--tp 2] [--shared 1]
+       [--favour 0,1]
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from colossuslm.models.transformer import Transformer
 from colossuslm.parallel.expert import apply_expert_parallel
 from colossuslm.parallel.grads import clip_grad_norm
 from colossuslm.parallel.mesh import ParallelDims, build_mesh
+from colossuslm.parallel.tensor import apply_tensor_parallel
 
 SEED = 1234
 ROWS_PER_RANK, SEQ = 2, 8
 FSDP_STEPS, LR, MAX_GRAD_NORM = 3, 1e-2, 0.5  # the clip is active: grad norms are ~1
 
 
-def tiny_config(n_experts: int = 4) -> ModelConfig:
+def tiny_config(n_experts: int = 4, shared: int = 0) -> ModelConfig:
     return ModelConfig(
         vocab_size=64,
         d_model=32,
@@ -47,6 +52,7 @@ def tiny_config(n_experts: int = 4) -> ModelConfig:
         n_experts=n_experts,
         top_k=2,
         moe_ffn_hidden=24,
+        n_shared_experts=shared,
     )
 
 
@@ -124,8 +130,9 @@ def run_grads(model, meshes, expert_params, dp_rank, dp_size) -> dict:
     grads = {}
     for name, p in model.named_parameters():
         if p not in expert_params:  # what FSDP would do: average over the data-parallel ranks
-            dist.all_reduce(p.grad, group=dp_group)
-            p.grad /= dp_size
+            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # TP shards stay shards
+            dist.all_reduce(local, group=dp_group)
+            local /= dp_size
         grads[name] = full(p.grad).clone()
     dist.all_reduce(loss := loss.detach(), group=dp_group)
     return {"loss": loss.item() / dp_size, "grads": grads}
@@ -174,6 +181,8 @@ def main() -> None:
     parser.add_argument("scenario", choices=["grads", "fsdp", "checkpoint"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--ep", type=int, required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--shared", type=int, default=0, help="shared experts per MoE block")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--favour", default="", help="comma-separated expert ids every token is routed to")
     args = parser.parse_args()
@@ -181,19 +190,21 @@ def main() -> None:
     torch.set_num_threads(1)  # several ranks share two cores
     dist.init_process_group("gloo")
     world = dist.get_world_size()
-    meshes = build_mesh(ParallelDims.resolve(ParallelConfig(ep=args.ep), world), "cpu")
+    meshes = build_mesh(ParallelDims.resolve(ParallelConfig(ep=args.ep, tp=args.tp), world), "cpu")
     dp_rank, dp_size = meshes.dp.get_local_rank(), meshes.dp.size()
 
     favour = [int(e) for e in args.favour.split(",")] if args.favour else None
-    model = build_model(tiny_config(args.experts), favour)
-    expert_params = apply_expert_parallel(model, meshes)
+    model = build_model(tiny_config(args.experts, args.shared), favour)
+    if args.tp > 1:
+        apply_tensor_parallel(model, meshes.tp, sequence_parallel=True)
+    expert_params = apply_expert_parallel(model, meshes) if args.ep > 1 else set()
     if args.scenario == "grads":
         result = run_grads(model, meshes, expert_params, dp_rank, dp_size)
     elif args.scenario == "fsdp":
         result = run_fsdp(model, meshes, expert_params, dp_rank, dp_size)
     else:
         result = run_checkpoint(model, meshes, expert_params, dp_rank, dp_size, args.out)
-    local_shapes = sorted({tuple(p.to_local().shape) for p in expert_params})
+    local_shapes = sorted({tuple(p.to_local().shape) for n, p in model.named_parameters() if ".moe.experts." in n})
     result["local_expert_shapes"] = local_shapes
     if dist.get_rank() == 0:
         torch.save(result, args.out / f"{args.scenario}.pt")

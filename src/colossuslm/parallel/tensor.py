@@ -3,9 +3,12 @@ sequence parallelism.
 
 Inside each block: q/k/v and the MLP's gate/up projections are split by output columns (each rank
 keeps whole attention heads and a slice of the hidden width); the attention output and MLP down
-projections are split by input rows. Embedding, MoE layers and the head stay replicated across the
-TP group (every TP rank computes them on the same input, so their gradients agree without
-communication).
+projections are split by input rows. MoE blocks: every TP rank routes the full sequence (router
+replicated), the routed experts' hidden width is split over TP (`parallel.expert.shard_experts_over_tp`:
+w1/w3 by columns, w2 by rows, partial outputs summed) and the shared experts are split like the
+MLP, so a rank holds 1/tp of the expert weights, as the planner assumes. Embedding and head stay
+replicated across the TP group (every TP rank computes them on the same input, so their gradients
+agree without communication).
 
 Without sequence parallelism one all-reduce per sub-layer restores the full activation, and the
 norms and the residual stream are computed in full on every TP rank. With it (the default, as in
@@ -30,6 +33,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from colossuslm.errors import ColossusError
+from colossuslm.parallel.expert import shard_experts_over_tp
 
 SEQ = Shard(1)  # activations are [batch, seq, d_model]
 
@@ -43,6 +47,8 @@ def check_tensor_parallel(model: nn.Module, tp: int) -> None:
         problems.append(f"model.n_kv_heads = {cfg.n_kv_heads}")
     if cfg.ffn_hidden % tp:
         problems.append(f"model.ffn_hidden = {cfg.ffn_hidden}")
+    if cfg.is_moe and cfg.expert_hidden % tp:  # experts split their hidden width over TP
+        problems.append(f"the expert width (model.moe_ffn_hidden, 0 = ffn_hidden) = {cfg.expert_hidden}")
     if problems:
         raise ColossusError(f"parallel.tp = {tp} must divide {', '.join(problems)}; choose a tp that divides them")
 
@@ -53,6 +59,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         _apply_sequence_parallel_edges(model, tp_mesh)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
+        if block.is_moe:
+            shard_experts_over_tp(block.moe, tp_mesh)
 
 
 def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
@@ -69,7 +77,7 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
                 "feed_forward.w3": ColwiseParallel(),
                 "feed_forward.w2": RowwiseParallel(),
             }
-        return plan
+        return plan | _shared_experts_plan(block)
     # The block's input and output are this rank's sequence shard (a plain local tensor).
     plan = {
         "attention_norm": SequenceParallel(),
@@ -83,11 +91,13 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
         "ffn_norm": SequenceParallel(),
     }
     if block.is_moe:
-        # Experts are not split by TP: each TP rank routes the full sequence, then keeps its shard.
-        # (Its output is sliced back to the shard in _apply_sequence_parallel_edges.)
+        # Each TP rank routes the full sequence; the experts' TP split sums its partial outputs, so
+        # the MoE output is whole on every rank (sliced back to the shard in
+        # _apply_sequence_parallel_edges).
         plan["moe"] = PrepareModuleInput(
             input_layouts=(SEQ,), desired_input_layouts=(Replicate(),), use_local_output=True
         )
+        plan |= _shared_experts_plan(block)
     else:
         plan |= {
             "feed_forward": PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),)),
@@ -96,6 +106,17 @@ def _block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
             "feed_forward.w2": RowwiseParallel(output_layouts=SEQ),
         }
     return plan
+
+
+def _shared_experts_plan(block: nn.Module) -> dict:
+    """The MoE's always-on experts split like the MLP (their input is the full local sequence)."""
+    if not block.is_moe or block.moe.shared_experts is None:
+        return {}
+    return {
+        "moe.shared_experts.w1": ColwiseParallel(),
+        "moe.shared_experts.w3": ColwiseParallel(),
+        "moe.shared_experts.w2": RowwiseParallel(),
+    }
 
 
 def _apply_sequence_parallel_edges(model: nn.Module, tp_mesh: DeviceMesh) -> None:
