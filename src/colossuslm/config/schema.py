@@ -242,6 +242,10 @@ class ParallelConfig:
     # Pipeline stages: consecutive blocks per stage, train.grad_accum micro-batches in flight.
     pp: int = 1
     pp_schedule: str = "1f1b"  # 1f1b (bounded activation memory) or gpipe
+    # Recompute activations in backward instead of keeping them: "full" keeps only each block's
+    # input, "selective" keeps matmul/attention outputs and recomputes the element-wise ops.
+    activation_checkpoint: str = "none"  # none | full | selective
+    activation_checkpoint_every: int = 1  # checkpoint every N-th block (1 = all of them)
 
     def validate(self) -> None:
         _positive("parallel", self, "dp_replicate", "tp", "ep", "pp")
@@ -256,6 +260,19 @@ class ParallelConfig:
             "parallel.pp_schedule",
             self.pp_schedule,
             "choose one of: 1f1b, gpipe",
+        )
+        _require(
+            self.activation_checkpoint in ("none", "full", "selective"),
+            "parallel.activation_checkpoint",
+            self.activation_checkpoint,
+            "choose one of: none, full, selective",
+        )
+        _positive("parallel", self, "activation_checkpoint_every")
+        _require(
+            self.activation_checkpoint_every == 1 or self.activation_checkpoint != "none",
+            "parallel.activation_checkpoint_every",
+            self.activation_checkpoint_every,
+            "has no effect with parallel.activation_checkpoint = 'none': set full or selective, or leave it at 1",
         )
 
 

@@ -1,4 +1,4 @@
-"""Apply the configured parallelism to an unchanged model: TP, then EP, then FSDP2."""
+"""Apply the configured parallelism to an unchanged model: TP, then EP, activation checkpointing, then FSDP2."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ from colossuslm.parallel.mesh import Meshes, ParallelDims
 
 
 def parallelize_model(
-    model: nn.Module, meshes: Meshes, dims: ParallelDims, *, bf16: bool, train_cfg: TrainConfig | None = None
+    model: nn.Module,
+    meshes: Meshes | None,
+    dims: ParallelDims,
+    *,
+    bf16: bool,
+    train_cfg: TrainConfig | None = None,
+    activation_checkpoint: str = "none",
+    activation_checkpoint_every: int = 1,
 ) -> bool:
     """Shard `model` in place. Returns True when FSDP2 manages its mixed precision (the caller
     then runs without autocast, as FSDP casts parameters to bf16 when it gathers them).
     `train_cfg.float8` converts the Linears to float8 first, so TP and FSDP2 shard the float8
-    modules (a single process calls `colossuslm.parallel.float8.apply_float8` itself)."""
+    modules (a single process calls `colossuslm.parallel.float8.apply_float8` itself).
+    Activation checkpointing (parallel.activation_checkpoint[_every]) wraps the blocks after TP
+    and EP and before FSDP2; it applies with one process too (`meshes` None, all degrees 1)."""
     if train_cfg is not None and train_cfg.float8:
         from colossuslm.parallel.float8 import apply_float8
 
@@ -28,6 +37,10 @@ def parallelize_model(
         from colossuslm.parallel.expert import apply_expert_parallel
 
         expert_params = apply_expert_parallel(model, meshes)
+    if activation_checkpoint != "none":
+        from colossuslm.parallel.activation_checkpoint import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, activation_checkpoint, activation_checkpoint_every)
     if dims.dp_size > 1:
         from colossuslm.parallel.fsdp import apply_fsdp
 
