@@ -1,13 +1,14 @@
 """Cost-model terms on hand-computed cases: GEMMs, attention, overlap, recompute, bubble, MFU."""
 
 import dataclasses
+import math
 
 import pytest
 
 from colossuslm.models.arithmetic import head_matmul, layer_matmuls, model_arithmetic
 from colossuslm.models.presets import get_preset
 from colossuslm.plan import comm, costmodel
-from colossuslm.plan.costmodel import CostModel, LayerCost, exposed, gemm_time
+from colossuslm.plan.costmodel import CostModel, LayerCost, Stack, exposed, exposed_tp, gemm_time
 from colossuslm.plan.hardware import load_catalogue
 from colossuslm.plan.layout import Layout, Software
 from colossuslm.plan.workload import resolve_model
@@ -225,3 +226,78 @@ def test_mtp_goes_on_the_head_stage_which_sheds_layers_to_the_others(h100):
     assert stage == pytest.approx(min(options))
     assert stage == pytest.approx(4 * per_layer)  # a full 4-layer stage stays the busiest
     assert extra > per_layer  # ...although the head stage's extra work exceeds one layer
+
+
+# -- issue 10: the physics the wider validation table asked for ------------------------------------
+def test_fa2_runs_slower_than_fused_attention_on_hopper_only(h100):
+    a100 = load_catalogue().gpu("a100-80gb")
+    work = resolve_model("llama3-8b", 8192)
+    for gpu, share in ((h100, costmodel.FA2_ON_HOPPER), (a100, 1.0)):
+        cm = CostModel(work, gpu)
+        fused, _ = cm._attention(1, 1, 1, Stack())
+        fa2, _ = cm._attention(1, 1, 1, Stack(attention_kernel="fa2"))
+        overhead = gpu.kernel_overhead
+        assert (fa2 - overhead) == pytest.approx((fused - overhead) / share)
+    assert costmodel.FA2_ON_HOPPER < 1.0
+
+
+def test_every_other_matmul_selective_recompute():
+    c = _layer()
+    sw = Stack(selective="every_other_matmul")
+    forward_backward = c.forward(sw) + c.backward(sw)
+    # torchtitan's per-op policy: half the matmuls and the element-wise ops, attention kept
+    assert c.total(sw, "selective") == pytest.approx(forward_backward + 0.5 * 10 + 1 + 0.5 * 0.1)
+    assert c.total(Software(), "selective") == pytest.approx(forward_backward + 2 + 1)  # plain Software: Megatron's
+
+
+def test_overlapped_tp_leaves_the_last_reduce_scatter_chunk_exposed():
+    comm_time, tp = 8.0, 8
+    last = 0.5 * comm_time / tp
+    hidden = exposed_tp(comm_time, window=100.0, overlap=True, tp=tp)
+    assert hidden == pytest.approx(last + costmodel.OVERLAP_INTERFERENCE * (comm_time - last))
+    assert exposed_tp(comm_time, 100.0, overlap=False, tp=tp) == comm_time
+    assert exposed_tp(comm_time, 1.0, overlap=True, tp=tp) == pytest.approx(
+        last + (comm_time - last - 1.0) + costmodel.OVERLAP_INTERFERENCE * 1.0
+    )
+
+
+def test_fsdp_gathers_race_each_phase_so_small_batches_expose_them(h100):
+    lay = Layout(dp=64, micro_batch=1, grad_accum=1, zero=3, recompute="full")
+    parts = {"compute": 3.0, "recompute": 1.0}
+    per_micro, per_step = CostModel._fsdp_exposed(lay, parts, gather=1.5, reduce=1.0)
+    # forward window 1.0 against one gather; backward window 2.0 + 1.0 against a gather + reduce
+    i = costmodel.OVERLAP_INTERFERENCE
+    assert per_micro == pytest.approx((0.5 + i * 1.0) + (0.0 + i * 2.5))
+    assert per_step == 0.0
+    # the same traffic behind one micro-batch of twice the compute: less exposed per token
+    double, _ = CostModel._fsdp_exposed(lay, {"compute": 6.0, "recompute": 2.0}, gather=1.5, reduce=1.0)
+    assert double < 2 * per_micro
+    work = resolve_model("llama3-70b", 4096)
+    cm = CostModel(work, dataclasses.replace(h100, scaleout_bandwidth=5e9))
+    small, large = (cm.estimate(Layout(dp=64, micro_batch=mb, zero=3, recompute="full")) for mb in (1, 8))
+    assert small.breakdown["dp_comm"] / small.step_time > large.breakdown["dp_comm"] / large.step_time
+
+
+def test_fsdp_under_pipeline_parallelism_gathers_once_a_step(h100):
+    work = resolve_model("llama3-70b", 4096)
+    cm = CostModel(work, dataclasses.replace(h100, scaleout_bandwidth=5e9))
+    four, eight = (
+        cm.estimate(Layout(tp=8, pp=4, dp=8, micro_batch=1, grad_accum=m, zero=3, recompute="full")) for m in (4, 8)
+    )
+    assert eight.breakdown["dp_comm"] == pytest.approx(four.breakdown["dp_comm"])  # not per micro-batch
+    no_pp = cm.estimate(Layout(tp=8, pp=1, dp=32, micro_batch=1, grad_accum=8, zero=3, recompute="full"))
+    one = cm.estimate(Layout(tp=8, pp=1, dp=32, micro_batch=1, grad_accum=1, zero=3, recompute="full"))
+    assert no_pp.breakdown["dp_comm"] == pytest.approx(8 * one.breakdown["dp_comm"])
+
+
+def test_learned_routing_pays_the_busiest_expert_rank(h100):
+    assert costmodel.routing_imbalance(1000.0, 1) == 1.0
+    assert costmodel.routing_imbalance(1000.0, 64) == pytest.approx(1 + (2 * math.log(64) / 1000) ** 0.5)
+    work = resolve_model("moe-small", 2048)
+    cm = CostModel(work, h100)
+    _, learned = cm.layer_cost(1, 1, 8, 1, Stack())
+    _, balanced = cm.layer_cost(1, 1, 8, 1, Stack(routing="balanced"))
+    factor = costmodel.routing_imbalance(2048 * work.cfg.top_k, 8)
+    assert learned.ep == pytest.approx(factor * balanced.ep)
+    assert learned.expert_gemm > balanced.expert_gemm
+    assert learned.gemm - learned.expert_gemm == pytest.approx(balanced.gemm - balanced.expert_gemm)

@@ -14,6 +14,7 @@ predicted with this one model and no per-run factors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,6 +72,20 @@ class Stack(Software):
 
     attention_kernel: Literal["fused", "fa2"] = "fused"
     selective: Literal["attention", "every_other_matmul"] = "attention"
+    # "learned": a trained router, whose per-rank loads vary by chance around the mean;
+    # "balanced": the benchmark forces equal loads (NeMo's force-balanced / fake balanced gate).
+    routing: Literal["learned", "balanced"] = "learned"
+
+
+def routing_imbalance(rows_per_rank: float, ranks: int) -> float:
+    """Expected load of the busiest of `ranks` expert-parallel ranks over the mean, when
+    `rows_per_rank` routed rows land on each on average by independent choices: the maximum of
+    n Poisson counts of mean mu is about mu + sqrt(2 mu ln n). Every rank waits for the busiest
+    in the all-to-all that follows, so its expert GEMMs and its receive set the pace. Skew a
+    learned router adds beyond chance (hot experts) is not modelled."""
+    if ranks <= 1 or rows_per_rank <= 0:
+        return 1.0
+    return 1.0 + math.sqrt(2.0 * math.log(ranks) / rows_per_rank)
 
 
 def stack_feature(sw: Software, name: str):
@@ -225,10 +240,16 @@ class CostModel:
         return memory_per_gpu(self.work, lay, self.gpu, self.params(lay))
 
     # -- one layer --------------------------------------------------------------------------
+    def _imbalance(self, tokens: float, ep: int, sw: Software) -> float:
+        if stack_feature(sw, "routing") == "balanced":
+            return 1.0
+        return routing_imbalance(tokens * self.work.cfg.top_k, ep)
+
     def _matmuls(
-        self, shapes: tuple[MatmulShape, ...], tokens: float, tp: int, ep: int, fp8: bool
+        self, shapes: tuple[MatmulShape, ...], tokens: float, tp: int, ep: int, fp8: bool, imbalance: float = 1.0
     ) -> tuple[float, float]:
-        """(all, routed-expert) forward GEMM seconds."""
+        """(all, routed-expert) forward GEMM seconds; the busiest rank's expert rows are
+        `imbalance` times the mean."""
         cfg, gpu = self.work.cfg, self.gpu
         total = expert_total = 0.0
         for s in shapes:
@@ -238,7 +259,7 @@ class CostModel:
                 # Each GPU holds n_experts/ep experts and receives tokens * top_k rows in all
                 # (balanced routing), one grouped GEMM of that many rows split by expert.
                 local = cfg.n_experts / ep
-                rows = tokens * s.uses / local
+                rows = imbalance * tokens * s.uses / local
                 t = local * (gemm_time(rows, n, k, gpu, fp8) - gpu.kernel_overhead) + gpu.kernel_overhead
                 expert_total += t
             else:
@@ -306,8 +327,9 @@ class CostModel:
 
         def build(moe: bool) -> LayerCost:
             shapes = work.moe_matmuls if moe else work.dense_matmuls
-            gemm, expert = self._matmuls(shapes, tokens, tp, ep, sw.fp8)
-            ep_time = self._expert_exchange(tokens, tp, ep, sw) if moe else 0.0
+            imbalance = self._imbalance(tokens, ep, sw) if moe else 1.0
+            gemm, expert = self._matmuls(shapes, tokens, tp, ep, sw.fp8, imbalance)
+            ep_time = imbalance * self._expert_exchange(tokens, tp, ep, sw) if moe else 0.0
             return LayerCost(
                 gemm=gemm,
                 expert_gemm=expert,
