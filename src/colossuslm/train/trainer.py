@@ -22,9 +22,9 @@ from colossuslm.config import Config, config_to_dict, load_config, save_config
 from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
+from colossuslm.parallel.build import build_model
 from colossuslm.parallel.materialize import materialize_model
 from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
-from colossuslm.parallel.parallelize import parallelize_model
 from colossuslm.parallel.runner import PlainRunner, StepRunner
 from colossuslm.train import checkpoint as ckpt
 from colossuslm.train.async_checkpoint import AsyncCheckpointer
@@ -103,20 +103,12 @@ class Trainer:
         self.async_checkpointer = AsyncCheckpointer() if tc.async_checkpoint else None
 
     def _build_model(self) -> tuple[Transformer, bool]:
-        """Meta device -> this rank's pipeline stage -> TP / EP / FSDP2 -> allocate and initialize
-        only this rank's shards (parallel/materialize.py), so nothing ever holds the whole model.
-        Initial weights are layout-independent: any layout starts from the single-process weights.
-        Returns (model, whether FSDP2 casts to bf16 itself)."""
-        cfg = self.cfg
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        if self.dims.pp > 1:
-            from colossuslm.parallel.pipeline import split_model_for_stage
-
-            split_model_for_stage(model, self.meshes.pp.get_local_rank(), self.dims.pp)
-        bf16 = cfg.train.dtype == "bf16"
-        fsdp_casts = parallelize_model(model, self.meshes, self.dims, bf16=bf16) if self.meshes else False
-        materialize_model(model, self.device, seed=cfg.train.seed)
+        """Meta device -> this rank's pipeline stage -> TP / EP / FSDP2 (parallel/build.py) ->
+        allocate and initialize only this rank's shards (parallel/materialize.py), so nothing ever
+        holds the whole model. Initial weights are layout-independent: any layout starts from the
+        single-process weights. Returns (model, whether FSDP2 casts to bf16 itself)."""
+        model, fsdp_casts = build_model(self.cfg, self.dims, self.meshes)
+        materialize_model(model, self.device, seed=self.cfg.train.seed)
         if self.init_checkpoint is not None:
             ckpt.load_model_weights(self.init_checkpoint, model)  # each rank reads only its shards
         return model, fsdp_casts
