@@ -88,6 +88,16 @@ def test_off_by_default_and_applying_twice_changes_nothing():
     assert apply_float8(model, FLOAT8) and apply_float8(model, FLOAT8) == []
 
 
+def test_one_process_converts_through_parallelize_model():
+    from colossuslm.config import ParallelConfig
+    from colossuslm.parallel.mesh import ParallelDims
+    from colossuslm.parallel.parallelize import parallelize_model
+
+    model = Transformer(DENSE)
+    fsdp_casts = parallelize_model(model, None, ParallelDims.resolve(ParallelConfig(), 1), bf16=True, train_cfg=FLOAT8)
+    assert not fsdp_casts and len(float8_names(model)) == 2 * 7
+
+
 def test_gpu_without_float8_tensor_cores_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")

@@ -21,7 +21,7 @@ def parallelize_model(
     """Shard `model` in place. Returns True when FSDP2 manages its mixed precision (the caller
     then runs without autocast, as FSDP casts parameters to bf16 when it gathers them).
     `train_cfg.float8` converts the Linears to float8 first, so TP and FSDP2 shard the float8
-    modules (a single process calls `colossuslm.parallel.float8.apply_float8` itself).
+    modules (with one process too).
     Activation checkpointing (parallel.activation_checkpoint[_every]) wraps the blocks after TP
     and EP and before FSDP2; it applies with one process too (`meshes` None, all degrees 1)."""
     if train_cfg is not None and train_cfg.float8:
