@@ -46,6 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --nproc: restart the whole group up to R times when a worker dies; "
         "the run resumes from its newest valid checkpoint",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build what one rank of a --world-size job would (fake process group, fake tensors, "
+        "the real parallel code), run one micro-batch, and print its memory beside the planner's",
+    )
+    parser.add_argument("--world-size", type=int, default=0, metavar="N", help="with --dry-run: ranks in the job")
+    parser.add_argument("--rank", type=int, default=0, metavar="R", help="with --dry-run: which rank to build")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
     parser.set_defaults(handler=run)
 
 
@@ -74,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc < 1 or args.max_restarts < 0:
         raise ColossusError("--nproc must be >= 1 and --max-restarts >= 0")
+    if args.dry_run:
+        return dry_run(args)
+    if args.world_size or args.rank or args.json:
+        raise ColossusError("--world-size, --rank and --json belong to --dry-run")
     if args.nproc > 1 and "RANK" not in os.environ:
         from colossuslm.config import load_config
 
@@ -98,6 +111,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_summary(summary))
     return 1 if summary.get("interrupted") else 0
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    import json
+
+    from colossuslm.config import load_config
+    from colossuslm.errors import ColossusError
+    from colossuslm.train.dry_run import dry_run as run_dry
+    from colossuslm.train.dry_run import format_report
+
+    if args.nproc != 1:
+        raise ColossusError("--dry-run runs in one process: give --world-size N instead of --nproc")
+    if args.world_size < 1:
+        raise ColossusError("--dry-run needs --world-size N (the number of ranks of the job to check)")
+    cfg = load_config(args.configs, args.overrides)
+    report = run_dry(cfg, args.world_size, args.rank)
+    print(json.dumps(report.as_dict(), indent=1) if args.json else format_report(report))
+    return 0
 
 
 def format_summary(s: dict) -> str:

@@ -1,0 +1,202 @@
+"""`colossus train CONFIG --dry-run --world-size N [--rank R]`: what rank R of an N-rank job holds.
+
+In one process and without GPUs: a fake process group of N ranks (torch's `fake` backend:
+collectives return at once), the device mesh the trainer would build, the model on the meta device
+cut and parallelized by the trainer's own code (parallel/build.py), then materialized as fake
+tensors (`FakeTensorMode`: shapes, dtypes and storage sizes, no data). One warm-up step creates the
+gradients and optimizer states; a second micro-batch forward/backward runs under torch's memory
+tracker (`torch.distributed._tools.mem_tracker.MemTracker`), which attributes every allocation to
+parameters, gradients, optimizer states or activations. The result is printed next to the
+planner's memory model for the same layout (plan/memory.py).
+
+A pipeline stage is driven on its own: the first stage gets token ids, later ones hidden states,
+the last the targets; the activations of one micro-batch are then multiplied by the micro-batches
+the schedule keeps in flight on the fullest stage, the same rule the planner applies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from colossuslm.config import Config
+from colossuslm.errors import ColossusError
+from colossuslm.parallel.build import build_model
+from colossuslm.parallel.mesh import ParallelDims, build_mesh
+from colossuslm.train.optim import build_optimizer
+
+CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+
+
+@dataclass
+class DryRunReport:
+    world_size: int
+    rank: int
+    layout: dict[str, int]
+    measured: dict[str, float]  # bytes per category on this rank, and "total"
+    activations_per_microbatch: float
+    microbatches_in_flight: float
+    planner: dict[str, float] | None = None  # the planner's bytes for the same categories
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _init_fake_group(world_size: int, rank: int) -> None:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise ColossusError("--dry-run builds its own (fake) process group; do not launch it with torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+def in_flight_microbatches(cfg: Config, stage: int) -> float:
+    """Micro-batches whose activations the schedule keeps alive at once on pipeline `stage`:
+    all of them with GPipe, up to (pp - stage) with 1F1B; interleaving adds the extra warm-up
+    chunks (the planner's rule, plan/memory.py)."""
+    par, accum = cfg.parallel, cfg.train.grad_accum
+    if par.pp == 1:
+        return 1.0
+    if par.pp_schedule == "gpipe":
+        return float(accum)
+    virtual = getattr(par, "pp_virtual_stages", 1)
+    in_flight = min(accum, par.pp - stage)
+    return in_flight * (1 + (par.pp - 1) / (par.pp * virtual)) if virtual > 1 else float(in_flight)
+
+
+def _stage_inputs(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    if model.tok_embeddings is not None:
+        inputs = torch.randint(0, cfg.model.vocab_size, (batch, seq))
+    else:  # a later pipeline stage receives hidden states
+        inputs = torch.randn(batch, seq, cfg.model.d_model, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, cfg.model.vocab_size, (batch, seq)) if model.norm is not None else None
+    return inputs, targets
+
+
+def _forward_backward(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype: torch.dtype) -> None:
+    inputs, targets = _stage_inputs(model, cfg, dtype)
+    with autocast:
+        out, aux = model(inputs, targets)
+    if targets is not None:
+        (out + aux).backward()
+    else:  # the next stage would send back the gradient of the hidden states
+        torch.autograd.backward([out, aux], [torch.ones_like(out), torch.ones_like(aux)])
+
+
+def _categories(snapshot: dict) -> dict[str, float]:
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    per_device: dict[str, float] = {}
+    for stats in snapshot.values():
+        for key, value in stats.items():
+            per_device[str(key)] = per_device.get(str(key), 0.0) + value
+    get = lambda ref: per_device.get(str(ref), 0.0)  # noqa: E731
+    return {
+        "weights": get(_MemRefType.PARAM) + get(_MemRefType.BUFFER),
+        "gradients": get(_MemRefType.GRAD),
+        "optimizer": get(_MemRefType.OPT),
+        "activations": get(_MemRefType.ACT) + get(_MemRefType.TEMP) + get(_MemRefType.OTH),
+    }
+
+
+def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
+    """Build rank `rank` of a `world_size`-rank job with fake tensors and measure its memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if not 0 <= rank < world_size:
+        raise ColossusError(f"--rank {rank} is outside the world of {world_size} ranks")
+    started = time.perf_counter()
+    dims = ParallelDims.resolve(cfg.parallel, world_size)
+    _init_fake_group(world_size, rank)
+    try:
+        meshes = build_mesh(dims, "cpu") if world_size > 1 else None
+        model, fsdp_casts = build_model(cfg, dims, meshes)
+        bf16 = cfg.train.dtype == "bf16"
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        stage = meshes.pp.get_local_rank() if dims.pp > 1 else 0
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            model.train()
+            optimizer = build_optimizer(model, cfg.train)
+            _forward_backward(model, cfg, autocast, dtype)  # warm-up: gradients and optimizer states exist
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer)
+            with tracker:
+                _forward_backward(model, cfg, autocast, dtype)
+                after_backward = _categories(tracker.get_tracker_snapshot("current"))
+                peak = _categories(tracker.get_tracker_snapshot("peak"))
+    finally:
+        dist.destroy_process_group()
+    in_flight = in_flight_microbatches(cfg, stage)
+    measured = {
+        "weights": peak["weights"],
+        "gradients": after_backward["gradients"],
+        "optimizer": peak["optimizer"],
+        "activations": peak["activations"] * in_flight,
+    }
+    measured["total"] = sum(measured.values())
+    layout = {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp, "ep": dims.ep}
+    layout |= {"pp": dims.pp, "pp_stage": stage}
+    report = DryRunReport(
+        world_size, rank, layout, measured, peak["activations"], in_flight, seconds=time.perf_counter() - started
+    )
+    report.planner = planner_memory(cfg, world_size)
+    if cfg.train.compile:
+        report.notes.append("train.compile is not applied in a dry run: eager activations are measured")
+    return report
+
+
+def planner_memory(cfg: Config, world_size: int) -> dict[str, float] | None:
+    """The planner's per-GPU bytes for this config's layout, in the dry run's categories
+    (its activations include the logits; fragmentation and reserved bytes are left out)."""
+    from colossuslm.plan.calibrate import run_layout
+    from colossuslm.plan.hardware import load_catalogue
+    from colossuslm.plan.memory import memory_per_gpu
+    from colossuslm.plan.workload import Workload
+
+    work = Workload(name=cfg.model.preset or "model", cfg=cfg.model, seq_len=cfg.data.seq_len)
+    mem = memory_per_gpu(work, run_layout(cfg, world_size), load_catalogue().gpu("h100"))
+    out = {
+        "weights": mem.weights,
+        "gradients": mem.gradients,
+        "optimizer": mem.optimizer,
+        "activations": mem.activations + mem.logits,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def format_report(report: DryRunReport) -> str:
+    lay = report.layout
+    lines = [
+        f"dry run: rank {report.rank} of {report.world_size} (pp {lay['pp']} stage {lay['pp_stage']}, "
+        f"tp {lay['tp']}, ep {lay['ep']}, dp_shard {lay['dp_shard']}, dp_replicate {lay['dp_replicate']}) "
+        f"in {report.seconds:.1f} s",
+        f"{'':14}{'dry run':>12}{'planner':>12}{'difference':>12}",
+    ]
+    for key in (*CATEGORIES, "total"):
+        mine = report.measured[key]
+        theirs = report.planner.get(key) if report.planner else None
+        diff = f"{100 * (theirs / mine - 1):+.1f}%" if theirs and mine else "n/a"
+        planned = f"{theirs / 1e9:.3f}" if theirs is not None else "n/a"
+        lines.append(f"{key:14}{mine / 1e9:>10.3f}GB{planned:>10}GB{diff:>12}")
+    lines.append(
+        f"activations: {report.activations_per_microbatch / 1e9:.3f} GB per micro-batch x "
+        f"{report.microbatches_in_flight:g} in flight"
+    )
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+__all__ = ["DryRunReport", "dry_run", "format_report", "in_flight_microbatches", "planner_memory"]
