@@ -278,13 +278,20 @@ def test_fsdp_gathers_race_each_phase_so_small_batches_expose_them(h100):
     assert small.breakdown["dp_comm"] / small.step_time > large.breakdown["dp_comm"] / large.step_time
 
 
-def test_fsdp_under_pipeline_parallelism_gathers_once_a_step(h100):
+def test_fsdp_under_pipeline_parallelism_gathers_per_micro_batch_or_once_a_step(h100):
     work = resolve_model("llama3-70b", 4096)
     cm = CostModel(work, dataclasses.replace(h100, scaleout_bandwidth=5e9))
-    four, eight = (
-        cm.estimate(Layout(tp=8, pp=4, dp=8, micro_batch=1, grad_accum=m, zero=3, recompute="full")) for m in (4, 8)
-    )
-    assert eight.breakdown["dp_comm"] == pytest.approx(four.breakdown["dp_comm"])  # not per micro-batch
+
+    def dp_comm(accum: int, sw: Software) -> float:
+        lay = Layout(tp=8, pp=4, dp=8, micro_batch=1, grad_accum=accum, zero=3, recompute="full", software=sw)
+        return cm.estimate(lay).breakdown["dp_comm"]
+
+    # the planner's default keeps weights and gradients sharded, as its memory model does
+    assert dp_comm(8, Software()) == pytest.approx(2 * dp_comm(4, Software()))
+    # torch.distributed.pipelining + FSDP2 keeps them gathered through the step
+    per_step = Stack(fsdp_under_pp="per_step")
+    assert dp_comm(8, per_step) == pytest.approx(dp_comm(4, per_step))
+    assert dp_comm(8, per_step) < dp_comm(8, Software())
     no_pp = cm.estimate(Layout(tp=8, pp=1, dp=32, micro_batch=1, grad_accum=8, zero=3, recompute="full"))
     one = cm.estimate(Layout(tp=8, pp=1, dp=32, micro_batch=1, grad_accum=1, zero=3, recompute="full"))
     assert no_pp.breakdown["dp_comm"] == pytest.approx(8 * one.breakdown["dp_comm"])

@@ -20,7 +20,7 @@ from colossuslm.plan.validate import (
 # decided by `held_out_by_rule`.
 ORIGINAL_ROWS = 38
 # What the one cost model reaches today (colossus plan validate); a regression past these fails.
-FIT_MEDIAN, FIT_WORST = 0.06, 0.26
+FIT_MEDIAN, FIT_WORST = 0.065, 0.26
 HELDOUT_MEDIAN, HELDOUT_WORST = 0.08, 0.43
 
 

@@ -75,6 +75,13 @@ class Stack(Software):
     # "learned": a trained router, whose per-rank loads vary by chance around the mean;
     # "balanced": the benchmark forces equal loads (NeMo's force-balanced / fake balanced gate).
     routing: Literal["learned", "balanced"] = "learned"
+    # FSDP under pipeline parallelism: "per_micro_batch" -- weights regathered and gradients
+    # reduce-scattered for every micro-batch, so they stay sharded as the memory model assumes;
+    # "per_step" -- torch.distributed.pipelining with FSDP2 (torchtitan, NeMo AutoModel) keeps the
+    # gathered weights and unreduced gradients across the step's micro-batches (resharding and
+    # gradient sync off until the last backward): one gather and one reduce-scatter a step, at
+    # the memory of unsharded stage weights and gradients, which plan/memory.py does not count.
+    fsdp_under_pp: Literal["per_micro_batch", "per_step"] = "per_micro_batch"
 
 
 def routing_imbalance(rows_per_rank: float, ranks: int) -> float:
@@ -480,15 +487,14 @@ class CostModel:
         forward compute and the backward gathers plus reduce-scatters race the backward (and any
         recompute), phase by phase: a small per-GPU batch leaves the network exposed even when the
         whole micro-batch would cover it. The forward is a third of the compute (backward: 2x).
-        Under pipeline parallelism the schedule keeps the gathered weights and the unreduced
-        gradients across micro-batches (torch.distributed.pipelining turns off resharding and
-        gradient sync until the last backward), so it gathers once and reduce-scatters once a
-        step instead of every micro-batch.
+        Under pipeline parallelism a stack may instead keep the gathered weights and unreduced
+        gradients across the step's micro-batches (`Stack.fsdp_under_pp`), gathering and
+        reduce-scattering once a step.
         """
         overlap = lay.software.dp_overlap
         forward = parts["compute"] / 3
         backward = parts["compute"] - forward + parts["recompute"]
-        if lay.pp > 1:
+        if lay.pp > 1 and stack_feature(lay.software, "fsdp_under_pp") == "per_step":
             return 0.0, exposed(gather, forward, overlap) + exposed(reduce, backward, overlap)
         return exposed(gather, forward, overlap) + exposed(gather + reduce, backward, overlap), 0.0
 
