@@ -3,15 +3,17 @@
     python bench/gpu_check.py                 # under 8 minutes on one H100/H200
     python bench/gpu_check.py --only 1b-float8,serve --budget-s 300
 
-Rows: the NCCL process group (1 rank per GPU, up to 2: init, all_reduce, bus bandwidth); the
-default corpus prepared with the 50k vocabulary the big presets use; `1b` bf16 + torch.compile
-tokens/s and MFU; the same with float8 (torchao); `moe-small` MFU; activation checkpointing
-none / full / selective (peak memory and MFU); the serving engine on CUDA (output tokens/s at
-concurrency 16). Training rows run `colossus train` in a subprocess and read its metrics.jsonl
-(tokens_per_s, mfu, mem_gb), so they measure whatever the trainer is today. A run is stopped
-(SIGKILL, so it writes no checkpoint) once enough steady-state steps are logged; the first
-logged window holds compilation and is left out. Each row has its own time limit inside a global
-budget; a row that fails prints its error and the check goes on.
+Rows, in this order: the NCCL process group (1 rank per GPU, up to 2: init, all_reduce, bus
+bandwidth); the default corpus prepared with the 50k vocabulary the big presets use; `1b` bf16
++ torch.compile tokens/s and MFU; the same with float8 (torchao); `moe-small` MFU; the serving
+engine on CUDA (output tokens/s at concurrency 16); activation checkpointing none / full /
+selective (peak memory and MFU), last, so a slow machine that runs out of budget loses those.
+
+Training rows run `colossus train` in a subprocess and read its metrics.jsonl (tokens_per_s,
+mfu, mem_gb), so they measure whatever the trainer is today. A run is stopped (SIGKILL, so it
+writes no checkpoint) once enough steady-state steps are logged; the first logged window holds
+compilation and is left out. Each row has its own time limit inside a global budget; a row that
+fails prints its error and the check goes on.
 
 On a machine without CUDA it says so and exits 0. `--smoke-on-cpu` runs the same rows with the
 tiny presets on this CPU (gloo instead of NCCL), to check the script itself.
@@ -123,9 +125,12 @@ def train_overrides(profile: Profile, preset: str, run_dir: Path, name: str) -> 
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGKILL the run and its compile workers: a SIGTERM would make it write a checkpoint."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the process and its group (compile workers, torchrun's workers), even when the
+    leader has exited already. SIGKILL, not SIGTERM: a trainer on SIGTERM writes a checkpoint."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group's id is the leader's pid (start_new_session)
+    except ProcessLookupError:
+        pass  # the whole group is gone
     proc.wait()
 
 
@@ -245,14 +250,21 @@ def serve_worker(preset: str, dataset: str, device: str, concurrency: int, reque
 
 
 def run_worker(args: list[str], limit_s: float) -> dict:
-    done = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=limit_s, start_new_session=True
+    """Run `python ARGS` in its own process group and return the JSON it marks as its result; on
+    timeout the whole group goes (torchrun's workers too, which would otherwise hold the GPU)."""
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    for line in done.stdout.splitlines():
+    try:
+        stdout, stderr = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    for line in stdout.splitlines():
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK) :])
-    tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-6:])
-    raise RuntimeError(f"exit {done.returncode}: {tail or '(no output)'}")
+    tail = " | ".join((stdout + stderr).strip().splitlines()[-6:])
+    raise RuntimeError(f"exit {proc.returncode}: {tail or '(no output)'}")
 
 
 # --------------------------------------------------------------------------- the rows
@@ -281,14 +293,10 @@ def build_checks(profile: Profile, work: Path, n_gpus: int) -> list[Check]:
 
     def corpus(row: Row, limit: float) -> None:
         code = (
-            "from colossuslm.data.corpus import default_dataset; "
-            f"print({RESULT_MARK!r} + str(default_dataset({profile.vocab_size})))"
+            "import json; from colossuslm.data.corpus import default_dataset; "
+            f"print({RESULT_MARK!r} + json.dumps(str(default_dataset({profile.vocab_size}))))"
         )
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit)
-        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
-        if done.returncode != 0 or not lines:
-            raise RuntimeError(f"exit {done.returncode}: {' | '.join(done.stderr.strip().splitlines()[-4:])}")
-        dataset["path"] = lines[-1][len(RESULT_MARK) :]
+        dataset["path"] = run_worker(["-c", code], limit)
         row.result = f"ok: {dataset['path']}"
 
     def training(preset: str, name: str, extra: list[str], note: str = "") -> Callable[[Row, float], None]:
@@ -339,10 +347,10 @@ def build_checks(profile: Profile, work: Path, n_gpus: int) -> list[Check]:
             training(dense, "dense-float8", ["train.float8=true"], "MFU against the bf16 peak"),
         ),
         Check("moe-small", f"{moe} bf16", f"eager, batch {batch}", 120, training(moe, "moe", ["train.compile=false"])),
+        Check("serve", f"serve {dense}", f"{serve_dtype}, concurrency 16", 120, serve),
         Check("ac-none", f"{dense} AC none", "eager", 90, activation_checkpoint("none")),
         Check("ac-full", f"{dense} AC full", "eager", 90, activation_checkpoint("full")),
         Check("ac-selective", f"{dense} AC selective", "eager", 90, activation_checkpoint("selective")),
-        Check("serve", f"serve {dense}", f"{serve_dtype}, concurrency 16", 120, serve),
     ]
 
 

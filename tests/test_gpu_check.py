@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_activation_checkpoint_rows_say_not_available_without_the_field(monkeypa
     row = gpu_check.Row("ac", "full")
     checks["ac-full"].run(row, 60)
     assert row.result.startswith("not available") and row.mfu is None
-    rows = ["nccl", "corpus", "1b-bf16", "1b-float8", "moe-small", "ac-none", "ac-full", "ac-selective", "serve"]
+    rows = ["nccl", "corpus", "1b-bf16", "1b-float8", "moe-small", "serve", "ac-none", "ac-full", "ac-selective"]
     assert list(checks) == rows
 
 
@@ -98,3 +99,28 @@ def test_smoke_rows_run_on_this_cpu():
     lines = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
     assert "ok: gloo group of 1" in lines["process group"]
     assert lines["tiny bf16"].rstrip().endswith("ok") and "serve tiny" in lines
+
+
+def test_a_worker_past_its_limit_is_killed_with_its_children(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        gpu_check.run_worker(["-c", code], limit_s=6)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(grandchild)
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping; a zombie (killed, not yet reaped by init) counts as gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
