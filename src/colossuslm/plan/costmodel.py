@@ -304,7 +304,9 @@ class CostModel:
         rope = 2 * self.work.rope_width / tp
         if moe:
             routed = cfg.top_k + cfg.n_shared_experts
-            ffn = routed * 3 * cfg.expert_hidden / tp + 4 * cfg.top_k * d  # activation, permute/unpermute
+            # Accesses per token: SwiGLU on each routed copy (two reads, a write); permute
+            # (k d reads, k d writes) and a fused weighted unpermute (k d reads, d writes).
+            ffn = routed * 3 * cfg.expert_hidden / tp + 3 * cfg.top_k * d + d
         else:
             ffn = 3 * cfg.ffn_hidden / tp
         split = tp if sw.sequence_parallel else 1
