@@ -82,6 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--plot", metavar="FILE.png", help="with --sweep: draw the scaling curves")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--write-config",
+        metavar="RUN.toml",
+        help="write the trainer config of the best layout the trainer can run (FSDP2 for data "
+        "parallelism unless --fix zero=0) for `colossus train` and `colossus launch slurm`",
+    )
+    parser.add_argument(
+        "--pick", type=int, metavar="N", help="with --write-config: write row N of the table instead of the best"
+    )
     parser.set_defaults(handler=_plan)
 
     actions = parser.add_subparsers(dest="plan_action", metavar="ACTION")
@@ -153,6 +162,13 @@ def _plan(args: argparse.Namespace) -> int:
     fixed = parse_fixed(args.fix)
     if args.top < 1:
         raise ColossusError("--top must be >= 1")
+    if args.pick is not None and not args.write_config:
+        raise ColossusError("--pick chooses the row --write-config writes: add --write-config RUN.toml")
+    if args.write_config:
+        if args.sweep:
+            raise ColossusError("--write-config writes one plan's config; it does not combine with --sweep")
+        # The trainer shards data parallelism with FSDP2 (ZeRO-3) or replicates (ZeRO-0).
+        fixed.setdefault("zero", 3)
     if args.sweep:
         return _sweep(args, fixed)
     from colossuslm.plan.planner import make_plan
@@ -172,11 +188,25 @@ def _plan(args: argparse.Namespace) -> int:
         top=args.top,
     )
     seconds = time.perf_counter() - started
+    written = _write_config(args, plan) if args.write_config else None
     if args.json:
-        print(json.dumps(plan_dict(plan, seconds), indent=1))
+        print(json.dumps(plan_dict(plan, seconds) | ({"config_written": written} if written else {}), indent=1))
     else:
         print(plan_text(plan, seconds))
+        if written:
+            print(
+                f"\nconfig for {written['layout']} written to {written['path']}; check it with\n"
+                f"  colossus train {written['path']} --dry-run --world-size {written['n_gpus']}"
+            )
     return 0 if plan.projection else 1
+
+
+def _write_config(args: argparse.Namespace, plan) -> dict:
+    from colossuslm.plan.to_config import pick_runnable, write_config
+
+    chosen = pick_runnable(plan.work, plan.result.ranked, args.pick)
+    path = write_config(args.write_config, plan.work, chosen, plan.gpu.description)
+    return {"path": str(path), "layout": chosen.layout.short(), "n_gpus": chosen.layout.n_gpus}
 
 
 def _sweep(args: argparse.Namespace, fixed: dict) -> int:

@@ -1,0 +1,80 @@
+"""`colossus plan --write-config`: the planned layout as a trainer config (no torch needed)."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from colossuslm.cli.main import main
+from colossuslm.config import load_config
+from colossuslm.errors import ColossusError
+from colossuslm.plan.layout import Layout, Software
+from colossuslm.plan.to_config import layout_config, pick_runnable, unrunnable_reason
+from colossuslm.plan.workload import resolve_model
+
+
+def test_layout_maps_to_trainer_fields():
+    work = resolve_model("llama3-8b", 8192)
+    lay = Layout(tp=8, pp=4, cp=2, dp=16, micro_batch=2, grad_accum=8, vp=2, recompute="selective", zero=3)
+    tables = layout_config(work, lay)
+    par, train = tables["parallel"], tables["train"]
+    assert (par["tp"], par["pp"], par["cp"], par["ep"]) == (8, 4, 2, 1)
+    assert (par["dp_replicate"], par["dp_shard"]) == (1, -1)  # ZeRO-3 = FSDP2 over every data rank
+    assert (par["pp_schedule"], par["pp_virtual_stages"]) == ("interleaved_1f1b", 2)
+    assert par["activation_checkpoint"] == "selective"
+    assert (train["micro_batch_size"], train["grad_accum"]) == (2, 8)
+    assert tables["model"] == {"preset": "llama3-8b"} and tables["data"] == {"seq_len": 8192}
+    replicas = layout_config(work, dataclasses.replace(lay, zero=0))["parallel"]
+    assert (replicas["dp_replicate"], replicas["dp_shard"]) == (16, 1)
+
+
+def test_what_the_trainer_cannot_run_is_named():
+    work = resolve_model("llama3-8b", 8192)
+    assert unrunnable_reason(work, Layout(tp=8, dp=4, grad_accum=1, zero=3)) is None
+    assert "ZeRO-1" in unrunnable_reason(work, Layout(tp=8, dp=4, zero=1))
+    overlapped = Layout(tp=8, dp=4, zero=3, software=Software(tp_overlap=True))
+    assert "TP communication overlapped" in unrunnable_reason(work, overlapped)
+    # The trainer's own validation speaks for the rest: a pipeline needs a micro-batch per stage.
+    assert "train.grad_accum" in unrunnable_reason(work, Layout(pp=4, dp=2, grad_accum=2, zero=3))
+
+
+def test_pick_refuses_an_unrunnable_row_and_the_default_skips_it():
+    from colossuslm.plan.costmodel import CostModel
+    from colossuslm.plan.hardware import load_catalogue
+
+    work = resolve_model("llama3-8b", 8192)
+    model = CostModel(work, load_catalogue().gpu("h100"))
+    zero1, zero3 = (model.estimate(Layout(tp=8, dp=4, grad_accum=4, zero=z)) for z in (1, 3))
+    assert pick_runnable(work, [zero1, zero3], None) is zero3
+    with pytest.raises(ColossusError, match="--pick 1 .*ZeRO-1"):
+        pick_runnable(work, [zero1, zero3], 1)
+    with pytest.raises(ColossusError, match="between 1 and 2"):
+        pick_runnable(work, [zero1, zero3], 3)
+
+
+def test_cli_writes_a_config_the_trainer_loads(tmp_path, capsys):
+    out = tmp_path / "run.toml"
+    args = ["plan", "--model", "llama3-405b", "--cluster", "h100", "--gpus", "16384", "--batch-tokens", "16e6"]
+    assert main([*args, "--fix", "tp=8,pp=16", "--write-config", str(out)]) == 0
+    assert "--dry-run --world-size 16384" in capsys.readouterr().out
+    text = out.read_text()
+    assert text.startswith("# Written by `colossus plan`") and "predicted: step" in text
+    cfg = load_config([out])
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.model.preset) == (8, 16, "llama3-405b")
+    assert cfg.train.grad_accum >= 16 and cfg.data.seq_len == cfg.model.max_seq_len
+
+
+def test_pick_needs_write_config(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--pick", "2"]) == 2
+    assert "add --write-config" in capsys.readouterr().err
+
+
+def test_write_config_keeps_plan_free_of_torch(tmp_path):
+    code = (
+        "import sys; from colossuslm.cli.main import main; "
+        f"main(['plan', '--model', 'llama3-8b', '--cluster', 'h100', '--gpus', '64', '--write-config', r'{tmp_path / 'a.toml'}']); "
+        "assert 'torch' not in sys.modules, 'plan imported torch'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
