@@ -6,7 +6,10 @@ One micro-batch on the busiest pipeline stage is costed term by term:
   memory-bound element-wise work, activation recompute, and the collectives of TP, CP and EP,
   each hidden behind the compute it can overlap with.
 Then a step is `(m + (pp - 1) / vp)` micro-batch times (1F1B / interleaved 1F1B), plus the
-data-parallel gradient traffic that backward could not hide, plus the optimizer update.
+data-parallel gradient traffic that backward could not hide, plus the optimizer update. FSDP's
+gathers and reduce-scatters race the compute of their own phase (forward or backward) of each
+micro-batch. Facts of a training stack that `Software` does not carry (attention kernel,
+selective-recompute policy, forced expert balance, FSDP under PP) come in a `Stack`.
 
 Every constant below applies to every prediction; the validation table (plan/validate.py) is
 predicted with this one model and no per-run factors.
@@ -95,7 +98,7 @@ def routing_imbalance(rows_per_rank: float, ranks: int) -> float:
     return 1.0 + math.sqrt(2.0 * math.log(ranks) / rows_per_rank)
 
 
-def stack_feature(sw: Software, name: str):
+def stack_feature(sw: Software, name: str) -> str:
     """A `Stack` feature of `sw`, or its default when `sw` is a plain `Software`."""
     return getattr(sw, name, getattr(Stack, name))
 
