@@ -308,3 +308,14 @@ def test_learned_routing_pays_the_busiest_expert_rank(h100):
     assert learned.ep == pytest.approx(factor * balanced.ep)
     assert learned.expert_gemm > balanced.expert_gemm
     assert learned.gemm - learned.expert_gemm == pytest.approx(balanced.gemm - balanced.expert_gemm)
+
+
+def test_torchtitan_selective_policy_reruns_the_tp_all_gathers(h100):
+    work = resolve_model("llama3-8b", 8192)
+    cm = CostModel(work, h100)
+    dense, _ = cm.layer_cost(8, 1, 1, 2, Stack())
+    megatron = CostModel._layer_parts(dense, None, 0.0, Stack(), "selective")
+    titan = CostModel._layer_parts(dense, None, 0.0, Stack(selective="every_other_matmul"), "selective")
+    none = CostModel._layer_parts(dense, None, 0.0, Stack(), "none")
+    assert megatron["tp_comm"] == pytest.approx(none["tp_comm"])
+    assert titan["tp_comm"] == pytest.approx(none["tp_comm"] + 0.5 * dense.tp)  # no overlap: all exposed

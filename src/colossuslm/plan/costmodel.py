@@ -69,8 +69,9 @@ class Stack(Software):
         or its triton port, which on Hopper and later runs at FA2_ON_HOPPER of that rate.
     selective: what `recompute = "selective"` reruns in backward. "attention" -- the attention
         core and the element-wise ops, GEMM outputs kept (Megatron, Korthikanti et al. 2022);
-        "every_other_matmul" -- torchtitan's per-op policy: every second matmul and the
-        element-wise ops are rerun, the attention output and reduce-scatters are kept.
+        "every_other_matmul" -- torchtitan's per-op policy (its `_save_list`): every second
+        matmul, the element-wise ops and the TP all-gathers are rerun; the attention output and
+        the reduce-scatters are kept.
     """
 
     attention_kernel: Literal["fused", "fa2"] = "fused"
@@ -469,6 +470,10 @@ class CostModel:
             if recompute == "full":  # the rerun forward repeats its collectives
                 for k in out:
                     out[k] += comm_fwd[k]
+            elif recompute == "selective" and stack_feature(sw, "selective") == "every_other_matmul":
+                # torchtitan's policy keeps reduce-scatter outputs but not all-gather outputs,
+                # so the rerun repeats the all-gather half of the TP traffic.
+                out["tp_comm"] += 0.5 * comm_fwd["tp_comm"]
             out["compute"] = (c.forward(sw) - sum(comm_fwd.values())) + (c.backward(sw) - sum(comm_bwd.values()))
             out["recompute"] = c.total(sw, recompute) - c.forward(sw) - c.backward(sw)
             if recompute == "full":
