@@ -1,5 +1,6 @@
 """The published-runs table: figure conversions, citations, and the accuracy target."""
 
+import dataclasses
 import statistics
 
 import pytest
@@ -99,3 +100,18 @@ def test_deepseek_rows_cost_the_declared_architecture_and_compare_tokens_per_s()
         assert "flops_per_token" not in run.published  # no cross-convention MFU comparison
     assert _run("deepseek-v3-h800").work.mtp_depth == 1
     assert _run("automodel-deepseek-v3-h100-256").work.mtp_depth == 0
+
+
+def test_an_excluded_row_is_listed_with_its_reason_and_left_out_of_both_figures():
+    rows = validate()
+    worst = max((r for r in rows if r.run.heldout), key=lambda r: abs(r.error))
+    reason = "the published figure contradicts its own table (test)"
+    marked = [
+        dataclasses.replace(r, run=dataclasses.replace(r.run, excluded=reason)) if r is worst else r for r in rows
+    ]
+    before, after = split_summary(rows), split_summary(marked)
+    assert after["heldout"]["rows"] == before["heldout"]["rows"] - 1
+    assert after["fit"] == before["fit"]
+    assert after["excluded"] == {worst.run.id: reason}
+    assert after["heldout"]["max_abs_error"] < before["heldout"]["max_abs_error"]
+    assert f"excluded from both figures: {worst.run.id} ({reason})" in split_text(marked)

@@ -214,7 +214,15 @@ def held_out_by_rule(run_id: str) -> bool:
 def _figures(rows: list[Comparison]) -> dict[str, Any]:
     scored = [r for r in rows if r.predicted is not None]
     if not scored:
-        return {"rows": 0, "median_abs_error": float("nan"), "max_abs_error": float("nan"), "worst": ""}
+        nan = float("nan")
+        return {
+            "rows": 0,
+            "median_abs_error": nan,
+            "max_abs_error": nan,
+            "worst": "",
+            "within_10pct": 0,
+            "within_25pct": 0,
+        }
     worst = max(scored, key=lambda r: abs(r.error))
     errors = [abs(r.error) for r in scored]
     return {
