@@ -239,6 +239,9 @@ class ParallelConfig:
     # (Megatron sequence parallelism), so each TP rank holds 1/tp of those activations.
     sequence_parallel: bool = True
     ep: int = 1
+    # Context parallelism: each sequence split over cp ranks (2 * cp chunks, rank i holding chunks
+    # i and 2 * cp - 1 - i so causal work is balanced), attention as a ring over them.
+    cp: int = 1
     # Pipeline stages: consecutive blocks per stage, train.grad_accum micro-batches in flight.
     pp: int = 1
     pp_schedule: str = "1f1b"  # 1f1b (bounded activation memory) or gpipe
@@ -248,7 +251,7 @@ class ParallelConfig:
     activation_checkpoint_every: int = 1  # checkpoint every N-th block (1 = all of them)
 
     def validate(self) -> None:
-        _positive("parallel", self, "dp_replicate", "tp", "ep", "pp")
+        _positive("parallel", self, "dp_replicate", "tp", "ep", "pp", "cp")
         _require(
             self.dp_shard == -1 or self.dp_shard > 0,
             "parallel.dp_shard",
@@ -308,6 +311,8 @@ class Config:
                 f"must be a multiple of parallel.tp = {self.parallel.tp} with sequence parallelism "
                 f"(or set parallel.sequence_parallel = false)",
             )
+        if self.parallel.cp > 1:
+            self._validate_context_parallel()
         if self.parallel.pp > 1:
             self._validate_pipeline()
         if self.parallel.ep > 1:
@@ -318,6 +323,19 @@ class Config:
                 f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)",
             )
         return self
+
+    def _validate_context_parallel(self) -> None:
+        cp, tp = self.parallel.cp, self.parallel.tp
+        # 2 * cp chunks per sequence; with sequence parallelism TP splits each rank's share again.
+        divisor = 2 * cp * (tp if tp > 1 and self.parallel.sequence_parallel else 1)
+        _require(
+            self.data.seq_len % divisor == 0,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be a multiple of {divisor} with parallel.cp = {cp}"
+            + (f" and parallel.tp = {tp} (sequence parallel)" if divisor != 2 * cp else "")
+            + " (each sequence is cut into 2 x cp equal chunks); change data.seq_len or parallel.cp",
+        )
 
     def _validate_pipeline(self) -> None:
         pp = self.parallel.pp

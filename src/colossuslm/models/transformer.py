@@ -45,6 +45,29 @@ def softcapped_attention(
     return probs.to(v.dtype) @ v
 
 
+class AttentionCore(nn.Module):
+    """Causal self-attention of already-projected, rotated heads; no parameters.
+
+    A module of its own so that parallelism can swap it from outside without touching the
+    projections or their parameter names: `colossuslm.parallel.context` replaces it with ring
+    attention over the context-parallel ranks. Fused SDPA, or Grok's softcapped attention when
+    `softcap` > 0 (which no fused kernel takes)."""
+
+    def __init__(self, softcap: float = 0.0):
+        super().__init__()
+        self.softcap = softcap
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [B, H, S, hd]; k, v: [B, KVH, S, hd] (H a multiple of KVH) -> [B, H, S, hd]."""
+        if self.softcap > 0:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            seq = q.shape[2]
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+            return softcapped_attention(q, k, v, causal, self.softcap)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -55,6 +78,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.core = AttentionCore(self.softcap)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -63,18 +87,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.softcap > 0:
-            out = self._softcapped_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
-
-    def _softcapped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        seq = q.shape[2]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-        return softcapped_attention(q, k, v, causal, self.softcap)
 
 
 class TransformerBlock(nn.Module):
@@ -142,20 +156,34 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             init_parameter_(param, self.init_rule(name), stable_seed(seed, name), locate)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor | None, seq: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for `positions` ([S, hd], or [B, 1, S, hd] for per-sequence positions)."""
+        # RoPE in the compute dtype: an fp32 table would silently upcast bf16 q/k under autocast.
+        rope_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        if positions is None:
+            return self.rope_cos[:seq].to(rope_dtype), self.rope_sin[:seq].to(rope_dtype)
+        cos, sin = self.rope_cos[positions].to(rope_dtype), self.rope_sin[positions].to(rope_dtype)
+        if positions.dim() == 2:  # broadcast over the heads of [B, H, S, hd]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: [B, S] int64 -> (logits [B, S, vocab], summed MoE auxiliary loss scalar).
 
         With `targets` ([B, S], -100 = ignore) the first result is instead the mean next-token
         cross-entropy, computed without materialising the full logits (models/loss.py).
+        `positions` ([S] or [B, S] int64) are the tokens' positions in their sequences, for RoPE:
+        by default 0..S-1; a context-parallel rank holding chunks of longer sequences passes their
+        global positions (colossuslm.parallel.context).
         """
         seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
+        if positions is None and seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         # A pipeline stage after the first has no embedding and takes hidden states instead.
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        # RoPE in the compute dtype: an fp32 table would silently upcast bf16 q/k under autocast.
-        rope_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        cos, sin = self.rope_cos[:seq].to(rope_dtype), self.rope_sin[:seq].to(rope_dtype)
+        cos, sin = self._rope(positions, seq, h)
         aux_total = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             h, aux = block(h, cos, sin)

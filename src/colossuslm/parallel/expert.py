@@ -181,7 +181,9 @@ class ExpertParallelExperts(nn.Module):
             dtensor = DTensor.from_local(local, mesh, placements, run_check=False)
             setattr(self, name, nn.Parameter(dtensor, requires_grad=weight.requires_grad))
         self.replica_group = meshes.dp_mod_ep.get_group() if meshes.dp_mod_ep.size() > 1 else None
-        self.dp_size = meshes.dp.size()
+        # Context-parallel ranks are replicas too (meshes.dp_mod_ep includes cp; parallel/context.py
+        # scales each rank's loss so that the average over dp x cp is the replica's loss).
+        self.dp_size = meshes.dp_cp.size() if meshes.dp_cp is not None else meshes.dp.size()
 
     # The host-known split sizes (module docstring, step 1) make this the one part of the MoE
     # layer that torch.compile does not trace; the local (non-EP) path compiles whole.

@@ -1,12 +1,18 @@
 """Process group start-up and the device mesh.
 
-The mesh has four named dimensions, outermost first: dp_replicate, dp_shard_mod_ep, ep, tp.
-Expert parallelism borrows its ranks from the FSDP shard group (as torchtitan does): the data
+The mesh has six named dimensions, outermost first: pp, dp_replicate, dp_shard_mod_ep, ep, cp,
+tp. Expert parallelism borrows its ranks from the FSDP shard group (as torchtitan does): the data
 parallel shard group is dp_shard = dp_shard_mod_ep x ep, and every rank still reads its own
-data. Flattened views:
-  dp_shard  = (dp_shard_mod_ep, ep)                   FSDP shards non-expert parameters here
-  dp        = (dp_replicate, dp_shard_mod_ep, ep)     ranks that read different data
-  dp_mod_ep = (dp_replicate, dp_shard_mod_ep)         replicas of one expert shard
+data. Context parallelism (cp) sits between the data-parallel dimensions and tp: the cp ranks of
+one replica read the same batch (like TP ranks) and each takes its chunks of every sequence
+(parallel/context.py). EP does not borrow from cp here: an expert's replicas over cp sum their
+gradients like the data-parallel replicas do. Flattened views:
+  dp_shard    = (dp_shard_mod_ep, ep)                 ranks of one FSDP shard group without cp
+  dp_shard_cp = (dp_shard_mod_ep, ep, cp)             FSDP shards non-expert parameters here
+                                                      (cp folds into the sharding group, as in torchtitan)
+  dp          = (dp_replicate, dp_shard_mod_ep, ep)   ranks that read different data
+  dp_cp       = (dp_replicate, dp_shard_mod_ep, ep, cp)  ranks whose losses and gradients are averaged
+  dp_mod_ep   = (dp_replicate, dp_shard_mod_ep, cp)   replicas of one expert shard
 """
 
 from __future__ import annotations
@@ -33,10 +39,16 @@ class ParallelDims:
     world_size: int
     sequence_parallel: bool = False  # only ever True with tp > 1
     pp: int = 1
+    cp: int = 1
 
     @property
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Ranks whose losses and gradients are averaged: data-parallel ranks times context-parallel ranks."""
+        return self.dp_size * self.cp
 
     @property
     def dp_shard_mod_ep(self) -> int:
@@ -45,21 +57,21 @@ class ParallelDims:
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
         """Fill dp_shard = -1 and check that the layout multiplies out to the world size."""
-        fixed = cfg.pp * cfg.dp_replicate * cfg.tp
+        fixed = cfg.pp * cfg.dp_replicate * cfg.cp * cfg.tp
         dp_shard = cfg.dp_shard
         if dp_shard == -1:
             if world_size % fixed:
                 raise ColossusError(
-                    f"parallel layout: pp x dp_replicate x tp = {cfg.pp} x {cfg.dp_replicate} x {cfg.tp} = {fixed} "
-                    f"does not divide the world size {world_size}; change parallel.pp, parallel.dp_replicate or "
-                    f"parallel.tp, or the number of processes"
+                    f"parallel layout: pp x dp_replicate x cp x tp = {cfg.pp} x {cfg.dp_replicate} x {cfg.cp} x "
+                    f"{cfg.tp} = {fixed} does not divide the world size {world_size}; change parallel.pp, "
+                    f"parallel.dp_replicate, parallel.cp or parallel.tp, or the number of processes"
                 )
             dp_shard = world_size // fixed
         if fixed * dp_shard != world_size:
             raise ColossusError(
-                f"parallel layout: pp x dp_replicate x dp_shard x tp = {cfg.pp} x {cfg.dp_replicate} x {dp_shard} x "
-                f"{cfg.tp} = {fixed * dp_shard}, but {world_size} processes are running; make the "
-                f"product equal the number of processes (parallel.dp_shard = -1 fills it in)"
+                f"parallel layout: pp x dp_replicate x dp_shard x cp x tp = {cfg.pp} x {cfg.dp_replicate} x "
+                f"{dp_shard} x {cfg.cp} x {cfg.tp} = {fixed * dp_shard}, but {world_size} processes are running; "
+                f"make the product equal the number of processes (parallel.dp_shard = -1 fills it in)"
             )
         if dp_shard % cfg.ep:
             raise ColossusError(
@@ -74,6 +86,7 @@ class ParallelDims:
             world_size,
             sequence_parallel=cfg.sequence_parallel and cfg.tp > 1,
             pp=cfg.pp,
+            cp=cfg.cp,
         )
 
 
@@ -136,28 +149,34 @@ class Meshes:
     dp_mod_ep: DeviceMesh
     ep: DeviceMesh
     tp: DeviceMesh
-    hsdp: DeviceMesh | None  # 2-D (dp_replicate, dp_shard) for hybrid sharding, when dp_replicate > 1
+    hsdp: DeviceMesh | None  # 2-D (dp_replicate, dp_shard_cp) for hybrid sharding, when dp_replicate > 1
     pp: DeviceMesh  # the pipeline stages of one model replica (size 1 without pipelining)
+    cp: DeviceMesh | None = None  # the context-parallel ranks sharing one batch (size 1 without cp)
+    dp_shard_cp: DeviceMesh | None = None  # the FSDP shard group: dp_shard with cp folded in
+    dp_cp: DeviceMesh | None = None  # ranks whose losses and gradients are averaged
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
     # Pipeline stages outermost: on a GPU cluster the stage-to-stage traffic is the lightest and
     # can cross nodes, while TP (innermost) stays inside a node.
-    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
-    root = init_device_mesh(
-        device_type, (dims.pp, dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.tp), mesh_dim_names=names
-    )
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.cp, dims.tp)
+    root = init_device_mesh(device_type, shape, mesh_dim_names=names)
     dp_shard = root["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    dp_shard_cp = root["dp_shard_mod_ep", "ep", "cp"]._flatten("dp_shard_cp")  # before _hsdp_mesh slices it
     return Meshes(
         root=root,
         dp=root["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp"),
         dp_shard=dp_shard,
         dp_replicate=root["dp_replicate"],
-        dp_mod_ep=root["dp_replicate", "dp_shard_mod_ep"]._flatten("dp_mod_ep"),
+        dp_mod_ep=root["dp_replicate", "dp_shard_mod_ep", "cp"]._flatten("dp_mod_ep"),
         ep=root["ep"],
         tp=root["tp"],
         hsdp=_hsdp_mesh(root) if dims.dp_replicate > 1 else None,
         pp=root["pp"],
+        cp=root["cp"],
+        dp_shard_cp=dp_shard_cp,
+        dp_cp=root["dp_replicate", "dp_shard_mod_ep", "ep", "cp"]._flatten("dp_cp"),
     )
 
 
@@ -166,4 +185,4 @@ def _hsdp_mesh(root: DeviceMesh) -> DeviceMesh:
     # slicing the root can give (torch warns that this will change; there is no other way yet).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return root["dp_replicate", "dp_shard"]
+        return root["dp_replicate", "dp_shard_cp"]

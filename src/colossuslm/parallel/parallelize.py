@@ -1,4 +1,4 @@
-"""Apply the configured parallelism to an unchanged model: TP, then EP, activation checkpointing, then FSDP2."""
+"""Apply the configured parallelism to an unchanged model: TP, CP, then EP, activation checkpointing, then FSDP2."""
 
 from __future__ import annotations
 
@@ -27,11 +27,15 @@ def parallelize_model(
     if train_cfg is not None and train_cfg.float8:
         from colossuslm.parallel.float8 import apply_float8
 
-        apply_float8(model, train_cfg, fsdp_float8_all_gather=dims.dp_size > 1)
+        apply_float8(model, train_cfg, fsdp_float8_all_gather=dims.dp_cp_size > 1)
     if dims.tp > 1:
         from colossuslm.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(model, meshes.tp, sequence_parallel=dims.sequence_parallel)
+    if dims.cp > 1:
+        from colossuslm.parallel.context import apply_context_parallel
+
+        apply_context_parallel(model, meshes.cp)
     expert_params: set[nn.Parameter] = set()
     if dims.ep > 1:
         from colossuslm.parallel.expert import apply_expert_parallel
@@ -41,10 +45,10 @@ def parallelize_model(
         from colossuslm.parallel.activation_checkpoint import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, activation_checkpoint, activation_checkpoint_every)
-    if dims.dp_size > 1:
+    if dims.dp_cp_size > 1:  # cp ranks hold the same weights: they shard them too (torchtitan's dp_shard_cp)
         from colossuslm.parallel.fsdp import apply_fsdp
 
-        mesh = meshes.dp_shard if dims.dp_replicate == 1 else meshes.hsdp
+        mesh = meshes.dp_shard_cp if dims.dp_replicate == 1 else meshes.hsdp
         apply_fsdp(model, mesh, bf16=bf16, ignored_params=expert_params or None)
         return True
     return False

@@ -43,10 +43,12 @@ class Trainer:
         self.dims = ParallelDims.resolve(cfg.parallel, self.env.world_size)
         self.meshes = build_mesh(self.dims, self.device.type) if self.env.world_size > 1 else None
         self.world_size = self.env.world_size
-        # Ranks that read different data; TP ranks of one replica read the same batches.
+        # Ranks that read different data; TP and CP ranks of one replica read the same batches.
         self.dp_rank = self.meshes.dp.get_local_rank() if self.meshes else 0
         self.dp_size = self.dims.dp_size
-        self.dp_group = self.meshes.dp.get_group() if self.meshes and self.dp_size > 1 else None
+        # Losses are averaged over the data-parallel ranks and the cp ranks (each holds a weighted
+        # share of every sequence's loss: parallel/context.py).
+        self.dp_group = self.meshes.dp_cp.get_group() if self.meshes and self.dims.dp_cp_size > 1 else None
         self.is_main = self.env.is_main
         self.run_dir = Path(tc.run_dir) / tc.name
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -128,8 +130,13 @@ class Trainer:
                 grad_clip=tc.grad_clip,
                 dp_group=self.dp_group,
             )
+        step_model = self.step_model
+        if self.dims.cp > 1:  # each cp rank takes its chunks of the batch and runs them at their positions
+            from colossuslm.parallel.context import ContextParallelStep, ContextShard
+
+            step_model = ContextParallelStep(self.step_model, ContextShard(self.meshes.cp))
         return PlainRunner(
-            self.step_model,
+            step_model,
             self.model,
             grad_accum=tc.grad_accum,
             grad_clip=tc.grad_clip,
