@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colossuslm.config.schema import ModelConfig
+from colossuslm.models.ops import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -24,7 +25,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class Router(nn.Module):
@@ -178,6 +179,40 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(router_logits, dim=-1).square().mean()
 
 
+class _DispatchRows(torch.autograd.Function):
+    """tokens [T, d] -> rows [T*k, d] grouped by expert (row p is token order[p] // k).
+
+    Autograd would scatter-add the gradient back (atomic adds on GPUs: not deterministic); as
+    every token has exactly k rows, the backward is a gather through the inverse permutation and a
+    sum over k, deterministic everywhere."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return tokens[order // k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _UnsortRows(torch.autograd.Function):
+    """rows grouped by expert -> rows in assignment order (token-major, k per token); a
+    permutation, so the backward is the opposite gather instead of a scatter."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return rows[inverse]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad[order], None, None
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -199,11 +234,12 @@ class MoE(nn.Module):
         sorted_ids, order = torch.sort(flat_ids, stable=True)
         # Group boundaries stay on the device: no shape here depends on the routing.
         offsets = expert_offsets(sorted_ids, self.n_experts)
-        token_of_assignment = order // self.top_k
-        expert_out = self.experts(tokens[token_of_assignment], offsets)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        # Cast before the gather: under autocast the k copies of each row move in bf16.
+        x_sorted = _DispatchRows.apply(tokens.to(compute_dtype(tokens)), order, inverse, self.top_k)
+        expert_out = _UnsortRows.apply(self.experts(x_sorted, offsets), order, inverse)
         # Sum the k expert outputs of each token in fp32 so bf16 rounding does not depend on k.
-        weighted = expert_out.float() * gates.flatten()[order].unsqueeze(-1)
-        out = tokens.new_zeros(tokens.shape, dtype=torch.float32).index_add_(0, token_of_assignment, weighted)
+        out = (expert_out.view(*gates.shape, -1).float() * gates.unsqueeze(-1)).sum(1)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
