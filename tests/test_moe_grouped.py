@@ -11,6 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from colossuslm.config import ModelConfig
 from colossuslm.models import moe as moe_module
 from colossuslm.models.moe import MoE, expert_offsets, grouped_swiglu, load_balancing_loss, router_z_loss
+from colossuslm.models.transformer import Transformer
 
 
 def moe_cfg(**kw) -> ModelConfig:
@@ -166,5 +167,21 @@ def test_inductor_compiles_once_and_matches_eager():
         torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_whole_moe_transformer_compiles_fullgraph_once():
+    """What train.compile gets for a MoE model: no graph break anywhere, one frame for all batches."""
+    torch._dynamo.reset()
+    cfg = moe_cfg(n_layers=2, moe_ffn_hidden=0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    for seed in range(3):
+        tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+        loss, aux = compiled(tokens, tokens)
+        (loss + aux).backward()
     assert counter.frame_count == 1
     torch._dynamo.reset()
