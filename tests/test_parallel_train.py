@@ -80,6 +80,7 @@ def reference(tmp_path_factory):
     train(run_dir, "single-pipeline", 1, [], KIND_EXTRA["pipeline"], dp=2)
     train(run_dir, "single-pipeline_moe", 1, [], KIND_EXTRA["pipeline_moe"], dp=2)
     train(run_dir, "single-pipeline_moe_no_aux", 1, [], KIND_EXTRA["pipeline_moe_no_aux"], dp=2)
+    train(run_dir, "single-softcap", 1, [], KIND_EXTRA["softcap"])
     return {kind: losses(run_dir, f"single-{kind}") for kind in KIND_EXTRA}
 
 
@@ -96,6 +97,8 @@ KIND_EXTRA = {
         "model.z_loss_coef=0",
         "train.grad_accum=2",
     ],
+    # Grok's attention logit cap, small enough to bite on a freshly initialized model
+    "softcap": ["model.attn_logit_softcap=0.1"],
 }
 
 
@@ -130,6 +133,16 @@ LAYOUTS = {
         2,
         "pipeline_moe",
     ),
+    # context parallelism: every sequence in 2 x cp chunks over the cp ranks, ring attention; x FSDP2
+    # (cp folds into the shard group), x TP (SP splits each rank's chunks again), x PP, x EP
+    "cp": (2, ["parallel.cp=2", "parallel.dp_shard=1"], 1, "dense"),
+    "cp_fsdp": (4, ["parallel.cp=2", "parallel.dp_shard=2"], 2, "dense"),
+    "cp4": (4, ["parallel.cp=4", "parallel.dp_shard=1"], 1, "dense"),
+    "cp_tp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"], 1, "dense"),
+    "cp_pp": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.dp_shard=1"], 2, "pipeline"),
+    # routing statistics are per rank's tokens, so MoE under cp is compared without auxiliary losses
+    "cp_ep": (4, ["parallel.cp=2", "parallel.ep=2", "parallel.dp_shard=2"], 4, "pipeline_moe_no_aux"),
+    "cp_softcap": (2, ["parallel.cp=2", "parallel.dp_shard=1"], 1, "softcap"),
 }
 
 

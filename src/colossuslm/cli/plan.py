@@ -151,8 +151,13 @@ def _software(args: argparse.Namespace):
 
     if args.ep_max_domains < 0:
         raise ColossusError("--ep-max-domains must be >= 0")
+    # A config for the trainer is planned with the trainer's own loss and its memory.
     return Software(
-        fp8=args.fp8, tp_overlap=args.tp_overlap, ep_overlap=args.ep_overlap, ep_max_domains=args.ep_max_domains
+        fp8=args.fp8,
+        tp_overlap=args.tp_overlap,
+        ep_overlap=args.ep_overlap,
+        ep_max_domains=args.ep_max_domains,
+        chunked_loss=bool(getattr(args, "write_config", None)),
     )
 
 

@@ -74,7 +74,7 @@ def activation_bytes_per_token(cfg: ModelConfig, recompute: str = "none", bytes_
 
     recompute = "none": every saved tensor of a block with fused (flash) attention;
     "full": only the block input survives (the block is recomputed in backward).
-    The output logits (vocab_size fp32 values per token) are not included: see `logits_bytes_per_token`.
+    The loss's own memory is not included: see `loss_bytes`.
     """
     d, b = cfg.d_model, bytes_per_value
     if recompute == "full":
@@ -97,8 +97,22 @@ def activation_bytes_per_token(cfg: ModelConfig, recompute: str = "none", bytes_
 
 
 def logits_bytes_per_token(cfg: ModelConfig) -> float:
-    """fp32 logits and their gradient held around the loss."""
+    """fp32 logits and their gradient held around the loss (a vocabulary-parallel head that
+    materializes them, as Megatron-style stacks do; the trainer's own loss is `loss_bytes`)."""
     return 2.0 * 4 * cfg.vocab_size
+
+
+# Rows of hidden states the fused cross-entropy (models/loss.py) projects to logits at a time.
+LOSS_CHUNK_ROWS = 512
+
+
+def loss_bytes(cfg: ModelConfig, tokens: float, bytes_per_value: int = 2) -> float:
+    """Peak memory of the fused, chunked cross-entropy (models/loss.py) on one micro-batch of
+    `tokens`: the fp32 head-weight gradient it computes during forward, the hidden-state gradient,
+    and two fp32 logit chunks alive at once (the log-softmax and its input). Never the full
+    [tokens, vocab] logits."""
+    chunk = min(tokens, LOSS_CHUNK_ROWS)
+    return 4.0 * cfg.vocab_size * cfg.d_model + bytes_per_value * tokens * cfg.d_model + 8.0 * chunk * cfg.vocab_size
 
 
 @dataclass(frozen=True)

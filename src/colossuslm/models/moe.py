@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colossuslm.config.schema import ModelConfig
+from colossuslm.models.ops import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -24,7 +25,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class Router(nn.Module):

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from colossuslm.models.loss import IGNORE_INDEX
+from colossuslm.parallel.context import ContextShard
 from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip
 
 
@@ -72,13 +73,15 @@ class _StageForward(nn.Module):
     """What the schedule calls: one tensor in, one tensor out (token ids or hidden states in;
     hidden states or logits out). Calling the model itself keeps FSDP's hooks on its root."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, context: ContextShard | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.context = model, context
         self.has_moe = any(getattr(block, "is_moe", False) for block in model.layers.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output, aux = self.model(x)
+        # Under context parallelism every stage runs its cp rank's chunks at their global positions.
+        positions = None if self.context is None else self.context.local_positions(x.shape[1], x.device)
+        output, aux = self.model(x, positions=positions)
         if self.has_moe and torch.is_grad_enabled():
             output = _AttachAuxLoss.apply(output, aux)
         return output
@@ -103,8 +106,12 @@ class PipelineRunner:
         *,
         grad_clip: float = 0.0,
         dp_group: dist.ProcessGroup | None = None,
+        context: ContextShard | None = None,
     ):
         self.model = model
+        # Context parallelism: this cp rank's chunks of every sequence, and the loss weighted for them.
+        self.context = context
+        loss_fn = _next_token_loss if context is None else context.pipeline_loss
         self.group = pp_mesh.get_group()
         self.stage_index = pp_mesh.get_local_rank()
         self.n_stages = pp_mesh.size()
@@ -113,13 +120,15 @@ class PipelineRunner:
         self.device = device
         self.autocast = autocast
         self.grad_clip, self.dp_group = grad_clip, dp_group
-        stage = PipelineStage(_StageForward(model), self.stage_index, self.n_stages, device, group=self.group)
+        stage = PipelineStage(_StageForward(model, context), self.stage_index, self.n_stages, device, group=self.group)
         schedule_class = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        self.schedule = schedule_class(stage, n_microbatches=n_microbatches, loss_fn=_next_token_loss)
+        self.schedule = schedule_class(stage, n_microbatches=n_microbatches, loss_fn=loss_fn)
 
     def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One pass of the schedule over the stacked micro-batches; returns the mean loss on every stage."""
         losses: list[torch.Tensor] = []
+        if self.context is not None:  # every cp rank of a replica read the whole batch: take its chunks
+            inputs, targets = self.context.take(inputs), self.context.pipeline_targets(targets)
         with self.autocast:
             if self.is_first:
                 run(inputs.to(self.device))

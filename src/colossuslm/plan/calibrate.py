@@ -81,7 +81,9 @@ def run_layout(config: Config, n_devices: int) -> Layout:
         recompute="none",
         zero=3 if dp_shard > 1 else 0,
         software=Software(
-            fused_elementwise=config.train.compile, sequence_parallel=par.sequence_parallel and par.tp > 1
+            fused_elementwise=config.train.compile,
+            sequence_parallel=par.sequence_parallel and par.tp > 1,
+            chunked_loss=True,
         ),
     )
 

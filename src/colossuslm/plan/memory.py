@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from colossuslm.models.arithmetic import logits_bytes_per_token
+from colossuslm.models.arithmetic import logits_bytes_per_token, loss_bytes
 from colossuslm.plan.hardware import GPU
 from colossuslm.plan.layout import Layout
 from colossuslm.plan.workload import Workload
@@ -69,6 +69,14 @@ def params_per_gpu(work: Workload, lay: Layout, layers: int) -> tuple[float, flo
     return dense, expert
 
 
+def gathered_params(work: Workload, lay: Layout, dense: float, expert: float, layers: int) -> float:
+    """Parameters FSDP2 holds gathered (in bf16) at the memory peak, the end of the forward pass:
+    the root's (embedding, final norm, head: gathered for the whole step) and the last block's
+    (kept gathered for the backward pass that starts with it); the other blocks are resharded."""
+    vocab = vocab_matrices(work, lay.pp) * work.embedding_params / lay.tp
+    return vocab + (dense + expert - vocab) / max(1, layers)
+
+
 def _sharded(bytes_per_param: float, dense: float, expert: float, dense_group: int, expert_group: int) -> float:
     return bytes_per_param * (dense / dense_group + expert / expert_group)
 
@@ -108,8 +116,7 @@ def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU, params: tuple[float, f
     def states(dense: float, expert: float) -> tuple[float, float, float]:
         if lay.zero >= 3:
             w = _sharded(FSDP_WEIGHT_BYTES, dense, expert, dense_group, expert_group)
-            # FSDP gathers bf16 weights two layers at a time (the current one and the prefetched next).
-            w += 2 * WEIGHT_BYTES * (dense + expert) / max(1, layers)
+            w += WEIGHT_BYTES * gathered_params(work, lay, dense, expert, layers)
             g = _sharded(FSDP_GRAD_BYTES, dense, expert, dense_group, expert_group)
             o = _sharded(FSDP_OPTIMIZER_BYTES, dense, expert, dense_group, expert_group)
             return w, g, o
@@ -132,7 +139,10 @@ def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU, params: tuple[float, f
     else:
         in_flight = 1
     working_layer = work.activation_per_token["none"] * tokens / lay.tp if lay.recompute == "full" else 0.0
-    logits = logits_bytes_per_token(cfg) * tokens / lay.tp
+    if lay.software.chunked_loss:  # replicated head: each TP rank computes the whole micro-batch's loss
+        logits = loss_bytes(cfg, tokens)
+    else:
+        logits = logits_bytes_per_token(cfg) * tokens / lay.tp
 
     # First stage: most activations in flight, plus the input embedding.
     w1, g1, o1 = states(*(params or params_per_gpu(work, lay, layers)))

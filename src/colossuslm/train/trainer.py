@@ -117,6 +117,11 @@ class Trainer:
 
     def _build_runner(self) -> StepRunner:
         tc = self.cfg.train
+        context = None
+        if self.dims.cp > 1:  # each cp rank takes its chunks of the batch and runs them at their positions
+            from colossuslm.parallel.context import ContextParallelStep, ContextShard
+
+            context = ContextShard(self.meshes.cp)
         if self.dims.pp > 1:
             from colossuslm.parallel.pipeline import PipelineRunner
 
@@ -129,12 +134,9 @@ class Trainer:
                 self.autocast,
                 grad_clip=tc.grad_clip,
                 dp_group=self.dp_group,
+                context=context,
             )
-        step_model = self.step_model
-        if self.dims.cp > 1:  # each cp rank takes its chunks of the batch and runs them at their positions
-            from colossuslm.parallel.context import ContextParallelStep, ContextShard
-
-            step_model = ContextParallelStep(self.step_model, ContextShard(self.meshes.cp))
+        step_model = self.step_model if context is None else ContextParallelStep(self.step_model, context)
         return PlainRunner(
             step_model,
             self.model,
