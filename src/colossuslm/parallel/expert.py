@@ -24,7 +24,10 @@ routed / (tp x ep) expert weights, as the planner's memory and cost models assum
 routes the same full token set; each computes its slice of the hidden width, and the partial
 outputs are summed over `tp` (Megatron's f/g pair: identity forward and all-reduce backward on
 the rows entering the experts, all-reduce forward and identity backward on the rows leaving
-them). With EP as well the weights are DTensors on the 2-D (ep, tp) mesh.
+them). With EP as well the weights are DTensors on the 2-D (ep, tp) mesh. Traffic: one
+all-reduce of the [tokens x top_k, d] expert rows forward and one backward; summing after the
+gate combine instead ([tokens, d], a reduce-scatter into the sequence shard) would move top_k
+times less, but then the gates' gradient needs its own reduction; not done yet.
 
 Expert weights are DTensors sharded Shard(0) on `meshes.ep`: `torch.distributed.checkpoint` sees
 the full logical [E, ...] tensors, so a checkpoint written at one EP degree loads at another.
