@@ -80,6 +80,8 @@ def reference(tmp_path_factory):
     train(run_dir, "single-pipeline", 1, [], KIND_EXTRA["pipeline"], dp=2)
     train(run_dir, "single-pipeline_moe", 1, [], KIND_EXTRA["pipeline_moe"], dp=2)
     train(run_dir, "single-pipeline_moe_no_aux", 1, [], KIND_EXTRA["pipeline_moe_no_aux"], dp=2)
+    # Virtual pipeline stages: 4 blocks, four micro-batches of 2 (one block per stage, pp=2 x V=2).
+    train(run_dir, "single-virtual_pipeline", 1, [], KIND_EXTRA["virtual_pipeline"], dp=4)
     train(run_dir, "single-softcap", 1, [], KIND_EXTRA["softcap"])
     return {kind: losses(run_dir, f"single-{kind}") for kind in KIND_EXTRA}
 
@@ -97,6 +99,8 @@ KIND_EXTRA = {
         "model.z_loss_coef=0",
         "train.grad_accum=2",
     ],
+    # not "pipeline..." by name: its rows set their own train.grad_accum (4 micro-batches)
+    "virtual_pipeline": ["model.tie_embeddings=false", "model.n_layers=4", "train.grad_accum=4"],
     # Grok's attention logit cap, small enough to bite on a freshly initialized model
     "softcap": ["model.attn_logit_softcap=0.1"],
 }
@@ -132,6 +136,24 @@ LAYOUTS = {
         ["parallel.pp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=full"],
         2,
         "pipeline_moe",
+    ),
+    # two stages per rank: looped (interleaved) and V-shaped placements, zero-bubble split backward, x FSDP2
+    **{
+        f"pp_{schedule}": (
+            2,
+            ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_virtual_stages=2", "train.grad_accum=4"]
+            + [f"parallel.pp_schedule={schedule}"],
+            4,
+            "virtual_pipeline",
+        )
+        for schedule in ("interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev")
+    },
+    "pp_zbv_fsdp": (
+        4,
+        ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_virtual_stages=2", "train.grad_accum=4"]
+        + ["parallel.pp_schedule=zbv"],
+        8,
+        "virtual_pipeline",
     ),
     # context parallelism: every sequence in 2 x cp chunks over the cp ranks, ring attention; x FSDP2
     # (cp folds into the shard group), x TP (SP splits each rank's chunks again), x PP, x EP

@@ -244,7 +244,9 @@ class ParallelConfig:
     cp: int = 1
     # Pipeline stages: consecutive blocks per stage, train.grad_accum micro-batches in flight.
     pp: int = 1
-    pp_schedule: str = "1f1b"  # 1f1b (bounded activation memory) or gpipe
+    pp_schedule: str = "1f1b"  # one of PP_SCHEDULES below (1f1b bounds activation memory)
+    # Stages per rank (the planner's PPnxV): 1 for 1f1b / gpipe, >= 2 interleaved, 2 for zbv / dualpipev.
+    pp_virtual_stages: int = 1
     # Recompute activations in backward instead of keeping them: "full" keeps only each block's
     # input, "selective" keeps matmul/attention outputs and recomputes the element-wise ops.
     activation_checkpoint: str = "none"  # none | full | selective
@@ -259,11 +261,12 @@ class ParallelConfig:
             "must be > 0, or -1 to use every remaining rank",
         )
         _require(
-            self.pp_schedule in ("1f1b", "gpipe"),
+            self.pp_schedule in PP_SCHEDULES,
             "parallel.pp_schedule",
             self.pp_schedule,
-            "choose one of: 1f1b, gpipe",
+            f"choose one of: {', '.join(PP_SCHEDULES)}",
         )
+        self._validate_virtual_stages()
         _require(
             self.activation_checkpoint in ("none", "full", "selective"),
             "parallel.activation_checkpoint",
@@ -277,6 +280,30 @@ class ParallelConfig:
             self.activation_checkpoint_every,
             "has no effect with parallel.activation_checkpoint = 'none': set full or selective, or leave it at 1",
         )
+
+    def _validate_virtual_stages(self) -> None:
+        v, schedule = self.pp_virtual_stages, self.pp_schedule
+        _positive("parallel", self, "pp_virtual_stages")
+        _require(
+            self.pp > 1 or v == 1,
+            "parallel.pp_virtual_stages",
+            v,
+            "has no effect without parallel.pp > 1: set parallel.pp, or leave it at 1",
+        )
+        if schedule in ("1f1b", "gpipe"):
+            rule, why = v == 1, f"must be 1 with parallel.pp_schedule = {schedule} (one stage per rank)"
+        elif schedule in PP_V_SHAPED_SCHEDULES:
+            rule, why = v == 2, f"must be 2 with parallel.pp_schedule = {schedule} (two stages per rank, in a V)"
+        else:
+            rule, why = v >= 2, f"must be >= 2 with parallel.pp_schedule = {schedule} (or use 1f1b)"
+        _require(rule, "parallel.pp_virtual_stages", v, why)
+
+
+# Pipeline schedules (torch.distributed.pipelining); zero-bubble ones split backward into input and
+# weight gradients; V-shaped ones place stages r and 2 pp - 1 - r on rank r.
+PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev")
+PP_ZERO_BUBBLE_SCHEDULES = ("interleaved_zero_bubble", "zbv", "dualpipev")
+PP_V_SHAPED_SCHEDULES = ("zbv", "dualpipev")
 
 
 @dataclass
@@ -340,11 +367,13 @@ class Config:
     def _validate_pipeline(self) -> None:
         pp = self.parallel.pp
         _require(
-            self.model.n_layers >= pp,
+            self.model.n_layers >= pp * self.parallel.pp_virtual_stages,
             "parallel.pp",
             pp,
-            f"must be <= model.n_layers = {self.model.n_layers} (each stage needs a block)",
+            f"times parallel.pp_virtual_stages = {self.parallel.pp_virtual_stages} must be <= model.n_layers = "
+            f"{self.model.n_layers} (each stage needs a block)",
         )
+        self._validate_pipeline_schedule()
         _require(
             self.train.grad_accum >= pp,
             "train.grad_accum",
@@ -361,3 +390,39 @@ class Config:
         unsupported = [(self.data.format == "chat", "data.format = chat")]
         for present, what in unsupported:
             _require(not present, "parallel.pp", pp, f"pipeline parallelism does not support {what} yet")
+
+    def _validate_pipeline_schedule(self) -> None:
+        """Micro-batch counts the schedules of torch.distributed.pipelining accept, and what the
+        zero-bubble ones (split backward) cannot combine with in torch 2.13."""
+        pp, schedule, accum = self.parallel.pp, self.parallel.pp_schedule, self.train.grad_accum
+        if schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
+            rounds = max(1, accum // pp)
+            _require(
+                accum % rounds == 0,
+                "train.grad_accum",
+                accum,
+                f"must be a multiple of its rounds of parallel.pp = {pp} micro-batches ({rounds}) with "
+                f"parallel.pp_schedule = {schedule}: use a multiple of {pp}",
+            )
+        if schedule == "dualpipev":
+            _require(
+                accum >= 2 * pp,
+                "train.grad_accum",
+                accum,
+                f"must be >= 2 * parallel.pp = {2 * pp} with parallel.pp_schedule = dualpipev (one micro-batch per stage)",
+            )
+        if schedule in PP_ZERO_BUBBLE_SCHEDULES:
+            _require(
+                not self.train.compile,
+                "train.compile",
+                True,
+                f"must be false with parallel.pp_schedule = {schedule}: torch 2.13 cannot split the backward of "
+                f"compiled stages into input and weight gradients (use interleaved_1f1b to compile)",
+            )
+            _require(
+                self.parallel.activation_checkpoint != "selective",
+                "parallel.activation_checkpoint",
+                "selective",
+                f"cannot combine with parallel.pp_schedule = {schedule}: selective recomputation allows one "
+                f"backward per region, and the split backward takes two (use full, or interleaved_1f1b)",
+            )

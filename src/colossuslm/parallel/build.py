@@ -23,7 +23,8 @@ def build_model(cfg: Config, dims: ParallelDims, meshes: Meshes | None) -> tuple
     if dims.pp > 1:
         from colossuslm.parallel.pipeline import split_model_for_stage
 
-        split_model_for_stage(model, meshes.pp.get_local_rank(), dims.pp)
+        pc = cfg.parallel
+        split_model_for_stage(model, meshes.pp.get_local_rank(), dims.pp, pc.pp_virtual_stages, pc.pp_schedule)
     fsdp_casts = parallelize_model(
         model,
         meshes,

@@ -1,31 +1,80 @@
-"""Pipeline parallelism with `torch.distributed.pipelining`: each stage holds consecutive blocks.
+"""Pipeline parallelism with `torch.distributed.pipelining`: stages of consecutive blocks, one or
+more per rank.
 
-The model is built whole on every rank (same seed, so the weights equal a single process's) and
-then cut down to this rank's stage: blocks outside the stage are deleted (the ModuleDict keeps the
-survivors' names, so checkpoints use the same keys as an unsplit model and can move between
-pipeline depths), the first stage keeps the embedding, the last the final norm and the head.
-`Transformer.forward` passes hidden states through when a stage lacks the embedding or the norm.
+The model is cut into `pp * pp_virtual_stages` stages of consecutive blocks. A rank holds one
+stage (`1f1b`, `gpipe`), V stages in a loop (`interleaved_1f1b`, `interleaved_zero_bubble`:
+rank r holds r, r + pp, r + 2 pp, ...) or two in a V (`zbv`, `dualpipev`: r and 2 pp - 1 - r, so
+rank 0 holds the first and the last stage).
 
-A step sends `train.grad_accum` micro-batches through the stages with the 1F1B or GPipe schedule;
-the schedule averages the gradients over the micro-batches, so a step means what it means without
-pipelining (the mean loss over the same global batch). The last stage computes the loss on the
-head's logits; every rank learns it through one all-reduce over the pipeline group.
+One `Transformer` per rank keeps the union of its stages' blocks, under their global names
+(`layers.<index>`), so the optimizer, clipping, DCP checkpoints and materialization see one model
+whose keys are an unsplit model's (checkpoints move between pipeline depths and schedules); it
+keeps the embedding only if it holds the first stage, the final norm and head only with the last.
+Each stage runs through a light *stage module*: a view of the same class that shares the model's
+submodules but holds only that stage's blocks (and embedding / norm + head), so
+`Transformer.forward` serves it unchanged. Under FSDP2 each stage module is a root of its own
+(`apply_fsdp` shards its blocks, then the stage module, which then owns the embedding or the norm
+and head): the schedule then manages the gathers and the once-per-step gradient reduction, which
+zero-bubble schedules need (their weight gradients are computed after the input gradients).
+
+A step sends `train.grad_accum` micro-batches through the stages; the schedule averages the
+gradients over the micro-batches, so a step means what it means without pipelining (the mean
+loss over the same global batch). The stage holding the head computes the loss; every rank learns
+it through one all-reduce over the pipeline group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import _ComputationType
 
 from colossuslm.models.loss import IGNORE_INDEX
 from colossuslm.parallel.context import ContextShard
 from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip
+
+# One stage per rank: the schedule takes a single stage.
+SINGLE_STAGE_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+# Several stages per rank: the schedule takes the rank's list of stages.
+MULTI_STAGE_SCHEDULES = {
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+V_SHAPED_SCHEDULES = ("zbv", "dualpipev")
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Which stages (and so which blocks) one rank holds."""
+
+    n_stages: int
+    stage_blocks: dict[int, list[str]]  # stage index -> names in model.layers, in order
+
+    @property
+    def holds_first(self) -> bool:
+        return 0 in self.stage_blocks
+
+    @property
+    def holds_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_blocks
 
 
 def stage_layer_ranges(n_layers: int, n_stages: int) -> list[range]:
@@ -40,18 +89,34 @@ def stage_layer_ranges(n_layers: int, n_stages: int) -> list[range]:
     return ranges
 
 
-def split_model_for_stage(model: nn.Module, stage: int, n_stages: int) -> range:
-    """Keep only what stage `stage` runs; returns its block range."""
-    keep = stage_layer_ranges(len(model.layers), n_stages)[stage]
+def rank_stages(rank: int, pp: int, virtual_stages: int = 1, schedule: str = "1f1b") -> list[int]:
+    """The stage indices rank `rank` of `pp` holds, in order (torch's "loop" or "v" placement)."""
+    if schedule in V_SHAPED_SCHEDULES:
+        return [rank, 2 * pp - 1 - rank]
+    return [rank + v * pp for v in range(virtual_stages)]
+
+
+def split_model_for_stage(
+    model: nn.Module, rank: int, pp: int, virtual_stages: int = 1, schedule: str = "1f1b"
+) -> PipelinePlan:
+    """Keep only what rank `rank`'s stages run (see the module doc); returns and records the plan
+    (`model.pipeline_plan`, read by `apply_fsdp` and `PipelineRunner`)."""
+    n_stages = pp * (2 if schedule in V_SHAPED_SCHEDULES else virtual_stages)
+    ranges = stage_layer_ranges(len(model.layers), n_stages)
+    plan = PipelinePlan(
+        n_stages, {stage: [str(i) for i in ranges[stage]] for stage in rank_stages(rank, pp, virtual_stages, schedule)}
+    )
+    keep = {name for names in plan.stage_blocks.values() for name in names}
     for name in list(model.layers.keys()):
-        if int(name) not in keep:
+        if name not in keep:
             del model.layers[name]
-    if stage > 0:
+    if not plan.holds_first:
         model.tok_embeddings = None
-    if stage < n_stages - 1:
+    if not plan.holds_last:
         model.norm = None
         model.output = None
-    return keep
+    model.pipeline_plan = plan
+    return plan
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -62,37 +127,116 @@ class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
-        return output.view_as(output)
+        # A copy, not a view: the zero-bubble schedules detach stage outputs in place after the
+        # input-gradient pass, which autograd refuses for views.
+        return output.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return grad_output, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_output.device)
 
 
-class _StageForward(nn.Module):
-    """What the schedule calls: one tensor in, one tensor out (token ids or hidden states in;
-    hidden states or logits out). Calling the model itself keeps FSDP's hooks on its root."""
-
-    def __init__(self, model: nn.Module, context: ContextShard | None = None):
-        super().__init__()
-        self.model, self.context = model, context
-        self.has_moe = any(getattr(block, "is_moe", False) for block in model.layers.values())
+@cache
+def _stage_class(model_class: type[nn.Module]) -> type[nn.Module]:
+    """`model_class` whose forward is what the schedule calls: one tensor in (token ids or hidden
+    states), one out (hidden states or logits), the MoE auxiliary losses attached to it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under context parallelism every stage runs its cp rank's chunks at their global positions.
         positions = None if self.context is None else self.context.local_positions(x.shape[1], x.device)
-        output, aux = self.model(x, positions=positions)
+        output, aux = model_class.forward(self, x, positions=positions)
         if self.has_moe and torch.is_grad_enabled():
             output = _AttachAuxLoss.apply(output, aux)
         return output
+
+    return type(f"PipelineStage{model_class.__name__}", (model_class,), {"forward": forward, "context": None})
+
+
+def _stage_view(model: nn.Module, block_names: list[str], first: bool, last: bool) -> nn.Module:
+    """A module of the model's class sharing its submodules, holding only one stage's blocks."""
+    cls = _stage_class(type(model))
+    view = cls.__new__(cls)
+    nn.Module.__init__(view)
+    for key, value in vars(model).items():  # plain attributes (cfg, ...); nn.Module's own are set
+        if not key.startswith("_") and key not in vars(view) and key != "pipeline_plan":
+            object.__setattr__(view, key, value)
+    for name, child in model.named_children():
+        view.add_module(name, child)
+    view.layers = nn.ModuleDict({name: model.layers[name] for name in block_names})
+    if not first:
+        view.tok_embeddings = None
+    if not last:
+        view.norm, view.output = None, None
+    view.has_moe = any(getattr(block, "is_moe", False) for block in view.layers.values())
+    _share_buffers(view, model)
+    return view
+
+
+def _share_buffers(view: nn.Module, model: nn.Module) -> None:
+    """The view reads the model's own buffers (RoPE tables), also after `to_empty` replaced them."""
+    for name, buffer in model.named_buffers(recurse=False):
+        view._buffers[name] = buffer
+
+
+def stage_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """stage index -> the module that runs it, built once per model (see the module doc); the
+    model must have been cut by `split_model_for_stage`."""
+    cached = model.__dict__.get("_pipeline_stage_modules")
+    if cached is None:
+        plan: PipelinePlan = model.pipeline_plan
+        cached = {
+            stage: _stage_view(model, names, stage == 0, stage == plan.n_stages - 1)
+            for stage, names in plan.stage_blocks.items()
+        }
+        model.__dict__["_pipeline_stage_modules"] = cached
+    return cached
 
 
 def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+# What a forward-only pass of a runtime schedule keeps (gathers, forwards and their sends / receives).
+_FORWARD_ACTIONS = {
+    _ComputationType.FORWARD,
+    _ComputationType.SEND_F,
+    _ComputationType.RECV_F,
+    _ComputationType.UNSHARD,
+    _ComputationType.RESHARD,
+}
+
+
+def _forward_only_schedule(
+    train_schedule, stages: list[PipelineStage], schedule: str, n_microbatches: int, loss_fn=_next_token_loss
+):
+    """The V-shaped schedules' forward actions alone, for evaluation: torch 2.13's `eval()` of
+    ZBV / DualPipeV still runs their input-gradient actions, which fail without a backward where
+    two stages of a rank hand gradients to each other locally. torch validates action lists only
+    with their backwards, so the lowered list (with communication) is filtered in place."""
+    forward_only = MULTI_STAGE_SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+    forward_only.pipeline_order_with_comms = {
+        rank: [
+            part
+            for action in actions
+            for part in (action.sub_actions or (action,))
+            if part.computation_type in _FORWARD_ACTIONS
+        ]
+        for rank, actions in train_schedule.pipeline_order_with_comms.items()
+    }
+    return forward_only
+
+
+def build_schedule(
+    stages: list[PipelineStage], schedule: str, n_microbatches: int, loss_fn=_next_token_loss
+) -> torch.distributed.pipelining.schedules._PipelineSchedule:
+    """The named schedule over this rank's stages (one for 1f1b / gpipe)."""
+    if schedule in SINGLE_STAGE_SCHEDULES:
+        return SINGLE_STAGE_SCHEDULES[schedule](stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    return MULTI_STAGE_SCHEDULES[schedule](stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+
 class PipelineRunner:
-    """Runs training and evaluation steps of one stage of the pipeline (the `StepRunner`
+    """Runs training and evaluation steps of this rank's pipeline stages (the `StepRunner`
     interface of colossuslm.parallel.runner)."""
 
     def __init__(
@@ -113,41 +257,50 @@ class PipelineRunner:
         self.context = context
         loss_fn = _next_token_loss if context is None else context.pipeline_loss
         self.group = pp_mesh.get_group()
-        self.stage_index = pp_mesh.get_local_rank()
-        self.n_stages = pp_mesh.size()
-        self.is_first, self.is_last = self.stage_index == 0, self.stage_index == self.n_stages - 1
+        plan: PipelinePlan = model.pipeline_plan
+        self.holds_first, self.holds_last = plan.holds_first, plan.holds_last
         self.n_microbatches = n_microbatches
         self.device = device
         self.autocast = autocast
         self.grad_clip, self.dp_group = grad_clip, dp_group
-        stage = PipelineStage(_StageForward(model, context), self.stage_index, self.n_stages, device, group=self.group)
-        schedule_class = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        self.schedule = schedule_class(stage, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        self.stage_modules = stage_modules(model)
+        stages = []
+        for index, module in self.stage_modules.items():
+            _share_buffers(module, model)  # materialization replaced the model's meta buffers
+            module.context = context
+            stages.append(PipelineStage(module, index, plan.n_stages, device, group=self.group))
+        self.schedule = build_schedule(stages, schedule, n_microbatches, loss_fn)
+        self.eval_schedule = (
+            _forward_only_schedule(self.schedule, stages, schedule, n_microbatches, loss_fn)
+            if schedule in V_SHAPED_SCHEDULES
+            else self.schedule
+        )
+
+    def _set_mode(self, training: bool) -> None:
+        for module in (self.model, *self.stage_modules.values()):
+            module.train(training)
 
     def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One pass of the schedule over the stacked micro-batches; returns the mean loss on every stage."""
+        """One pass of the schedule over the stacked micro-batches; returns the mean loss on every rank."""
         losses: list[torch.Tensor] = []
         if self.context is not None:  # every cp rank of a replica read the whole batch: take its chunks
             inputs, targets = self.context.take(inputs), self.context.pipeline_targets(targets)
+        args = (inputs.to(self.device),) if self.holds_first else ()
+        kwargs = {"target": targets.to(self.device), "losses": losses} if self.holds_last else {}
         with self.autocast:
-            if self.is_first:
-                run(inputs.to(self.device))
-            elif self.is_last:
-                run(target=targets.to(self.device), losses=losses)
-            else:
-                run()
+            run(*args, **kwargs, return_outputs=False)
         mean = (
             torch.stack([loss.detach().float() for loss in losses]).mean()
-            if self.is_last
+            if self.holds_last
             else torch.zeros((), device=self.device)
         )
-        dist.all_reduce(mean, group=self.group)  # only the last stage contributes
+        dist.all_reduce(mean, group=self.group)  # only the rank with the last stage contributes
         return mean
 
     def train_step(self, batches: Iterable[Batch]) -> tuple[float, float]:
         """Forward and backward of the step's micro-batches (gradients averaged over them), then
         the loss averaged over data-parallel ranks and gradients clipped over all stages."""
-        self.model.train()
+        self._set_mode(training=True)
         inputs, targets = (torch.cat(parts) for parts in zip(*batches))
         loss = self._run(self.schedule.step, inputs, targets)
         return average_and_clip(loss, self.model, self.grad_clip, self.dp_group, self.group)
@@ -155,17 +308,25 @@ class PipelineRunner:
     @torch.no_grad()
     def eval_loss(self, loader: BatchSource, n_batches: int) -> float:
         """Mean validation loss: `n_batches` rounded up to whole groups of `n_microbatches`."""
-        self.model.eval()
+        self._set_mode(training=False)
         groups = -(-n_batches // self.n_microbatches)
         total = torch.zeros((), device=self.device)
         for _ in range(groups):
             batches = [loader.next_batch() for _ in range(self.n_microbatches)]
             inputs, targets = (torch.cat(parts) for parts in zip(*batches))
-            total += self._run(self.schedule.eval, inputs, targets)
+            total += self._run(self.eval_schedule.eval, inputs, targets)
         if self.dp_group is not None:
             dist.all_reduce(total, group=self.dp_group)
             total /= dist.get_world_size(self.dp_group)
         return total.item() / groups
 
 
-__all__ = ["PipelineRunner", "split_model_for_stage", "stage_layer_ranges"]
+__all__ = [
+    "PipelinePlan",
+    "PipelineRunner",
+    "build_schedule",
+    "rank_stages",
+    "split_model_for_stage",
+    "stage_layer_ranges",
+    "stage_modules",
+]
