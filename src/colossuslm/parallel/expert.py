@@ -188,6 +188,10 @@ class ExpertParallelExperts(nn.Module):
         # scales each rank's loss so that the average over dp x cp is the replica's loss).
         self.dp_size = meshes.dp_cp.size() if meshes.dp_cp is not None else meshes.dp.size()
 
+    # `colossus train --dry-run` sets this: with fake tensors the all-to-all sizes cannot be read
+    # from the routing, so every rank is assumed to send every rank an equal share (balanced load).
+    balanced_splits = False
+
     # The host-known split sizes (module docstring, step 1) make this the one part of the MoE
     # layer that torch.compile does not trace; the local (non-EP) path compiles whole.
     @torch.compiler.disable
@@ -205,10 +209,13 @@ class ExpertParallelExperts(nn.Module):
         counts_from_rank = torch.empty_like(send_counts)
         dist.all_to_all_single(counts_from_rank, send_counts, group=group)
         counts_from_rank = counts_from_rank.view(self.ep_size, self.n_local)
-        # note: the layer's one host sync, a single copy of both split lists.
-        send_splits, recv_splits = torch.stack(
-            [send_counts.view(self.ep_size, self.n_local).sum(1), counts_from_rank.sum(1)]
-        ).tolist()
+        if self.balanced_splits:  # a dry run's fake tensors have no counts to read: route evenly
+            send_splits = recv_splits = even_splits(x_sorted.shape[0], self.ep_size)
+        else:
+            # note: the layer's one host sync, a single copy of both split lists.
+            send_splits, recv_splits = torch.stack(
+                [send_counts.view(self.ep_size, self.n_local).sum(1), counts_from_rank.sum(1)]
+            ).tolist()
 
         received = all_to_all_single_autograd(x_sorted, recv_splits, send_splits, group)
         # Received rows are ordered (source rank, local expert); a stable sort on the local expert
@@ -229,6 +236,12 @@ class ExpertParallelExperts(nn.Module):
         # Back to (source rank, local expert) order, then home: the reverse all-to-all returns each
         # sender's rows in the order it sent them, i.e. the order of x_sorted.
         return all_to_all_single_autograd(out[restore], send_splits, recv_splits, group)
+
+
+def even_splits(rows: int, parts: int) -> list[int]:
+    """`rows` split into `parts` sizes differing by at most one."""
+    base, extra = divmod(rows, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> set[nn.Parameter]:

@@ -106,6 +106,14 @@ def _categories(snapshot: dict) -> dict[str, float]:
     }
 
 
+def _route_evenly(model: torch.nn.Module) -> None:
+    from colossuslm.parallel.expert import ExpertParallelExperts
+
+    for module in model.modules():
+        if isinstance(module, ExpertParallelExperts):
+            module.balanced_splits = True
+
+
 def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
     """Build rank `rank` of a `world_size`-rank job with fake tensors and measure its memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -119,6 +127,7 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
     try:
         meshes = build_mesh(dims, "cpu") if world_size > 1 else None
         model, fsdp_casts = build_model(cfg, dims, meshes)
+        _route_evenly(model)
         bf16 = cfg.train.dtype == "bf16"
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
         dtype = torch.bfloat16 if bf16 else torch.float32
