@@ -6,9 +6,10 @@ until its backward. Two ways to trade compute for that memory:
   full       a checkpointed block keeps only its inputs; backward runs its forward again.
   selective  an op-level policy (`torch.utils.checkpoint.create_selective_checkpoint_contexts`):
              the outputs of the expensive ops are kept (matmuls, attention kernels, grouped GEMMs,
-             the router's top-k, and collectives, so backward never talks to other ranks to
-             recompute), the cheap element-wise ones (norms, SiLU, RoPE, casts, the gated
-             combine) are recomputed from them.
+             the router's top-k, and the functional reduce-scatter / all-to-all of TP+SP and EP,
+             so the recompute does not move those activations again; only EP's small exchange of
+             per-expert counts is redone), the cheap element-wise ones (norms, SiLU, RoPE, casts,
+             the gated combine) are recomputed from them.
 
 `every = N` checkpoints only the blocks whose layer index i has i % N == N - 1 (the N-th, 2N-th,
 ... block of the whole model, so the choice does not move when pipeline stages split the layers).
@@ -81,7 +82,7 @@ SAVED_OPS = _ops(
 
 def save_expensive_ops_policy(_ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """Selective checkpointing's per-op decision: keep matmul/attention/collective outputs and
-    device-to-host copies (MoE counts: no second host sync); recompute everything else."""
+    device-to-host copies (EP's split sizes: no second host sync); recompute everything else."""
     if op in SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
     if op is torch.ops.aten._to_copy.default and _is_device_to_host(args, kwargs):
