@@ -66,6 +66,24 @@ def test_block_attention_backward_recomputes_exact_gradients(causal, softcap):
     assert torch.autograd.gradcheck(lambda q, k, v: block_attention(q, k, v, causal, softcap), (q, k, v))
 
 
+def test_rope_positions_default_to_the_sequence_and_may_differ_per_sequence():
+    from colossuslm.config import ModelConfig
+    from colossuslm.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, init_std=0.3)
+    model = Transformer(cfg)  # large weights: attention far from uniform, so positions show
+    tokens = torch.randint(0, 50, (2, 6))
+    default, _ = model(tokens)
+    assert torch.equal(model(tokens, positions=torch.arange(6))[0], default)
+    # RoPE is relative: a shifted sequence attends as before, a stretched one does not
+    positions = torch.stack([torch.arange(6) + 10, torch.arange(0, 12, 2)])
+    per_sequence, _ = model(tokens, positions=positions)
+    assert torch.allclose(per_sequence[0], default[0], atol=1e-5)
+    assert not torch.allclose(per_sequence[1], default[1], atol=1e-3)
+    assert torch.allclose(per_sequence[1], model(tokens[1:], positions=torch.arange(0, 12, 2))[0][0], atol=1e-6)
+
+
 def test_layout_counts_cp():
     cfg = load_config([], ["parallel.cp=2", "parallel.tp=2"]).parallel
     dims = ParallelDims.resolve(cfg, 8)
