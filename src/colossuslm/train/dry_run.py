@@ -114,10 +114,41 @@ def _route_evenly(model: torch.nn.Module) -> None:
             module.balanced_splits = True
 
 
+def measure_step_memory(
+    model: torch.nn.Module, cfg: Config, optimizer: torch.optim.Optimizer, *, fsdp_casts: bool, stage: int = 0
+) -> tuple[dict[str, float], float]:
+    """Bytes per category of one training micro-batch on this rank, real or fake tensors alike:
+    a warm-up step first (gradients and optimizer states then exist, as in any later step), then a
+    forward/backward under torch's memory tracker. Returns (measured categories with "total",
+    activations of one micro-batch)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    bf16 = cfg.train.dtype == "bf16"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model.train()
+    _forward_backward(model, cfg, autocast, dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        _forward_backward(model, cfg, autocast, dtype)
+        after_backward = _categories(tracker.get_tracker_snapshot("current"))
+    peak = _categories(tracker.get_tracker_snapshot("peak"))
+    measured = {
+        "weights": peak["weights"],
+        "gradients": after_backward["gradients"],
+        "optimizer": peak["optimizer"],
+        "activations": peak["activations"] * in_flight_microbatches(cfg, stage),
+    }
+    measured["total"] = sum(measured.values())
+    return measured, peak["activations"]
+
+
 def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
     """Build rank `rank` of a `world_size`-rank job with fake tensors and measure its memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     if not 0 <= rank < world_size:
         raise ColossusError(f"--rank {rank} is outside the world of {world_size} ranks")
@@ -128,37 +159,23 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
         meshes = build_mesh(dims, "cpu") if world_size > 1 else None
         model, fsdp_casts = build_model(cfg, dims, meshes)
         _route_evenly(model)
-        bf16 = cfg.train.dtype == "bf16"
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
-        dtype = torch.bfloat16 if bf16 else torch.float32
         stage = meshes.pp.get_local_rank() if dims.pp > 1 else 0
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
-            model.train()
             optimizer = build_optimizer(model, cfg.train)
-            _forward_backward(model, cfg, autocast, dtype)  # warm-up: gradients and optimizer states exist
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tracker = MemTracker()
-            tracker.track_external(model, optimizer)
-            with tracker:
-                _forward_backward(model, cfg, autocast, dtype)
-                after_backward = _categories(tracker.get_tracker_snapshot("current"))
-                peak = _categories(tracker.get_tracker_snapshot("peak"))
+            measured, per_microbatch = measure_step_memory(model, cfg, optimizer, fsdp_casts=fsdp_casts, stage=stage)
     finally:
         dist.destroy_process_group()
-    in_flight = in_flight_microbatches(cfg, stage)
-    measured = {
-        "weights": peak["weights"],
-        "gradients": after_backward["gradients"],
-        "optimizer": peak["optimizer"],
-        "activations": peak["activations"] * in_flight,
-    }
-    measured["total"] = sum(measured.values())
     layout = {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp, "ep": dims.ep}
     layout |= {"pp": dims.pp, "pp_stage": stage}
     report = DryRunReport(
-        world_size, rank, layout, measured, peak["activations"], in_flight, seconds=time.perf_counter() - started
+        world_size,
+        rank,
+        layout,
+        measured,
+        per_microbatch,
+        in_flight_microbatches(cfg, stage),
+        seconds=time.perf_counter() - started,
     )
     report.planner = planner_memory(cfg, world_size)
     if cfg.train.compile:
@@ -208,4 +225,11 @@ def format_report(report: DryRunReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DryRunReport", "dry_run", "format_report", "in_flight_microbatches", "planner_memory"]
+__all__ = [
+    "DryRunReport",
+    "dry_run",
+    "format_report",
+    "in_flight_microbatches",
+    "measure_step_memory",
+    "planner_memory",
+]

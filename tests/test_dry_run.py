@@ -1,0 +1,82 @@
+"""`colossus train --dry-run`: one rank of an N-rank job on a fake process group with fake tensors.
+
+Its memory per category is checked against the same rank built for real (torchrun, gloo, real
+tensors, the same measurement) and against the planner's memory model (plan/memory.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from colossuslm.cli.main import main
+from colossuslm.config import load_config
+from colossuslm.train.dry_run import dry_run
+
+WORKER = Path(__file__).parent / "dist_workers" / "memory_worker.py"
+SMALL = [
+    "model.d_model=128",
+    "model.n_layers=3",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=384",
+    "data.seq_len=128",
+    "train.micro_batch_size=4",
+]
+CONFIGS = {
+    "dense_fsdp": (2, [*SMALL, "parallel.dp_shard=2"]),
+    "moe_ep": (2, [*SMALL, "parallel.dp_shard=2", "parallel.ep=2", "model.n_experts=4", "model.moe_ffn_hidden=192"]),
+}
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "total")
+
+
+def real_run(nproc: int, overrides: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER)]
+    cmd += [str(out), *[a for o in overrides for a in ("--set", o)]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_dry_run_matches_the_real_run_and_the_planner(name, tmp_path):
+    nproc, overrides = CONFIGS[name]
+    report = dry_run(load_config([], overrides), nproc, rank=0)
+    real = real_run(nproc, overrides, tmp_path / "real.json")
+    for key in CATEGORIES:
+        fake, measured, planned = report.measured[key], real[key], report.planner[key]
+        # Fake tensors allocate what real ones do: the same bytes, up to allocator-free noise.
+        assert fake == pytest.approx(measured, rel=0.02), f"{name} {key}: dry run {fake:.4g} vs real {measured:.4g}"
+        assert planned == pytest.approx(fake, rel=0.10), f"{name} {key}: planner {planned:.4g} vs dry run {fake:.4g}"
+
+
+def test_cli_prints_the_table_and_json(capsys):
+    args = [
+        "train",
+        "--dry-run",
+        "--world-size",
+        "8",
+        "--rank",
+        "3",
+        *[a for o in CONFIGS["dense_fsdp"][1] for a in ("--set", o)],
+    ]
+    assert main([*args[:-2], "--set", "parallel.dp_shard=8"]) == 0
+    text = capsys.readouterr().out
+    assert "rank 3 of 8" in text and "planner" in text
+    for key in CATEGORIES:
+        assert key in text
+    assert main([*args[:-2], "--set", "parallel.dp_shard=8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["world_size"] == 8 and report["layout"]["dp_shard"] == 8
+
+
+def test_bad_dry_run_arguments_are_refused(capsys):
+    assert main(["train", "--dry-run"]) == 2
+    assert "--world-size N" in capsys.readouterr().err
+    assert main(["train", "--dry-run", "--world-size", "4", "--rank", "4"]) == 2
+    assert "outside the world" in capsys.readouterr().err
+    assert main(["train", "--world-size", "4"]) == 2
+    assert "belong to --dry-run" in capsys.readouterr().err
