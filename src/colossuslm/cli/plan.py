@@ -157,7 +157,7 @@ def _software(args: argparse.Namespace):
         tp_overlap=args.tp_overlap,
         ep_overlap=args.ep_overlap,
         ep_max_domains=args.ep_max_domains,
-        chunked_loss=bool(getattr(args, "write_config", None)),
+        colossus_trainer=bool(getattr(args, "write_config", None)),
     )
 
 

@@ -189,6 +189,8 @@ def stage_modules(model: nn.Module) -> dict[int, nn.Module]:
             for stage, names in plan.stage_blocks.items()
         }
         model.__dict__["_pipeline_stage_modules"] = cached
+    for view in cached.values():  # materialization (`to_empty`) replaces the model's buffers
+        _share_buffers(view, model)
     return cached
 
 

@@ -61,29 +61,32 @@ def device_gpu(
 
 
 def run_layout(config: Config, n_devices: int) -> Layout:
-    """The trainer's layout: data parallel over everything TP leaves (EP borrows from it),
-    FSDP when the shard group is larger than one, no recomputation, no pipeline; element-wise
-    work is fused only when the run uses torch.compile."""
+    """The trainer's layout in the planner's vocabulary (the inverse of plan/to_config.py): data
+    parallel over what TP, PP and CP leave (EP borrows from it), FSDP2 (ZeRO-3) when the shard
+    group is larger than one, recomputation as parallel.activation_checkpoint; element-wise work
+    is fused only when the run uses torch.compile; the loss is the trainer's chunked one."""
     par = config.parallel
-    if n_devices % (par.tp * par.pp):
-        raise ColossusError(f"parallel.tp x parallel.pp = {par.tp * par.pp} does not divide {n_devices} devices")
-    dp = n_devices // (par.tp * par.pp)
+    model_parallel = par.tp * par.pp * par.cp
+    if n_devices % model_parallel:
+        raise ColossusError(f"parallel.tp x pp x cp = {model_parallel} does not divide {n_devices} devices")
+    dp = n_devices // model_parallel
     dp_shard = par.dp_shard if par.dp_shard != -1 else dp // max(1, par.dp_replicate)
     return Layout(
         tp=par.tp,
         pp=par.pp,
-        cp=1,
+        cp=par.cp,
         dp=dp,
         ep=par.ep,
         micro_batch=config.train.micro_batch_size,
         grad_accum=config.train.grad_accum,
-        vp=1,
-        recompute="none",
-        zero=3 if dp_shard > 1 else 0,
+        vp=par.pp_virtual_stages if par.pp > 1 else 1,
+        recompute=par.activation_checkpoint,
+        zero=3 if dp_shard * par.cp > 1 else 0,
         software=Software(
             fused_elementwise=config.train.compile,
             sequence_parallel=par.sequence_parallel and par.tp > 1,
-            chunked_loss=True,
+            fp8=config.train.float8,
+            colossus_trainer=True,
         ),
     )
 

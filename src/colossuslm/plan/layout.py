@@ -32,10 +32,11 @@ class Software:
     fp8: bool = False  # GEMMs (and the expert dispatch) in fp8; attention and the rest stay bf16
     fused_elementwise: bool = True  # norms, activations and rotary embeddings as fused kernels
     # (torch.compile, Transformer Engine, Apex); eager PyTorch runs each as several passes
-    # Colossus LM's own loss (models/loss.py): logits a chunk at a time from a head replicated over
-    # TP ranks, so no [tokens, vocab] logits but an fp32 head-weight gradient; False = the
-    # vocabulary-parallel head with whole fp32 logits of Megatron-style stacks
-    chunked_loss: bool = False
+    # Memory as Colossus LM's trainer holds it (plan/memory.py): its chunked loss on a head (and
+    # embedding) replicated over TP ranks, ring attention keeping the K/V chunks it received, and
+    # FSDP2 under pipelining keeping each stage gathered with unsharded gradients through the step.
+    # False = Megatron-style stacks (vocabulary-parallel head with whole fp32 logits).
+    colossus_trainer: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,10 @@ def params_per_gpu(work: Workload, lay: Layout, layers: int) -> tuple[float, flo
     per_layer_dense = (1 - moe_share) * dense_l + moe_share * moe_l
     dense = layers * per_layer_dense / lay.tp
     expert = layers * moe_share * routed / (lay.tp * lay.ep)
-    dense += vocab_matrices(work, lay.pp) * work.embedding_params / lay.tp
+    # Megatron-style stacks split the vocabulary over TP; the trainer's head and embedding are
+    # replicated over TP ranks (its chunked loss takes the whole head).
+    vocab_split = 1 if lay.software.colossus_trainer else lay.tp
+    dense += vocab_matrices(work, lay.pp) * work.embedding_params / vocab_split
     return dense, expert
 
 
@@ -73,7 +76,7 @@ def gathered_params(work: Workload, lay: Layout, dense: float, expert: float, la
     """Parameters FSDP2 holds gathered (in bf16) at the memory peak, the end of the forward pass:
     the root's (embedding, final norm, head: gathered for the whole step) and the last block's
     (kept gathered for the backward pass that starts with it); the other blocks are resharded."""
-    vocab = vocab_matrices(work, lay.pp) * work.embedding_params / lay.tp
+    vocab = vocab_matrices(work, lay.pp) * work.embedding_params / (1 if lay.software.colossus_trainer else lay.tp)
     return vocab + (dense + expert - vocab) / max(1, layers)
 
 
@@ -102,11 +105,30 @@ def activation_bytes_per_layer_token(work: Workload, lay: Layout) -> float:
             kept -= selective_savings_per_token(work)
         elif not lay.software.flash_attention:
             kept += SCORE_BYTES * cfg.n_heads * work.seq_len
+    if lay.cp > 1 and lay.software.colossus_trainer:
+        kept += ring_attention_bytes_per_token(work, lay.cp)
     return kept / lay.tp  # sequence parallelism splits the rest of the block's tensors too
 
 
-def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU, params: tuple[float, float] | None = None) -> MemoryBreakdown:
-    """Bytes on the fullest GPU; `params` may pass in `params_per_gpu` already computed."""
+def ring_attention_bytes_per_token(work: Workload, cp: int, bytes_per_value: int = 2) -> float:
+    """What the trainer's ring attention (parallel/context.py) keeps per local token and layer
+    beyond plain attention: for each of the cp - 1 other ranks' chunks, the K and V it received,
+    that step's partial output, the merged output and the fp32 log-sum-exp per head."""
+    cfg = work.cfg
+    hd = cfg.resolved_head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    return (cp - 1) * (bytes_per_value * (2 * kv + 2 * q) + 2 * 4 * cfg.n_heads)
+
+
+def memory_per_gpu(
+    work: Workload,
+    lay: Layout,
+    gpu: GPU,
+    params: tuple[float, float] | None = None,
+    stage: str | None = None,
+) -> MemoryBreakdown:
+    """Bytes on the fullest GPU, or on a GPU of the `stage` "first" or "last" pipeline stage;
+    `params` may pass in `params_per_gpu` already computed."""
     cfg = work.cfg
     tokens = lay.micro_batch * work.seq_len / lay.cp
     layers = stage_layers(cfg.n_layers, lay.pp)
@@ -114,6 +136,13 @@ def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU, params: tuple[float, f
     expert_group = max(1, dense_group // lay.ep)
 
     def states(dense: float, expert: float) -> tuple[float, float, float]:
+        if lay.zero >= 3 and lay.pp > 1 and lay.software.colossus_trainer:
+            # Each stage module is an FSDP2 root kept gathered from its first forward to the
+            # step's end, its gradients accumulated unsharded (fp32) until the one reduce-scatter.
+            w = _sharded(FSDP_WEIGHT_BYTES, dense, expert, dense_group, expert_group) + WEIGHT_BYTES * (dense + expert)
+            g = _sharded(FSDP_GRAD_BYTES, dense, expert, dense_group, expert_group) + FSDP_GRAD_BYTES * (dense + expert)
+            o = _sharded(FSDP_OPTIMIZER_BYTES, dense, expert, dense_group, expert_group)
+            return w, g, o
         if lay.zero >= 3:
             w = _sharded(FSDP_WEIGHT_BYTES, dense, expert, dense_group, expert_group)
             w += WEIGHT_BYTES * gathered_params(work, lay, dense, expert, layers)
@@ -139,8 +168,10 @@ def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU, params: tuple[float, f
     else:
         in_flight = 1
     working_layer = work.activation_per_token["none"] * tokens / lay.tp if lay.recompute == "full" else 0.0
-    if lay.software.chunked_loss:  # replicated head: each TP rank computes the whole micro-batch's loss
+    if lay.software.colossus_trainer and lay.pp == 1:  # replicated head: each TP rank computes the whole loss
         logits = loss_bytes(cfg, tokens)
+    elif lay.software.colossus_trainer:  # the pipeline's last stage: whole fp32 logits from a replicated head
+        logits = (logits_bytes_per_token(cfg) + 2 * cfg.vocab_size) * tokens
     else:
         logits = logits_bytes_per_token(cfg) * tokens / lay.tp
 
@@ -153,6 +184,6 @@ def memory_per_gpu(work: Workload, lay: Layout, gpu: GPU, params: tuple[float, f
     last = first
     if lay.pp > 1:
         last = (w1, g1, o1, layers * per_layer + working_layer, logits)
-    worst = max(first, last, key=sum)
+    worst = {"first": first, "last": last}.get(stage) or max(first, last, key=sum)
     total = sum(worst) * (1 + FRAGMENTATION) + RESERVED_BYTES
     return MemoryBreakdown(*worst, total=total)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from colossuslm.config import Config
 from colossuslm.errors import ColossusError
 from colossuslm.parallel.build import build_model
+from colossuslm.parallel.context import ContextParallelStep, ContextShard
 from colossuslm.parallel.mesh import ParallelDims, build_mesh
 from colossuslm.train.optim import build_optimizer
 
@@ -70,24 +71,36 @@ def in_flight_microbatches(cfg: Config, stage: int) -> float:
     return in_flight * (1 + (par.pp - 1) / (par.pp * virtual)) if virtual > 1 else float(in_flight)
 
 
-def _stage_inputs(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
-    if model.tok_embeddings is not None:
-        inputs = torch.randint(0, cfg.model.vocab_size, (batch, seq))
-    else:  # a later pipeline stage receives hidden states
-        inputs = torch.randn(batch, seq, cfg.model.d_model, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, cfg.model.vocab_size, (batch, seq)) if model.norm is not None else None
-    return inputs, targets
-
-
 def _forward_backward(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype: torch.dtype) -> None:
-    inputs, targets = _stage_inputs(model, cfg, dtype)
-    with autocast:
-        out, aux = model(inputs, targets)
-    if targets is not None:
-        (out + aux).backward()
-    else:  # the next stage would send back the gradient of the hidden states
-        torch.autograd.backward([out, aux], [torch.ones_like(out), torch.ones_like(aux)])
+    """One micro-batch forward and backward through this rank's part, as the trainer's runner
+    drives it: the whole model (through context parallelism's chunking when cp > 1), or each of
+    the rank's pipeline stages on what its neighbours would send."""
+    batch, seq, vocab = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    inputs, targets = torch.randint(0, vocab, (batch, seq)), torch.randint(0, vocab, (batch, seq))
+    context = getattr(model, "dry_run_context", None)
+    if getattr(model, "pipeline_plan", None) is None:
+        step = model if context is None else ContextParallelStep(model, context)
+        with autocast:
+            loss, aux = step(inputs, targets)
+        (loss + aux).backward()
+        return
+    from colossuslm.parallel.pipeline import _next_token_loss, stage_modules
+
+    local_seq = seq // (context.size if context else 1)
+    for index, stage in stage_modules(model).items():
+        stage.context = context
+        if index == 0:
+            x = inputs if context is None else context.take(inputs)
+        else:  # a later stage receives hidden states
+            x = torch.randn(batch, local_seq, cfg.model.d_model, dtype=dtype, requires_grad=True)
+        with autocast:
+            out = stage(x)
+        if stage.norm is None:
+            out.backward(torch.ones_like(out))  # the gradient the next stage would send back
+        elif context is None:  # the last stage computes the loss
+            _next_token_loss(out, targets).backward()
+        else:
+            context.pipeline_loss(out, context.pipeline_targets(targets)).backward()
 
 
 def _categories(snapshot: dict) -> dict[str, float]:
@@ -114,6 +127,21 @@ def _route_evenly(model: torch.nn.Module) -> None:
             module.balanced_splits = True
 
 
+def _as_a_middle_microbatch(model: torch.nn.Module) -> None:
+    """Under pipelining the schedule keeps each FSDP2 stage gathered and its gradients unsharded
+    between micro-batches, reducing them once after the last: measure a micro-batch in between."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if getattr(model, "pipeline_plan", None) is None:
+        return
+    from colossuslm.parallel.pipeline import stage_modules
+
+    for stage in stage_modules(model).values():
+        if isinstance(stage, FSDPModule):
+            stage.set_requires_gradient_sync(False)
+            stage.set_reshard_after_backward(False)
+
+
 def measure_step_memory(
     model: torch.nn.Module, cfg: Config, optimizer: torch.optim.Optimizer, *, fsdp_casts: bool, stage: int = 0
 ) -> tuple[dict[str, float], float]:
@@ -130,6 +158,7 @@ def measure_step_memory(
     _forward_backward(model, cfg, autocast, dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    _as_a_middle_microbatch(model)
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
     with tracker:
@@ -159,6 +188,8 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
         meshes = build_mesh(dims, "cpu") if world_size > 1 else None
         model, fsdp_casts = build_model(cfg, dims, meshes)
         _route_evenly(model)
+        if dims.cp > 1:
+            model.dry_run_context = ContextShard(meshes.cp)
         stage = meshes.pp.get_local_rank() if dims.pp > 1 else 0
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
@@ -177,13 +208,21 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
         in_flight_microbatches(cfg, stage),
         seconds=time.perf_counter() - started,
     )
-    report.planner = planner_memory(cfg, world_size)
+    report.planner = planner_memory(cfg, world_size, _stage_role(model))
     if cfg.train.compile:
         report.notes.append("train.compile is not applied in a dry run: eager activations are measured")
     return report
 
 
-def planner_memory(cfg: Config, world_size: int) -> dict[str, float] | None:
+def _stage_role(model: torch.nn.Module) -> str | None:
+    """Which of the planner's stage figures describes this rank: "first", "last" or neither."""
+    plan = getattr(model, "pipeline_plan", None)
+    if plan is None or plan.holds_first == plan.holds_last:
+        return None
+    return "first" if plan.holds_first else "last"
+
+
+def planner_memory(cfg: Config, world_size: int, stage: str | None = None) -> dict[str, float] | None:
     """The planner's per-GPU bytes for this config's layout, in the dry run's categories
     (its activations include the logits; fragmentation and reserved bytes are left out)."""
     from colossuslm.plan.calibrate import run_layout
@@ -192,7 +231,7 @@ def planner_memory(cfg: Config, world_size: int) -> dict[str, float] | None:
     from colossuslm.plan.workload import Workload
 
     work = Workload(name=cfg.model.preset or "model", cfg=cfg.model, seq_len=cfg.data.seq_len)
-    mem = memory_per_gpu(work, run_layout(cfg, world_size), load_catalogue().gpu("h100"))
+    mem = memory_per_gpu(work, run_layout(cfg, world_size), load_catalogue().gpu("h100"), stage=stage)
     out = {
         "weights": mem.weights,
         "gradients": mem.gradients,
