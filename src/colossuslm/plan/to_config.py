@@ -24,6 +24,7 @@ from colossuslm.config.load import config_from_dict
 from colossuslm.config.schema import ModelConfig
 from colossuslm.errors import ColossusError
 from colossuslm.models.presets import get_preset
+from colossuslm.parallel.dims import ParallelDims
 from colossuslm.plan.costmodel import StepEstimate
 from colossuslm.plan.layout import Layout
 from colossuslm.plan.workload import Workload
@@ -85,6 +86,7 @@ def unrunnable_reason(work: Workload, lay: Layout) -> str | None:
     try:
         config = config_from_dict(tables)
         config.validate()
+        ParallelDims.resolve(config.parallel, lay.n_gpus)
     except ColossusError as exc:
         return str(exc)
     except (TypeError, ValueError) as exc:  # a field this trainer version does not have
