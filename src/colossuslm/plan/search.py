@@ -140,8 +140,11 @@ def search(
                 for ep in options("ep", expert_parallel_options(work)):
                     family = Layout(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep).family()
                     outcome = families.setdefault(family, FamilyOutcome())
-                    if (dp * cp) % ep:
-                        outcome.reject(f"expert parallelism {ep} does not divide the {dp * cp} data x context ranks")
+                    # Megatron-style stacks carve expert shards out of data x context ranks; the
+                    # trainer's EP borrows from the FSDP shard group only (parallel/mesh.py).
+                    ep_pool = dp if software.colossus_trainer else dp * cp
+                    if ep_pool % ep:
+                        outcome.reject(f"expert parallelism {ep} does not divide the {ep_pool} ranks it borrows from")
                         continue
                     for mb in options("micro_batch", list(MICRO_BATCHES)):
                         if exact_batch:
