@@ -13,7 +13,8 @@ step time being the slowest rank's. Three figures per schedule:
   planner    `colossuslm.plan.costmodel.pipeline_bubble`: bubble / (micro-batches + bubble)
 
     python bench/pipeline_bubble.py                     # pp=2, 8 micro-batches
-    python bench/pipeline_bubble.py --pp 4 --microbatches 8 --width 384
+    python bench/pipeline_bubble.py --rows 512 --microbatches 16   # longer compute per action
+    python bench/pipeline_bubble.py --pp 4 --simulate-only          # the schedules' own bubbles only
 
 Two CPU cores or more per rank keep ranks from slowing each other (compute is single-threaded
 per rank); on a busy machine the measured column reads high by the contention.
@@ -208,26 +209,33 @@ def main() -> None:
     parser.add_argument("--layers-per-rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--simulate-only", action="store_true", help="no processes: simulated vs planner only")
     args = parser.parse_args()
 
     simulated = _simulate_all(args)
-    manager = mp.Manager()
-    results = manager.dict()
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(args, port, results), nprocs=args.pp, join=True)
+    results = {}
+    if not args.simulate_only:
+        results = mp.Manager().dict()
+        port = 29500 + os.getpid() % 1000
+        mp.spawn(_worker, args=(args, port, results), nprocs=args.pp, join=True)
 
     print(f"pp={args.pp}, {args.microbatches} micro-batches, F = I = W (Linear {args.width}, {args.rows} rows)")
     print(f"{'schedule':<26}{'V':>3}{'measured':>10}{'simulated':>11}{'planner':>9}")
     for schedule, virtual in SCHEDULES:
-        per_step = []
-        for step in range(args.steps):
-            samples = [results[rank][schedule][step] for rank in range(args.pp)]
-            makespan = max(elapsed for _, elapsed in samples)
-            per_step.append(statistics.mean(1 - busy / makespan for busy, _ in samples))
         bubble = pipeline_bubble(schedule, args.pp, virtual)
         planned = bubble / (args.microbatches + bubble)
-        measured, sim = statistics.median(per_step), simulated[schedule]
-        print(f"{schedule:<26}{virtual:>3}{measured:>10.1%}{sim:>11.1%}{planned:>9.1%}")
+        measured = f"{_measured_idle(results, schedule, args):.1%}" if results else "-"
+        print(f"{schedule:<26}{virtual:>3}{measured:>10}{simulated[schedule]:>11.1%}{planned:>9.1%}")
+
+
+def _measured_idle(results: dict, schedule: str, args: argparse.Namespace) -> float:
+    """Median over steps of the ranks' mean idle fraction (the step lasts as long as the slowest rank)."""
+    per_step = []
+    for step in range(args.steps):
+        samples = [results[rank][schedule][step] for rank in range(args.pp)]
+        makespan = max(elapsed for _, elapsed in samples)
+        per_step.append(statistics.mean(1 - busy / makespan for busy, _ in samples))
+    return statistics.median(per_step)
 
 
 if __name__ == "__main__":

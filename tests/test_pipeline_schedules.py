@@ -92,3 +92,21 @@ def test_schedule_rules_name_the_key(overrides, key):
 def test_virtual_stages_need_a_pipeline():
     with pytest.raises(ColossusError, match=r"parallel\.pp_virtual_stages"):
         load_config([], [*BASE, "parallel.pp_virtual_stages=2", "parallel.pp_schedule=interleaved_1f1b"])
+
+
+def test_planner_bubble_matches_the_schedules_own_action_lists():
+    """bench/pipeline_bubble.py's simulation of torch's action lists (F = I = W, free communication)
+    gives the planner's bubble for every schedule."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "pipeline_bubble.py"
+    spec = importlib.util.spec_from_file_location("pipeline_bubble", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for pp, microbatches in [(2, 4), (4, 8)]:
+        simulated = bench._simulate_all(argparse.Namespace(pp=pp, microbatches=microbatches))
+        for schedule, virtual in bench.SCHEDULES:
+            bubble = bench.pipeline_bubble(schedule, pp, virtual)
+            assert simulated[schedule] == pytest.approx(bubble / (microbatches + bubble), abs=1e-9), schedule
