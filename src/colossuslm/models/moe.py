@@ -10,7 +10,6 @@ device and no shape depends on the routing, so the layer compiles with `fullgrap
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from colossuslm.config.schema import ModelConfig
@@ -109,7 +108,8 @@ def expert_offsets(sorted_expert_ids: torch.Tensor, n_experts: int) -> torch.Ten
 def _swiglu_grouped(
     x: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
-    return grouped_mm(F.silu(grouped_mm(x, w1, offsets)) * grouped_mm(x, w3, offsets), w2, offsets)
+    # models.ops.swiglu keeps only the two projections for backward, as for the dense MLP.
+    return grouped_mm(swiglu(grouped_mm(x, w1, offsets), grouped_mm(x, w3, offsets)), w2, offsets)
 
 
 def _swiglu_masked(
@@ -125,7 +125,7 @@ def _swiglu_masked(
     # unbind, not w[e]: indexing would make autograd build a full-size zero gradient per expert.
     for e, (a, b, c) in enumerate(zip(w1.unbind(0), w3.unbind(0), w2.unbind(0))):
         keep = (expert_of_row == e).unsqueeze(-1).to(x.dtype)
-        out = out + keep * ((F.silu(x @ a) * (x @ b)) @ c)
+        out = out + keep * (swiglu(x @ a, x @ b) @ c)
     return out
 
 
