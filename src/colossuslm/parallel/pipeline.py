@@ -265,10 +265,9 @@ class PipelineRunner:
         self.device = device
         self.autocast = autocast
         self.grad_clip, self.dp_group = grad_clip, dp_group
-        self.stage_modules = stage_modules(model)
+        self.stage_modules = stage_modules(model)  # (re-pointed at the materialized buffers)
         stages = []
         for index, module in self.stage_modules.items():
-            _share_buffers(module, model)  # materialization replaced the model's meta buffers
             module.context = context
             stages.append(PipelineStage(module, index, plan.n_stages, device, group=self.group))
         self.schedule = build_schedule(stages, schedule, n_microbatches, loss_fn)
