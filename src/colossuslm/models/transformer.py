@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colossuslm.config.schema import ModelConfig
+from colossuslm.models.attention import block_attention
 from colossuslm.models.init import Locator, init_parameter_, stable_seed, whole_tensor
 from colossuslm.models.loss import linear_cross_entropy
 from colossuslm.models.moe import MoE, SwiGLU
@@ -60,12 +61,8 @@ class AttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [B, H, S, hd]; k, v: [B, KVH, S, hd] (H a multiple of KVH) -> [B, H, S, hd]."""
-        if self.softcap > 0:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            seq = q.shape[2]
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-            return softcapped_attention(q, k, v, causal, self.softcap)
+        if self.softcap > 0:  # scores recomputed in backward: O(S) kept, not the S x S scores
+            return block_attention(q, k, v, causal=True, softcap=self.softcap)[0].to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
