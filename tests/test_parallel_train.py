@@ -155,6 +155,14 @@ LAYOUTS = {
         8,
         "virtual_pipeline",
     ),
+    # TP with SP: each stage module splits and gathers the sequence at its own ends
+    "pp_zbv_tp": (
+        4,
+        ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1", "parallel.pp_virtual_stages=2"]
+        + ["train.grad_accum=4", "parallel.pp_schedule=zbv"],
+        4,
+        "virtual_pipeline",
+    ),
     # context parallelism: every sequence in 2 x cp chunks over the cp ranks, ring attention; x FSDP2
     # (cp folds into the shard group), x TP (SP splits each rank's chunks again), x PP, x EP
     "cp": (2, ["parallel.cp=2", "parallel.dp_shard=1"], 1, "dense"),

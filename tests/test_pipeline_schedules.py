@@ -77,11 +77,6 @@ def test_interleaved_middle_rank_keeps_only_blocks():
             + ["parallel.activation_checkpoint=selective"],
             "parallel.activation_checkpoint",
         ),
-        (
-            ["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2", "train.grad_accum=4"]
-            + ["parallel.tp=2"],
-            "parallel.sequence_parallel",
-        ),
     ],
 )
 def test_schedule_rules_name_the_key(overrides, key):

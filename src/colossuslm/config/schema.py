@@ -395,14 +395,6 @@ class Config:
         """Micro-batch counts the schedules of torch.distributed.pipelining accept, and what the
         zero-bubble ones (split backward) cannot combine with in torch 2.13."""
         pp, schedule, accum = self.parallel.pp, self.parallel.pp_schedule, self.train.grad_accum
-        virtual = self.parallel.pp_virtual_stages
-        _require(
-            virtual == 1 or self.parallel.tp == 1 or not self.parallel.sequence_parallel,
-            "parallel.sequence_parallel",
-            True,
-            f"cannot combine with parallel.pp_virtual_stages = {virtual} and parallel.tp > 1 yet (the sequence "
-            f"split and gather sit at the rank's first and last block, not at every stage's): set it to false",
-        )
         if schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
             rounds = max(1, accum // pp)
             _require(

@@ -127,9 +127,7 @@ class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
-        # A copy, not a view: the zero-bubble schedules detach stage outputs in place after the
-        # input-gradient pass, which autograd refuses for views.
-        return output.clone()
+        return output.view_as(output)  # a view: the stage module copies it (see `_stage_class`)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -147,6 +145,8 @@ def _stage_class(model_class: type[nn.Module]) -> type[nn.Module]:
         output, aux = model_class.forward(self, x, positions=positions)
         if self.has_moe and torch.is_grad_enabled():
             output = _AttachAuxLoss.apply(output, aux)
+        if output._base is not None:  # e.g. the SP gather's: zero-bubble schedules detach outputs in place
+            output = output.clone()
         return output
 
     return type(f"PipelineStage{model_class.__name__}", (model_class,), {"forward": forward, "context": None})
