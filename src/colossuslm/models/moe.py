@@ -36,9 +36,22 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [T, d] -> (gates [T, k] summing to 1, expert ids [T, k], router logits [T, E] fp32)."""
         logits = self.gate(x).float()
-        top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
-        gates = top_logits.softmax(dim=-1)  # softmax over the chosen k (Mixtral/Grok style)
+        expert_ids = logits.detach().topk(self.top_k, dim=-1).indices
+        gates = _pick_columns(logits, expert_ids).softmax(dim=-1)  # softmax over the chosen k (Mixtral/Grok style)
         return gates, expert_ids, logits
+
+
+def _pick_columns(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """values [T, E], columns int [T, k] -> values[t, columns[t, j]] as [T, k], bit for bit.
+
+    Not `topk`'s values nor `gather`: their backward scatters into a zero tensor, and inductor's
+    CPU backend (torch 2.13) can run a reader of that scatter's result before the scatter: when it
+    re-indexes the reader to fuse it with a loop of another shape, `recompute_size_and_body` drops
+    the dependency on the scatter (the mutation rename is lost). The router then got an exactly
+    zero gradient from the main loss (tests/test_moe_compile.py). A masked sum over E is pointwise
+    plus a reduction both ways, and exact: one term is the value, the others are zeros."""
+    chosen = columns.unsqueeze(-1) == torch.arange(values.shape[-1], device=values.device)  # [T, k, E]
+    return torch.where(chosen, values.unsqueeze(-2), 0.0).sum(-1)
 
 
 # `torch._grouped_mm` kernels by device type and dtype. CPU (torch >= 2.9) takes all three float
