@@ -100,9 +100,7 @@ def fill_normal_(located: Located, std: float, seed: int) -> None:
 
 
 @torch.no_grad()
-def init_parameter_(
-    tensor: torch.Tensor, rule: tuple[str, float], seed: int, locate: Locator = whole_tensor
-) -> None:
+def init_parameter_(tensor: torch.Tensor, rule: tuple[str, float], seed: int, locate: Locator = whole_tensor) -> None:
     """Apply an init rule ("normal", std) | ("ones", _) | ("zeros", _) to `tensor`'s local part."""
     if tensor.device.type == "meta":
         return
