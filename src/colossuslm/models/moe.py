@@ -45,11 +45,13 @@ def _pick_columns(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """values [T, E], columns int [T, k] -> values[t, columns[t, j]] as [T, k], bit for bit.
 
     Not `topk`'s values nor `gather`: their backward scatters into a zero tensor, and inductor's
-    CPU backend (torch 2.13) can run a reader of that scatter's result before the scatter: when it
-    re-indexes the reader to fuse it with a loop of another shape, `recompute_size_and_body` drops
-    the dependency on the scatter (the mutation rename is lost). The router then got an exactly
-    zero gradient from the main loss (tests/test_moe_compile.py). A masked sum over E is pointwise
-    plus a reduction both ways, and exact: one term is the value, the others are zeros."""
+    CPU backend (torch 2.13) can run a reader of that scatter's result before the scatter. To fuse
+    the reader with a loop of another shape it calls `SchedulerNode.recompute_size_and_body`,
+    which re-extracts the reads without the mutation rename (zero buffer -> scattered buffer), so
+    the reader no longer waits for the scatter (pytorch/pytorch#185509; upstream fix: PR #185873).
+    The router then got an exactly zero gradient from the main loss (tests/test_moe_compile.py).
+    A masked sum over E has no scatter either way (pointwise plus a reduction) and is exact: one
+    term is the value, the others are zeros."""
     chosen = columns.unsqueeze(-1) == torch.arange(values.shape[-1], device=values.device)  # [T, k, E]
     return torch.where(chosen, values.unsqueeze(-2), 0.0).sum(-1)
 
