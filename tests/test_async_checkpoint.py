@@ -177,7 +177,10 @@ def test_two_ranks_save_in_the_background_and_resume(tmp_path):
     whole = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "single" / "checkpoints"))
     assert sharded.keys() == whole.keys()
     for name, value in whole.items():
-        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        # A misassembled shard would be off by the weights' own size (~0.02). Adam divides rarely
+        # seen embedding rows' near-zero gradients by their tiny RMS, so the two reduction orders'
+        # fp32 rounding reaches ~2e-5 in a few of their elements after six steps.
+        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=5e-5, msg=name)
 
 
 KILL_DURING_BACKGROUND_WRITE = textwrap.dedent("""
