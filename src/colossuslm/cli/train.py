@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return subprocess.call(torchrun_command(args))
 
     from colossuslm.config import load_config
+    from colossuslm.parallel.mesh import launched_by_torchrun
     from colossuslm.train.trainer import Trainer
 
     overrides = list(args.overrides)
@@ -107,10 +108,18 @@ def run(args: argparse.Namespace) -> int:
         trainer.close(clean=False)
         raise
     trainer.close()
-    if not summary:  # ranks other than 0 report nothing
-        return 0
-    print(format_summary(summary))
-    return 1 if summary.get("interrupted") else 0
+    code = 0
+    if summary:  # ranks other than 0 report nothing
+        print(format_summary(summary))
+        code = 1 if summary.get("interrupted") else 0
+    if launched_by_torchrun():
+        # Everything is written, closed and the group destroyed. Skip the interpreter's teardown:
+        # there gloo's background threads can still be destroyed while joinable ("terminate called
+        # without an active exception", SIGABRT), turning a finished run into a failed worker.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def dry_run(args: argparse.Namespace) -> int:
