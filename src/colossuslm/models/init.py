@@ -105,13 +105,13 @@ def init_parameter_(tensor: torch.Tensor, rule: tuple[str, float], seed: int, lo
     if tensor.device.type == "meta":
         return
     kind, std = rule
-    local = locate(tensor)[0]
+    located = locate(tensor)
     if kind == "ones":
-        local.fill_(1.0)
+        located[0].fill_(1.0)
     elif kind == "zeros":
-        local.zero_()
+        located[0].zero_()
     elif kind == "normal":
-        fill_normal_(locate(tensor), std, seed)
+        fill_normal_(located, std, seed)
     else:
         raise ValueError(f"unknown init rule {kind!r}")
 

@@ -67,9 +67,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, DTensor) or isinstance(self.weight, DTensor) or not torch.is_grad_enabled():
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

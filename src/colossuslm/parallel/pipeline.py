@@ -47,7 +47,7 @@ from torch.distributed.pipelining.schedules import _ComputationType
 
 from colossuslm.models.loss import IGNORE_INDEX
 from colossuslm.parallel.context import ContextShard
-from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip
+from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip, mean_over_group
 
 # One stage per rank: the schedule takes a single stage.
 SINGLE_STAGE_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
@@ -316,9 +316,7 @@ class PipelineRunner:
             batches = [loader.next_batch() for _ in range(self.n_microbatches)]
             inputs, targets = (torch.cat(parts) for parts in zip(*batches))
             total += self._run(self.eval_schedule.eval, inputs, targets)
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)
-            total /= dist.get_world_size(self.dp_group)
+        mean_over_group(total, self.dp_group)
         return total.item() / groups
 
 

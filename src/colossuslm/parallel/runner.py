@@ -32,6 +32,14 @@ class StepRunner(Protocol):
     def eval_loss(self, loader: BatchSource, n_batches: int) -> float: ...
 
 
+def mean_over_group(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """`value` replaced, in place, by its mean over `group` (unchanged without a group)."""
+    if group is not None:
+        dist.all_reduce(value, group=group)
+        value /= dist.get_world_size(group)
+    return value
+
+
 def average_and_clip(
     loss: torch.Tensor,
     model: torch.nn.Module,
@@ -42,9 +50,7 @@ def average_and_clip(
     """The end of every step's backward: the loss averaged over data-parallel ranks, gradients
     clipped by their global norm (over pipeline stages too, given `stage_group`).
     Returns (loss, gradient norm before clipping)."""
-    if dp_group is not None:
-        dist.all_reduce(loss, group=dp_group)
-        loss /= dist.get_world_size(dp_group)
+    mean_over_group(loss, dp_group)
     grad_norm = clip_grad_norm(model.parameters(), grad_clip if grad_clip > 0 else float("inf"), stage_group)
     return loss.item(), float(grad_norm)
 
@@ -116,10 +122,15 @@ class PlainRunner:
             with self.autocast:
                 loss, _ = self.step_model(inputs.to(self.device), targets.to(self.device))
             total += loss.float()
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)
-            total /= dist.get_world_size(self.dp_group)
-        return total.item() / n_batches
+        return mean_over_group(total, self.dp_group).item() / n_batches
 
 
-__all__ = ["Batch", "BatchSource", "PlainRunner", "StepRunner", "average_and_clip", "forward_backward"]
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "PlainRunner",
+    "StepRunner",
+    "average_and_clip",
+    "forward_backward",
+    "mean_over_group",
+]
