@@ -55,15 +55,32 @@ def test_merging_two_key_blocks_equals_attention_over_both():
     assert torch.allclose(merged, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 2])
 @pytest.mark.parametrize(("causal", "softcap"), [(True, 0.0), (False, 0.0), (True, 0.7)])
-def test_block_attention_backward_recomputes_exact_gradients(causal, softcap):
+def test_block_attention_backward_recomputes_exact_gradients(causal, softcap, chunk_rows, monkeypatch):
     """The hand-written backward (scores recomputed, not saved) against finite differences, through
-    both outputs: the merge differentiates the output and the log-sum-exp."""
+    both outputs: the merge differentiates the output and the log-sum-exp. With `chunk_rows`, the
+    scores are computed two query rows at a time (three chunks, the last one short)."""
+    if chunk_rows:  # 4 heads x 5 keys x 4 bytes per query row
+        monkeypatch.setattr("colossuslm.models.attention.SCORE_CHUNK_BYTES", chunk_rows * 4 * 5 * 4)
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 2, 5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: block_attention(q, k, v, causal, softcap), (q, k, v))
+
+
+def test_query_chunks_match_one_pass_and_sdpa(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 12, 8, generator=generator) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    whole, whole_lse = block_attention(q, k, v, True)
+    monkeypatch.setattr("colossuslm.models.attention.SCORE_CHUNK_BYTES", 5 * 2 * 4 * 12 * 4)  # 5 rows a chunk
+    chunked, chunked_lse = block_attention(q, k, v, True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked_lse, whole_lse, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked, want, rtol=0, atol=1e-5)
 
 
 def test_rope_positions_default_to_the_sequence_and_may_differ_per_sequence():

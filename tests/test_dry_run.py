@@ -80,3 +80,21 @@ def test_bad_dry_run_arguments_are_refused(capsys):
     assert "outside the world" in capsys.readouterr().err
     assert main(["train", "--world-size", "4"]) == 2
     assert "belong to --dry-run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_grok1_at_its_planned_layout_matches_the_planner(recompute, tmp_path):
+    """grok-1 as `colossus plan` writes it for 98,304 H100s (EP8: one expert per ep rank, FSDP2
+    over its replicas; TP8 with full recomputation, TP4 without), cut to two layers so that it runs in seconds: the
+    trainer's memory per rank agrees with the planner's per category. Gradients and optimizer
+    states are a few MB here, below what the comparison resolves."""
+    out = tmp_path / "grok.toml"
+    plan = ["plan", "--model", "grok-1", "--cluster", "colossus-100k", "--gpus", "98304", "--tokens", "6e12"]
+    assert main([*plan, "--fix", f"recompute={recompute}", "--write-config", str(out)]) == 0
+    cfg = load_config([out], ["model.n_layers=2"])
+    assert (cfg.parallel.ep, cfg.parallel.activation_checkpoint) == (8, recompute)
+    report = dry_run(cfg, 98304, rank=0)
+    for key in ("weights", "activations", "total"):
+        fake, planned = report.measured[key], report.planner[key]
+        assert planned == pytest.approx(fake, rel=0.10), f"{key}: planner {planned:.4g} vs dry run {fake:.4g}"

@@ -89,10 +89,23 @@ def test_tp2_with_ep2_holds_a_quarter_of_the_experts_and_matches_single_process_
 
 def test_ep_with_fsdp2_trains_like_single_process(tmp_path: Path):
     got = run_worker(4, "fsdp", tmp_path, "--ep", "2")
+    # FSDP shards each ep rank's two experts over their two replicas: one expert per rank.
+    assert got["local_expert_shapes"] == [(EXPERTS // 4, 24, 32), (EXPERTS // 4, 32, 24)]
     want = reference_training(tiny_config(EXPERTS), 4)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=0)
     # The EP-aware clip_grad_norm_ agrees with torch's over the unsharded model (and clipped).
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(want["grad_norms"]), rtol=1e-5, atol=0)
+    for name, expected in want["params"].items():
+        torch.testing.assert_close(got["params"][name], expected, rtol=0, atol=1e-5, msg=name)
+
+
+def test_ep_with_fsdp2_shards_the_model_dimension_when_replicas_outnumber_local_experts(tmp_path: Path):
+    # Two experts over ep 2: one per ep rank, two replicas of it. Sharding the expert dimension
+    # would leave one replica with padding only; FSDP shards d_model (w1, w3) or hidden (w2).
+    got = run_worker(4, "fsdp", tmp_path, "--ep", "2", "--experts", "2")
+    assert got["local_expert_shapes"] == [(1, 12, 32), (1, 16, 24)]
+    want = reference_training(tiny_config(2), 4)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=0)
     for name, expected in want["params"].items():
         torch.testing.assert_close(got["params"][name], expected, rtol=0, atol=1e-5, msg=name)
 

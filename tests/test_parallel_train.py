@@ -113,6 +113,10 @@ LAYOUTS = {
     "fsdp_tp": (4, ["parallel.dp_shard=2", "parallel.tp=2"], 2, "dense"),
     "hsdp": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 4, "dense"),
     "ep": (2, ["parallel.ep=2", "parallel.dp_shard=2"], 2, "moe"),
+    # two replicas of each ep rank's experts: FSDP shards the experts over them (plain and HSDP)
+    # (one sequence per rank and micro-batch, so compared without the per-micro-batch auxiliary losses)
+    "ep_replicas": (4, ["parallel.ep=2", "parallel.dp_shard=4"], 8, "pipeline_moe_no_aux"),
+    "hsdp_ep": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], 8, "pipeline_moe_no_aux"),
     # attention split over tp, experts over ep, and the rest sharded over dp_shard, all at once
     "tp_ep": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.dp_shard=2"], 2, "moe"),
     # two pipeline stages, one block each, with both schedules; then stages x FSDP2 shards

@@ -78,3 +78,32 @@ def test_write_config_keeps_plan_free_of_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_fsdp_shard_dim_prefers_dim0_and_never_leaves_replicas_with_padding_only():
+    from colossuslm.parallel.dims import fsdp_shard_dim
+
+    assert fsdp_shard_dim((16, 6144, 4096), 4) == 0  # even
+    assert fsdp_shard_dim((6144, 6144), 3125) == 0  # uneven but long: under one padded row per rank
+    assert fsdp_shard_dim((2, 6144, 4096), 3072) == 1  # two experts over 3,072 replicas: split d_model
+    assert fsdp_shard_dim((2, 4096, 6144), 4096) == 1
+    assert fsdp_shard_dim((2, 6144, 4096), 3125) is None  # 3,125 = 5^5 divides no dimension
+
+
+def test_experts_the_trainer_cannot_shard_are_named():
+    work = resolve_model("grok-1", 8192)
+    # 100,000 GPUs, TP8 EP4: 3,125 replicas of each rank's 2 experts, and 5^5 divides nothing.
+    odd = Layout(tp=8, ep=4, dp=12500, grad_accum=1, zero=3)
+    assert "cannot shard expert weights [2, 6144, 4096] over their 3125 replicas" in unrunnable_reason(work, odd)
+    # 98,304 GPUs, TP8 EP8: 1,536 replicas of one expert split d_model = 6144 four ways each.
+    assert unrunnable_reason(work, Layout(tp=8, ep=8, dp=12288, grad_accum=1, zero=3)) is None
+
+
+def test_no_runnable_layout_suggests_a_gpu_count(capsys, tmp_path):
+    args = ["plan", "--model", "grok-1", "--cluster", "colossus-100k", "--tokens", "6e12"]
+    assert main([*args, "--write-config", str(tmp_path / "grok.toml")]) == 2
+    captured = capsys.readouterr()
+    assert "Layout families" in captured.out  # each family's reason is printed first
+    assert "try --gpus 98304" in captured.err and not (tmp_path / "grok.toml").exists()
+    assert main([*args, "--gpus", "98304", "--write-config", str(tmp_path / "grok.toml")]) == 0
+    assert "--world-size 98304" in capsys.readouterr().out

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from colossuslm.config.schema import ModelConfig, ParallelConfig
 from colossuslm.errors import ColossusError
 from colossuslm.models.transformer import Transformer
-from colossuslm.parallel.expert import apply_expert_parallel
+from colossuslm.parallel.expert import ExpertParallelExperts, apply_expert_parallel
+from colossuslm.parallel.fsdp import ExpertSharding, apply_fsdp
 from colossuslm.parallel.grads import clip_grad_norm
 from colossuslm.parallel.mesh import ParallelDims, build_mesh
 from colossuslm.parallel.tensor import apply_tensor_parallel
@@ -127,21 +127,22 @@ def run_grads(model, meshes, expert_params, dp_rank, dp_size) -> dict:
     loss = rank_loss(model, *rank_slice(global_batch(0, dp_size), dp_rank))
     loss.backward()
     dp_group = meshes.dp.get_group()
+    replica_group = meshes.dp_mod_ep.get_group()
     grads = {}
     for name, p in model.named_parameters():
-        if p not in expert_params:  # what FSDP would do: average over the data-parallel ranks
-            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # TP shards stay shards
-            dist.all_reduce(local, group=dp_group)
-            local /= dp_size
+        # What FSDP does: average over the data-parallel ranks, or for an expert (whose all-to-all
+        # backward already summed its ep group's rows), sum over its replicas and divide by dp.
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # TP/EP shards stay shards
+        dist.all_reduce(local, group=replica_group if p in expert_params else dp_group)
+        local /= dp_size
         grads[name] = full(p.grad).clone()
     dist.all_reduce(loss := loss.detach(), group=dp_group)
     return {"loss": loss.item() / dp_size, "grads": grads}
 
 
 def run_fsdp(model, meshes, expert_params, dp_rank, dp_size) -> dict:
-    for block in model.layers.values():
-        fully_shard(block, mesh=meshes.dp_shard, ignored_params=expert_params)
-    fully_shard(model, mesh=meshes.dp_shard, ignored_params=expert_params)
+    experts = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+    apply_fsdp(model, meshes.dp_shard, bf16=False, experts=ExpertSharding(experts, meshes.expert_fsdp, dp_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     losses, grad_norms = [], []
     for step in range(FSDP_STEPS):
@@ -197,7 +198,8 @@ def main() -> None:
     model = build_model(tiny_config(args.experts, args.shared), favour)
     if args.tp > 1:
         apply_tensor_parallel(model, meshes.tp, sequence_parallel=True)
-    expert_params = apply_expert_parallel(model, meshes) if args.ep > 1 else set()
+    expert_modules = apply_expert_parallel(model, meshes) if args.ep > 1 else []
+    expert_params = {p for m in expert_modules for p in m.parameters()}
     if args.scenario == "grads":
         result = run_grads(model, meshes, expert_params, dp_rank, dp_size)
     elif args.scenario == "fsdp":

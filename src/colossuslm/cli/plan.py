@@ -193,6 +193,10 @@ def _plan(args: argparse.Namespace) -> int:
         top=args.top,
     )
     seconds = time.perf_counter() - started
+    if args.write_config and not plan.result.ranked:
+        if not args.json:
+            print(plan_text(plan, seconds))  # each family's reason for refusing
+        raise ColossusError(_nothing_runnable(plan))
     written = _write_config(args, plan) if args.write_config else None
     if args.json:
         print(json.dumps(plan_dict(plan, seconds) | ({"config_written": written} if written else {}), indent=1))
@@ -204,6 +208,32 @@ def _plan(args: argparse.Namespace) -> int:
                 f"  colossus train {written['path']} --dry-run --world-size {written['n_gpus']}"
             )
     return 0 if plan.projection else 1
+
+
+def _nothing_runnable(plan) -> str:
+    """Why no config can be written, with a GPU count to try: the trainer's FSDP2 splits a
+    weight's dimension evenly (d_model, hidden, experts are products of 2s and 3s), so a count
+    such as 100,000 = 2^5 x 5^5 leaves data-parallel groups that divide none of them."""
+    n = plan.cluster.n_gpus
+    message = "no layout the trainer can run fits (see each family's reason above)"
+    smooth = max(_two_three_smooth(n))
+    if smooth != n:
+        message += (
+            f"; try --gpus {smooth} (the largest count <= {n:,} of the form 2^a x 3^b, "
+            f"keeping {n - smooth:,} GPUs as hot spares)"
+        )
+    return message
+
+
+def _two_three_smooth(limit: int) -> list[int]:
+    counts, power_of_two = [], 1
+    while power_of_two <= limit:
+        value = power_of_two
+        while value <= limit:
+            counts.append(value)
+            value *= 3
+        power_of_two *= 2
+    return counts
 
 
 def _write_config(args: argparse.Namespace, plan) -> dict:

@@ -104,15 +104,25 @@ def logits_bytes_per_token(cfg: ModelConfig) -> float:
 
 # Rows of hidden states the fused cross-entropy (models/loss.py) projects to logits at a time.
 LOSS_CHUNK_ROWS = 512
+# The fused loss adds its head-weight gradient a block of vocabulary rows at a time, about this
+# many bytes of temporaries per block (models/loss.py).
+WEIGHT_GRAD_BLOCK_BYTES = 256 * 2**20
 
 
 def loss_bytes(cfg: ModelConfig, tokens: float, bytes_per_value: int = 2) -> float:
     """Peak memory of the fused, chunked cross-entropy (models/loss.py) on one micro-batch of
-    `tokens`: the fp32 head-weight gradient it computes during forward, the hidden-state gradient,
-    and two fp32 logit chunks alive at once (the log-softmax and its input). Never the full
-    [tokens, vocab] logits."""
+    `tokens`, never the full [tokens, vocab] logits. Forward: the fp32 head-weight gradient it
+    computes as it goes and the hidden-state gradient, plus the larger of one chunk's fp32
+    logits with their log-softmax, or its logit gradient with one block of the weight-gradient
+    update. Backward: the fp32 weight gradient and its copy in the weight's dtype."""
     chunk = min(tokens, LOSS_CHUNK_ROWS)
-    return 4.0 * cfg.vocab_size * cfg.d_model + bytes_per_value * tokens * cfg.d_model + 8.0 * chunk * cfg.vocab_size
+    weight = cfg.vocab_size * cfg.d_model
+    hidden_grad = bytes_per_value * tokens * cfg.d_model
+    update = min(WEIGHT_GRAD_BLOCK_BYTES, (bytes_per_value + 4.0) * weight)
+    chunk_peak = max(8.0 * chunk * cfg.vocab_size, bytes_per_value * chunk * cfg.vocab_size + update)
+    forward = 4.0 * weight + hidden_grad + chunk_peak
+    backward = (4.0 + bytes_per_value) * weight + hidden_grad
+    return max(forward, backward)
 
 
 @dataclass(frozen=True)

@@ -11,19 +11,27 @@ import math
 
 import torch
 
+# Scores are materialized one chunk of query rows at a time, so forward and backward hold about
+# this many bytes of fp32 scores (and a few same-sized temporaries) rather than Sq x Sk of them:
+# at 8,192 tokens with 6 local heads the whole score matrix would be 1.6 GB per copy.
+SCORE_CHUNK_BYTES = 64 * 2**20
+
 
 def _capped_scores(
-    grouped_q: torch.Tensor, k: torch.Tensor, causal: bool, softcap: float
+    grouped_q: torch.Tensor, k: torch.Tensor, first_query: int | None, softcap: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 scores [B, KVH, G, Sq, Sk] (masked to -inf above the diagonal when causal), and the
-    tanh of the uncapped scores when softcapped (its derivative needs it)."""
+    """fp32 scores [B, KVH, G, Cq, Sk] of a chunk of query rows against keys 0..Sk-1, masked to
+    -inf where a key comes after the query when causal (`first_query`: the chunk's first query
+    position; None: not causal), and the tanh of the uncapped scores when softcapped (its
+    derivative needs it)."""
     scores = (grouped_q @ k.unsqueeze(2).transpose(-2, -1)).to(_accumulate_dtype(k)) / math.sqrt(grouped_q.shape[-1])
     tanh = None
     if softcap > 0:
         tanh = torch.tanh(scores / softcap)
         scores = softcap * tanh
-    if causal:
-        allowed = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
+    if first_query is not None:
+        queries = torch.arange(first_query, first_query + scores.shape[-2], device=scores.device)
+        allowed = torch.arange(scores.shape[-1], device=scores.device) <= queries.unsqueeze(-1)
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores, tanh
 
@@ -38,16 +46,32 @@ def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.reshape(batch, kv_heads, heads // kv_heads, seq, dim)
 
 
+def _query_chunks(q: torch.Tensor, keys: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(first query, end query, keys it reads) per chunk of query rows. Causal chunks read only
+    the keys up to their last query, which also skips the masked half of the work."""
+    batch, heads, queries, _ = q.shape
+    rows = max(1, SCORE_CHUNK_BYTES // (4 * batch * heads * keys))
+    return [(i, min(queries, i + rows), min(queries, i + rows) if causal else keys) for i in range(0, queries, rows)]
+
+
 class _BlockAttention(torch.autograd.Function):
     """(output, lse) of one block, keeping only q, k, v, the output and the lse for backward and
-    recomputing the scores there (as flash attention does): O(S) saved memory, not O(S^2)."""
+    recomputing the scores there (as flash attention does): O(S) saved memory, not O(S^2), and
+    chunks of query rows bound the scores alive at once in both passes."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: float):
-        scores, _ = _capped_scores(_grouped(q, k.shape[1]), k, causal, softcap)
-        lse = scores.logsumexp(dim=-1)
-        probs = (scores - lse.unsqueeze(-1)).exp()
-        out = (probs.to(v.dtype) @ v.unsqueeze(2)).to(scores.dtype)
+        kv_heads, acc = k.shape[1], _accumulate_dtype(k)
+        grouped_q = _grouped(q, kv_heads)
+        out = grouped_q.new_empty(grouped_q.shape, dtype=acc)
+        lse = grouped_q.new_empty(grouped_q.shape[:-1], dtype=acc)
+        for first, end, keys in _query_chunks(q, k.shape[2], causal):
+            chunk_q = grouped_q[..., first:end, :]
+            scores, _ = _capped_scores(chunk_q, k[:, :, :keys], first if causal else None, softcap)
+            chunk_lse = scores.logsumexp(dim=-1)
+            probs = (scores - chunk_lse.unsqueeze(-1)).exp()
+            out[..., first:end, :] = probs.to(v.dtype) @ v[:, :, :keys].unsqueeze(2)
+            lse[..., first:end] = chunk_lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.softcap = causal, softcap
         return out.reshape(q.shape), lse.reshape(q.shape[:-1])
@@ -55,24 +79,32 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
-        kv_heads = k.shape[1]
+        kv_heads, acc = k.shape[1], out.dtype
         grouped_q = _grouped(q, kv_heads)
-        scores, tanh = _capped_scores(grouped_q, k, ctx.causal, ctx.softcap)
-        probs = (scores - lse.unsqueeze(-1)).exp()  # 0 where masked
-        acc = scores.dtype
         grad_out = torch.zeros_like(out) if grad_out is None else _grouped(grad_out.to(acc), kv_heads)
-        # d(lse)/d(scores) = probs; d(out)/d(scores) is the softmax Jacobian applied to grad_out . v
-        grad_scores = (grad_out @ v.unsqueeze(2).to(acc).transpose(-2, -1)) - (grad_out * out).sum(-1, keepdim=True)
-        if grad_lse is not None:
-            grad_scores = grad_scores + _grouped(grad_lse.unsqueeze(-1).to(acc), kv_heads)
-        grad_scores = probs * grad_scores
-        if tanh is not None:
-            grad_scores = grad_scores * (1 - tanh.square())
-        grad_scores = grad_scores / math.sqrt(q.shape[-1])
-        grad_q = (grad_scores @ k.unsqueeze(2).to(acc)).reshape(q.shape)
-        grad_k = (grad_scores.transpose(-2, -1) @ grouped_q.to(acc)).sum(2)  # summed over the query group
-        grad_v = (probs.transpose(-2, -1) @ grad_out).sum(2)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+        grad_lse = None if grad_lse is None else _grouped(grad_lse.unsqueeze(-1).to(acc), kv_heads)
+        # d(out)/d(scores) is the softmax Jacobian: grad_out . v minus the row sum of grad_out * out.
+        row_term = (grad_out * out).sum(-1, keepdim=True)
+        grad_q = torch.empty_like(grouped_q, dtype=acc)
+        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for first, end, keys in _query_chunks(q, k.shape[2], ctx.causal):
+            rows = slice(first, end)
+            chunk_q, chunk_k, chunk_v = grouped_q[..., rows, :], k[:, :, :keys], v[:, :, :keys]
+            scores, tanh = _capped_scores(chunk_q, chunk_k, first if ctx.causal else None, ctx.softcap)
+            probs = (scores - lse[..., rows].unsqueeze(-1)).exp()  # 0 where masked
+            chunk_grad_out = grad_out[..., rows, :]
+            grad_scores = chunk_grad_out @ chunk_v.unsqueeze(2).to(acc).transpose(-2, -1) - row_term[..., rows, :]
+            if grad_lse is not None:  # d(lse)/d(scores) = probs
+                grad_scores = grad_scores + grad_lse[..., rows, :]
+            grad_scores = probs * grad_scores
+            if tanh is not None:
+                grad_scores = grad_scores * (1 - tanh.square())
+            grad_scores = grad_scores / math.sqrt(q.shape[-1])
+            grad_q[..., rows, :] = grad_scores @ chunk_k.unsqueeze(2).to(acc)
+            grad_k[:, :, :keys] += (grad_scores.transpose(-2, -1) @ chunk_q.to(acc)).sum(2)  # over the query group
+            grad_v[:, :, :keys] += (probs.transpose(-2, -1) @ chunk_grad_out).sum(2)
+        return grad_q.reshape(q.shape).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
 def block_attention(

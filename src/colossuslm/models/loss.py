@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from colossuslm.models.arithmetic import LOSS_CHUNK_ROWS
+from colossuslm.models.arithmetic import LOSS_CHUNK_ROWS, WEIGHT_GRAD_BLOCK_BYTES
 
 IGNORE_INDEX = -100
 
@@ -40,9 +40,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total / valid_count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
+        # Scaled in place: the fp32 [V, d] weight gradient is the loss's largest tensor, and a
+        # scaled copy next to it (plus its cast) would more than double the backward's peak.
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output).to(ctx.weight_dtype), None, None, None
 
 
 def _chunk_step(
@@ -74,8 +77,20 @@ def _chunk_step(
     g = grad_logits.to(w.dtype)
     del grad_logits, log_probs
     grad_hidden[start : start + rows] = (g @ w).to(hidden.dtype)
-    grad_weight += (g.t() @ h).float()
+    _add_weight_grad(grad_weight, g, h)
     return loss
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight (fp32) += g.T @ h. In fp32 in place; from bf16 operands, a block of vocabulary
+    rows at a time: the whole [V, d] product in bf16 plus its fp32 copy would be 1.5 times the
+    gradient itself at once (4.8 GB for grok-1's head), and CPUs have no bf16 matmul into fp32."""
+    if g.dtype == grad_weight.dtype:
+        grad_weight.addmm_(g.t(), h)
+        return
+    block = max(1, WEIGHT_GRAD_BLOCK_BYTES // (6 * h.shape[1]))  # a bf16 and an fp32 copy per row
+    for first in range(0, grad_weight.shape[0], block):
+        grad_weight[first : first + block] += (g[:, first : first + block].t() @ h).float()
 
 
 def linear_cross_entropy(

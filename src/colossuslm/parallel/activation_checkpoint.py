@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import (
+    SAC_IGNORED_OPS,
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
@@ -42,6 +43,14 @@ import colossuslm.models.moe  # noqa: F401  (registers torch.ops.colossuslm.grou
 from colossuslm.errors import ColossusError
 
 MODES = ("none", "full", "selective")
+
+# FSDP2 shards the routed experts inside the checkpointed block (parallel/fsdp.py), so its hooks
+# open profiler ranges there, and more of them in the recompute (backward prefetch) than in the
+# forward. Selective checkpointing replays ops by per-op count and would stop at the first extra
+# range; the ranges carry no tensors, so they are passed through like torch's own ignored ops.
+SAC_IGNORED_OPS.update(
+    {torch.ops.profiler._record_function_enter_new.default, torch.ops.profiler._record_function_exit._RecordFunction}
+)
 
 
 def _ops(*names: str) -> set[Any]:

@@ -3,6 +3,7 @@ config writer checks its layouts with the same rules the trainer applies)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from colossuslm.config.schema import ParallelConfig
@@ -69,4 +70,33 @@ class ParallelDims:
         )
 
 
-__all__ = ["ParallelDims"]
+def fsdp_shard_dim(local_shape: Sequence[int], shard_ranks: int) -> int | None:
+    """The dimension FSDP2 shards a parameter of `local_shape` on over `shard_ranks` ranks, or None.
+
+    FSDP2 splits each parameter along one dimension and can pad only dimension 0. Dimension 0
+    serves when it splits evenly or is at least as long as the ranks are many (the padding is then
+    under one row per rank); a short dimension 0 (E / ep stacked experts over thousands of
+    replicas) would leave almost every rank holding nothing but padding, so the first later
+    dimension that splits evenly is taken instead (as torchtitan does for experts). None: no
+    dimension works, and the layout must change (see `expert_sharding_problem`)."""
+    if local_shape[0] % shard_ranks == 0 or local_shape[0] >= shard_ranks:
+        return 0
+    return next((dim for dim in range(1, len(local_shape)) if local_shape[dim] % shard_ranks == 0), None)
+
+
+def expert_sharding_problem(shapes: Sequence[Sequence[int]], shard_ranks: int) -> str | None:
+    """Why FSDP2 cannot shard expert weights of these local shapes over `shard_ranks` replicas
+    (None when it can). A rank's routed experts are w1/w3 [E / ep, d_model, hidden / tp] and
+    w2 [E / ep, hidden / tp, d_model]."""
+    for shape in shapes:
+        if fsdp_shard_dim(shape, shard_ranks) is None:
+            return (
+                f"FSDP2 cannot shard expert weights {list(shape)} over their {shard_ranks} replicas (it splits "
+                f"one dimension evenly, or pads dimension 0 only, which here would leave most replicas holding "
+                f"padding): choose a layout whose expert replicas (data-parallel x context-parallel ranks / ep) "
+                f"divide one of {list(shape)}, e.g. a GPU count of the form 2^a x 3^b"
+            )
+    return None
+
+
+__all__ = ["ParallelDims", "expert_sharding_problem", "fsdp_shard_dim"]

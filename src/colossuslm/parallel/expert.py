@@ -32,14 +32,15 @@ times less, but then the gates' gradient needs its own reduction; not done yet.
 Expert weights are DTensors sharded Shard(0) on `meshes.ep`: `torch.distributed.checkpoint` sees
 the full logical [E, ...] tensors, so a checkpoint written at one EP degree loads at another.
 
-Gradients. The project's loss is the mean over data-parallel ranks of each rank's mean loss;
-FSDP averages the other parameters' gradients over `meshes.dp`. An expert, however, receives rows
-from every rank of its ep group, so the all-to-all backward already *sums* those ranks'
-contributions into its gradient, and the replicas of the same expert shard (`meshes.dp_mod_ep`)
-saw the rows of the other ep groups. `_SyncExpertGradients` (identity in forward, placed where
-the weights enter the computation) therefore all-reduces the expert gradients over `dp_mod_ep`
-and divides them by the dp size during backward. It runs once per backward, before the gradient
-is accumulated into `.grad`, so gradient accumulation stays correct without any trainer call.
+Sharding and gradients. The replicas of one expert shard (`meshes.dp_mod_ep`: the ranks with the
+same ep and tp coordinates) are FSDP2's to shard, as torchtitan does: `parallel.fsdp` calls
+`fully_shard` on every `ExpertParallelExperts` over `meshes.expert_fsdp`, so a rank holds
+routed / (tp x ep x dp_mod_ep) of the expert weights, the figure the planner assumes. The
+gradient then needs one correction. The project's loss is the mean over data-parallel ranks of
+each rank's mean loss, and FSDP averages the other parameters' gradients over `dp x cp`. An
+expert, however, receives rows from every rank of its ep group, so the all-to-all backward
+already *sums* those ranks' contributions, and FSDP's reduction over the replicas must sum too,
+then divide by dp x cp (not by the replica count): `parallel.fsdp` sets that divide factor.
 """
 
 from __future__ import annotations
@@ -55,26 +56,6 @@ from torch.distributed.tensor import DTensor, Shard
 from colossuslm.errors import ColossusError
 from colossuslm.models.moe import GroupedExperts, MoE, compute_dtype, grouped_swiglu
 from colossuslm.parallel.mesh import Meshes
-
-
-class _SyncExpertGradients(torch.autograd.Function):
-    """Identity on the local expert weights; in backward, sum their gradients over the expert
-    replicas and divide by the data-parallel size (see the module docstring for why)."""
-
-    @staticmethod
-    def forward(ctx, replica_group: dist.ProcessGroup | None, dp_size: int, *weights: torch.Tensor):
-        ctx.replica_group, ctx.dp_size = replica_group, dp_size
-        return tuple(w.view_as(w) for w in weights)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        # One flat buffer: one collective per MoE layer instead of one per weight.
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if ctx.replica_group is not None:
-            dist.all_reduce(flat, group=ctx.replica_group)
-        flat = flat / ctx.dp_size
-        synced = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        return (None, None, *synced)
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -183,10 +164,6 @@ class ExpertParallelExperts(nn.Module):
             placements = [Shard(0), Shard(tp_dim)] if tp_split else [Shard(0)]
             dtensor = DTensor.from_local(local, mesh, placements, run_check=False)
             setattr(self, name, nn.Parameter(dtensor, requires_grad=weight.requires_grad))
-        self.replica_group = meshes.dp_mod_ep.get_group() if meshes.dp_mod_ep.size() > 1 else None
-        # Context-parallel ranks are replicas too (meshes.dp_mod_ep includes cp; parallel/context.py
-        # scales each rank's loss so that the average over dp x cp is the replica's loss).
-        self.dp_size = meshes.dp_cp.size() if meshes.dp_cp is not None else meshes.dp.size()
 
     # `colossus train --dry-run` sets this: with fake tensors the all-to-all sizes cannot be read
     # from the routing, so every rank is assumed to send every rank an equal share (balanced load).
@@ -229,9 +206,7 @@ class ExpertParallelExperts(nn.Module):
         restore[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
         local_offsets = counts_from_rank.sum(0).cumsum(0).to(torch.int32)
 
-        weights = _SyncExpertGradients.apply(
-            self.replica_group, self.dp_size, self.w1.to_local(), self.w3.to_local(), self.w2.to_local()
-        )
+        weights = (self.w1.to_local(), self.w3.to_local(), self.w2.to_local())
         out = _run_local_experts(received[by_expert], local_offsets, weights, self.tp_group)
         # Back to (source rank, local expert) order, then home: the reverse all-to-all returns each
         # sender's rows in the order it sent them, i.e. the order of x_sorted.
@@ -244,15 +219,15 @@ def even_splits(rows: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> set[nn.Parameter]:
-    """Shard the experts of every MoE block over `meshes.ep`; return the expert parameters.
+def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> list[ExpertParallelExperts]:
+    """Shard the experts of every MoE block over `meshes.ep`; return the new expert modules.
 
-    Call it after tensor parallelism (TP-split experts stay split) and before `fully_shard`, and
-    pass the returned set as `ignored_params` so FSDP leaves the experts alone. Gradient scaling and the replica all-reduce are automatic (module docstring).
-    The model must have been built with the same seed on every rank.
+    Call it after tensor parallelism (TP-split experts stay split) and before FSDP, which shards
+    the returned modules over their replicas (`parallel.fsdp.apply_fsdp`'s `experts`). A model
+    built with real weights must have been built with the same seed on every rank.
     """
     ep_size = meshes.ep.size()
-    expert_params: set[nn.Parameter] = set()
+    expert_modules: list[ExpertParallelExperts] = []
     for module in list(model.modules()):  # a snapshot: the loop replaces children
         if not isinstance(module, MoE):
             continue
@@ -262,8 +237,8 @@ def apply_expert_parallel(model: nn.Module, meshes: Meshes) -> set[nn.Parameter]
                 f"parallel.ep = {ep_size}; choose an ep that divides the number of experts"
             )
         module.experts = ExpertParallelExperts(module.experts, meshes)
-        expert_params.update(module.experts.parameters())
-    return expert_params
+        expert_modules.append(module.experts)
+    return expert_modules
 
 
 __all__ = ["apply_expert_parallel", "shard_experts_over_tp", "ExpertParallelExperts", "TensorParallelExperts"]

@@ -1,18 +1,21 @@
 """Process group start-up and the device mesh.
 
-The mesh has six named dimensions, outermost first: pp, dp_replicate, dp_shard_mod_ep, ep, cp,
+The mesh has six named dimensions, outermost first: pp, dp_replicate, dp_shard_mod_ep, cp, ep,
 tp. Expert parallelism borrows its ranks from the FSDP shard group (as torchtitan does): the data
 parallel shard group is dp_shard = dp_shard_mod_ep x ep, and every rank still reads its own
-data. Context parallelism (cp) sits between the data-parallel dimensions and tp: the cp ranks of
+data. Context parallelism (cp) sits between the data-parallel dimensions and ep: the cp ranks of
 one replica read the same batch (like TP ranks) and each takes its chunks of every sequence
 (parallel/context.py). EP does not borrow from cp here: an expert's replicas over cp sum their
-gradients like the data-parallel replicas do. Flattened views:
+gradients like the data-parallel replicas do. cp is outside ep so that the replicas of one expert
+shard (dp_mod_ep) are the mesh dimensions in front of ep: FSDP can only shard a DTensor over mesh
+dimensions that come before the ones it is already split on. Flattened views:
   dp_shard    = (dp_shard_mod_ep, ep)                 ranks of one FSDP shard group without cp
-  dp_shard_cp = (dp_shard_mod_ep, ep, cp)             FSDP shards non-expert parameters here
+  dp_shard_cp = (dp_shard_mod_ep, cp, ep)             FSDP shards non-expert parameters here
                                                       (cp folds into the sharding group, as in torchtitan)
   dp          = (dp_replicate, dp_shard_mod_ep, ep)   ranks that read different data
-  dp_cp       = (dp_replicate, dp_shard_mod_ep, ep, cp)  ranks whose losses and gradients are averaged
-  dp_mod_ep   = (dp_replicate, dp_shard_mod_ep, cp)   replicas of one expert shard
+  dp_cp       = (dp_replicate, dp_shard_mod_ep, cp, ep)  ranks whose losses and gradients are averaged
+  dp_mod_ep   = (dp_replicate, dp_shard_mod_ep, cp)   replicas of one expert shard: FSDP shards the
+                                                      experts here (2-D, HSDP, when dp_replicate > 1)
 """
 
 from __future__ import annotations
@@ -94,35 +97,42 @@ class Meshes:
     cp: DeviceMesh | None = None  # the context-parallel ranks sharing one batch (size 1 without cp)
     dp_shard_cp: DeviceMesh | None = None  # the FSDP shard group: dp_shard with cp folded in
     dp_cp: DeviceMesh | None = None  # ranks whose losses and gradients are averaged
+    # The mesh FSDP shards the routed experts over: their replicas (dp_mod_ep), as a 2-D
+    # (dp_replicate, dp_shard_mod_ep x cp) mesh for hybrid sharding when dp_replicate > 1.
+    expert_fsdp: DeviceMesh | None = None
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
     # Pipeline stages outermost: on a GPU cluster the stage-to-stage traffic is the lightest and
     # can cross nodes, while TP (innermost) stays inside a node.
-    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
-    shape = (dims.pp, dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep, dims.cp, dims.tp)
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard_mod_ep, dims.cp, dims.ep, dims.tp)
     root = init_device_mesh(device_type, shape, mesh_dim_names=names)
     dp_shard = root["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    dp_shard_cp = root["dp_shard_mod_ep", "ep", "cp"]._flatten("dp_shard_cp")  # before _hsdp_mesh slices it
+    dp_shard_cp = root["dp_shard_mod_ep", "cp", "ep"]._flatten("dp_shard_cp")  # before _hsdp_mesh slices it
+    dp_mod_ep = root["dp_replicate", "dp_shard_mod_ep", "cp"]._flatten("dp_mod_ep")
+    if dims.dp_replicate > 1:
+        root["dp_shard_mod_ep", "cp"]._flatten("dp_shard_mod_ep_cp")
     return Meshes(
         root=root,
         dp=root["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp"),
         dp_shard=dp_shard,
         dp_replicate=root["dp_replicate"],
-        dp_mod_ep=root["dp_replicate", "dp_shard_mod_ep", "cp"]._flatten("dp_mod_ep"),
+        dp_mod_ep=dp_mod_ep,
         ep=root["ep"],
         tp=root["tp"],
-        hsdp=_hsdp_mesh(root) if dims.dp_replicate > 1 else None,
+        hsdp=_hsdp_mesh(root, "dp_shard_cp") if dims.dp_replicate > 1 else None,
         pp=root["pp"],
         cp=root["cp"],
         dp_shard_cp=dp_shard_cp,
-        dp_cp=root["dp_replicate", "dp_shard_mod_ep", "ep", "cp"]._flatten("dp_cp"),
+        dp_cp=root["dp_replicate", "dp_shard_mod_ep", "cp", "ep"]._flatten("dp_cp"),
+        expert_fsdp=_hsdp_mesh(root, "dp_shard_mod_ep_cp") if dims.dp_replicate > 1 else dp_mod_ep,
     )
 
 
-def _hsdp_mesh(root: DeviceMesh) -> DeviceMesh:
+def _hsdp_mesh(root: DeviceMesh, shard_dim: str) -> DeviceMesh:
     # FSDP2 takes HSDP as a 2-D mesh; the shard dimension is the flattened one, which only
     # slicing the root can give (torch warns that this will change; there is no other way yet).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return root["dp_replicate", "dp_shard_cp"]
+        return root["dp_replicate", shard_dim]

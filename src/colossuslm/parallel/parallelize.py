@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from colossuslm.config.schema import TrainConfig
+from colossuslm.models.moe import MoE
 from colossuslm.parallel.mesh import Meshes, ParallelDims
 
 
@@ -38,20 +39,21 @@ def parallelize_model(
         from colossuslm.parallel.context import apply_context_parallel
 
         apply_context_parallel(model, meshes.cp)
-    expert_params: set[nn.Parameter] = set()
     if dims.ep > 1:
         from colossuslm.parallel.expert import apply_expert_parallel
 
-        expert_params = apply_expert_parallel(model, meshes)
+        apply_expert_parallel(model, meshes)
     if activation_checkpoint != "none":
         from colossuslm.parallel.activation_checkpoint import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, activation_checkpoint, activation_checkpoint_every)
     if dims.dp_cp_size > 1:  # cp ranks hold the same weights: they shard them too (torchtitan's dp_shard_cp)
-        from colossuslm.parallel.fsdp import apply_fsdp
+        from colossuslm.parallel.fsdp import ExpertSharding, apply_fsdp
 
         mesh = meshes.dp_shard_cp if dims.dp_replicate == 1 else meshes.hsdp
-        apply_fsdp(model, mesh, bf16=bf16, ignored_params=expert_params or None)
+        routed = [module.experts for module in model.modules() if isinstance(module, MoE)]
+        experts = ExpertSharding(routed, meshes.expert_fsdp, dims.dp_cp_size) if routed else None
+        apply_fsdp(model, mesh, bf16=bf16, experts=experts)
         return True
     return False
 

@@ -347,7 +347,8 @@ class CostModel:
         # Two all-reduces (or all-gather + reduce-scatter pairs) per block per pass, of the
         # full activation: attention output and MLP output.
         tp_time = 2 * comm.all_reduce(activation, tp_group, gpu)
-        cp_group = comm.group(cp, tp, gpu.nvlink_domain)
+        # Colossus LM's mesh places ep between tp and cp (parallel/mesh.py); Megatron's, cp first.
+        cp_group = comm.group(cp, tp * ep if sw.colossus_trainer else tp, gpu.nvlink_domain)
         kv = micro_batch * work.seq_len * work.kv_width * 2 / max(1, tp)
         cp_time = comm.all_gather(kv, cp_group, gpu)
         attention, back_ratio = self._attention(micro_batch, tp, cp, sw)

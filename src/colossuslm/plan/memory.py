@@ -9,6 +9,7 @@ activations (1F1B keeps up to `pp` micro-batches in flight there); the last hold
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -77,7 +78,48 @@ def gathered_params(work: Workload, lay: Layout, dense: float, expert: float, la
     the root's (embedding, final norm, head: gathered for the whole step) and the last block's
     (kept gathered for the backward pass that starts with it); the other blocks are resharded."""
     vocab = vocab_matrices(work, lay.pp) * work.embedding_params / (1 if lay.software.colossus_trainer else lay.tp)
-    return vocab + (dense + expert - vocab) / max(1, layers)
+    if lay.software.colossus_trainer and lay.recompute == "full":
+        # Measured (`colossus train --dry-run`, grok-1): with whole blocks recomputed, the peak is
+        # the loss's, after the last block has been resharded, so only the root is gathered.
+        return vocab
+    gathered = vocab + (dense + expert - vocab) / max(1, layers)
+    if lay.software.colossus_trainer:
+        gathered += fsdp_padding_per_block(work, lay)
+    return gathered
+
+
+def fsdp_padding_per_block(work: Workload, lay: Layout) -> float:
+    """Elements FSDP2's padding adds to one gathered block of the trainer. FSDP2 shards each
+    parameter's dimension 0 into equal pieces, padding it to a multiple of the shard group, and
+    gathers the padded tensor: a [768, 6144] projection over 12,288 ranks is gathered as
+    [12288, 6144]. Expert weights take another dimension when dimension 0 is short
+    (parallel/dims.py `fsdp_shard_dim`)."""
+    from colossuslm.parallel.dims import fsdp_shard_dim
+
+    if lay.zero < 3:
+        return 0.0
+    cfg, tp = work.cfg, lay.tp
+    group, expert_group = lay.dp * lay.cp, max(1, lay.dp * lay.cp // lay.ep)
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    q, kv = cfg.n_heads * hd // tp, cfg.n_kv_heads * hd // tp
+    shapes = [(q, d), (kv, d), (kv, d), (d, q), (d, 1), (d, 1)]  # attention, two norms
+    moe_share = work.n_moe_layers / cfg.n_layers
+    dense_ffn = [(cfg.ffn_hidden // tp, d), (cfg.ffn_hidden // tp, d), (d, cfg.ffn_hidden // tp)]
+    padding = _padding(shapes, group) + (1 - moe_share) * _padding(dense_ffn, group)
+    if cfg.is_moe:
+        shared = cfg.n_shared_experts * cfg.expert_hidden // tp
+        moe = [(cfg.n_experts, d)] + ([(shared, d), (shared, d), (d, shared)] if shared else [])
+        n_local, hidden = cfg.n_experts // lay.ep, cfg.expert_hidden // tp
+        experts = [(n_local, d * hidden)] * 3
+        if fsdp_shard_dim((n_local, d, hidden), expert_group) != 0:
+            experts = []  # an evenly split later dimension: no padding
+        padding += moe_share * (_padding(moe, group) + _padding(experts, expert_group))
+    return padding
+
+
+def _padding(shapes: list[tuple[int, int]], group: int) -> float:
+    """Padding elements of [rows, columns] parameters split along rows over `group` ranks."""
+    return float(sum((-rows % group) * columns for rows, columns in shapes))
 
 
 def _sharded(bytes_per_param: float, dense: float, expert: float, dense_group: int, expert_group: int) -> float:
@@ -97,6 +139,9 @@ def selective_savings_per_token(work: Workload, bytes_per_value: int = 2) -> flo
 def activation_bytes_per_layer_token(work: Workload, lay: Layout) -> float:
     """Bytes one token leaves alive per layer until its backward pass, on one GPU."""
     cfg = work.cfg
+    if lay.software.colossus_trainer and lay.recompute == "none" and not work.mla:
+        ring = ring_attention_bytes_per_token(work, lay.cp) / lay.tp if lay.cp > 1 else 0.0
+        return trainer_activation_bytes_per_token(work, lay) + ring
     if lay.recompute == "full":
         kept = work.activation_per_token["full"]
     else:
@@ -108,6 +153,31 @@ def activation_bytes_per_layer_token(work: Workload, lay: Layout) -> float:
     if lay.cp > 1 and lay.software.colossus_trainer:
         kept += ring_attention_bytes_per_token(work, lay.cp)
     return kept / lay.tp  # sequence parallelism splits the rest of the block's tensors too
+
+
+def trainer_activation_bytes_per_token(work: Workload, lay: Layout, b: int = 2) -> float:
+    """What Colossus LM's own blocks keep per token and layer on one TP rank (no recomputation),
+    read off its modules. Two things differ from a Megatron-style block: DTensor TP keeps the
+    all-gathered norm output for the weight gradients (Megatron gathers it again in backward), and
+    every TP rank routes the whole sequence through its slice of each expert's hidden width, so
+    the routed rows are whole on every TP rank (parallel/expert.py)."""
+    cfg, tp = work.cfg, lay.tp
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    q, kv = cfg.n_heads * hd / tp, cfg.n_kv_heads * hd / tp
+    norm = b * d / (tp if lay.software.sequence_parallel else 1) + b * d  # RMSNorm input, gathered output
+    # q, k, v after RoPE, the output (fp32 from the softcapped block attention) and its copy into
+    # the output projection, the fp32 log-sum-exp per head.
+    out = 4 * q if cfg.attn_logit_softcap > 0 else b * q
+    attention = norm + b * (q + 2 * kv) + out + b * q + 4 * cfg.n_heads / tp
+    dense_ffn = norm + 3 * b * cfg.ffn_hidden / tp  # w1 and w3 outputs and their SwiGLU product
+    if not cfg.is_moe:
+        return attention + dense_ffn
+    k = cfg.top_k
+    routed = 2 * b * k * d + 3 * b * k * cfg.expert_hidden / tp  # rows in and out, and the hidden
+    shared = 3 * b * cfg.n_shared_experts * cfg.expert_hidden / tp
+    moe_ffn = norm + 4 * cfg.n_experts + routed + shared  # + the fp32 router logits
+    moe_share = work.n_moe_layers / cfg.n_layers
+    return attention + moe_share * moe_ffn + (1 - moe_share) * dense_ffn
 
 
 def ring_attention_bytes_per_token(work: Workload, cp: int, bytes_per_value: int = 2) -> float:
@@ -167,7 +237,10 @@ def memory_per_gpu(
         in_flight = min(lay.grad_accum, lay.pp) * (1 + (lay.pp - 1) / (lay.pp * lay.vp) if lay.vp > 1 else 1)
     else:
         in_flight = 1
-    working_layer = work.activation_per_token["none"] * tokens / lay.tp if lay.recompute == "full" else 0.0
+    working_layer = 0.0
+    if lay.recompute == "full":  # one block's activations while it is recomputed
+        none = dataclasses.replace(lay, recompute="none")
+        working_layer = activation_bytes_per_layer_token(work, none) * tokens
     if lay.software.colossus_trainer and lay.pp == 1:  # replicated head: each TP rank computes the whole loss
         logits = loss_bytes(cfg, tokens)
     elif lay.software.colossus_trainer:  # the pipeline's last stage: whole fp32 logits from a replicated head

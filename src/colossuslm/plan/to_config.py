@@ -24,7 +24,7 @@ from colossuslm.config.load import config_from_dict
 from colossuslm.config.schema import ModelConfig
 from colossuslm.errors import ColossusError
 from colossuslm.models.presets import get_preset
-from colossuslm.parallel.dims import ParallelDims
+from colossuslm.parallel.dims import ParallelDims, expert_sharding_problem
 from colossuslm.plan.costmodel import StepEstimate
 from colossuslm.plan.layout import Layout
 from colossuslm.plan.workload import Workload
@@ -86,12 +86,25 @@ def unrunnable_reason(work: Workload, lay: Layout) -> str | None:
     try:
         config = config_from_dict(tables)
         config.validate()
-        ParallelDims.resolve(config.parallel, lay.n_gpus)
+        dims = ParallelDims.resolve(config.parallel, lay.n_gpus)
+        experts = _expert_sharding_problem(config.model, dims)
+        if experts:
+            return experts
     except ColossusError as exc:
         return str(exc)
     except (TypeError, ValueError) as exc:  # a field this trainer version does not have
         return f"the trainer has no setting for this layout ({exc})"
     return None
+
+
+def _expert_sharding_problem(model: ModelConfig, dims: ParallelDims) -> str | None:
+    """The trainer's FSDP2 shards each rank's routed experts over their replicas (parallel/fsdp.py);
+    say so when their shapes do not allow it."""
+    if not model.is_moe or dims.dp_cp_size == 1:
+        return None
+    n_local, hidden = model.n_experts // dims.ep, model.expert_hidden // dims.tp
+    shapes = [(n_local, model.d_model, hidden), (n_local, hidden, model.d_model)]
+    return expert_sharding_problem(shapes, dims.dp_shard_mod_ep * dims.cp)
 
 
 def config_text(work: Workload, est: StepEstimate, gpu_name: str) -> str:
