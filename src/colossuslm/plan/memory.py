@@ -250,13 +250,17 @@ def memory_per_gpu(
 
     # First stage: most activations in flight, plus the input embedding.
     w1, g1, o1 = states(*(params or params_per_gpu(work, lay, layers)))
-    act1 = in_flight * layers * per_layer + working_layer
+    # The trainer's pipeline keeps each stage's received input and its output (gathered to the
+    # whole sequence for sending) until that micro-batch's backward: two per stage the rank
+    # holds, less the token ids the first stage starts from (measured by the dry run).
+    boundary = 2.0 * tokens * cfg.d_model if lay.pp > 1 and lay.software.colossus_trainer else 0.0
+    act1 = in_flight * (layers * per_layer + (2 * lay.vp - 1) * boundary) + working_layer
     first = (w1, g1, o1, act1, logits if lay.pp == 1 else 0.0)
     # Last stage: as many weights (the head instead of the embedding), one micro-batch in
     # flight, and the output logits.
     last = first
     if lay.pp > 1:
-        last = (w1, g1, o1, layers * per_layer + working_layer, logits)
+        last = (w1, g1, o1, layers * per_layer + (2 * lay.vp - 1) * boundary + working_layer, logits)
     worst = {"first": first, "last": last}.get(stage) or max(first, last, key=sum)
     total = sum(worst) * (1 + FRAGMENTATION) + RESERVED_BYTES
     return MemoryBreakdown(*worst, total=total)

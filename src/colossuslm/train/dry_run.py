@@ -17,6 +17,7 @@ the schedule keeps in flight on the fullest stage, the same rule the planner app
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from colossuslm.parallel.mesh import ParallelDims, build_mesh
 from colossuslm.train.optim import build_optimizer
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+Pass = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]  # (forward, backward)
 
 
 @dataclass
@@ -71,36 +73,52 @@ def in_flight_microbatches(cfg: Config, stage: int) -> float:
     return in_flight * (1 + (par.pp - 1) / (par.pp * virtual)) if virtual > 1 else float(in_flight)
 
 
-def _forward_backward(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype: torch.dtype) -> None:
-    """One micro-batch forward and backward through this rank's part, as the trainer's runner
-    drives it: the whole model (through context parallelism's chunking when cp > 1), or each of
-    the rank's pipeline stages on what its neighbours would send."""
+def _passes(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype: torch.dtype) -> Iterator[Pass]:
+    """(forward, backward) of one micro-batch through each part of this rank, as the trainer's
+    runner drives it: the whole model (through context parallelism's chunking when cp > 1), or
+    each of the rank's pipeline stages on what its neighbours would send."""
     batch, seq, vocab = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     inputs, targets = torch.randint(0, vocab, (batch, seq)), torch.randint(0, vocab, (batch, seq))
     context = getattr(model, "dry_run_context", None)
     if getattr(model, "pipeline_plan", None) is None:
         step = model if context is None else ContextParallelStep(model, context)
-        with autocast:
-            loss, aux = step(inputs, targets)
-        (loss + aux).backward()
+
+        def whole() -> torch.Tensor:
+            with autocast:
+                loss, aux = step(inputs, targets)
+            return loss + aux
+
+        yield whole, lambda loss: loss.backward()
         return
     from colossuslm.parallel.pipeline import _next_token_loss, stage_modules
 
     local_seq = seq // (context.size if context else 1)
     for index, stage in stage_modules(model).items():
         stage.context = context
-        if index == 0:
-            x = inputs if context is None else context.take(inputs)
-        else:  # a later stage receives hidden states
-            x = torch.randn(batch, local_seq, cfg.model.d_model, dtype=dtype, requires_grad=True)
-        with autocast:
-            out = stage(x)
-        if stage.norm is None:
-            out.backward(torch.ones_like(out))  # the gradient the next stage would send back
-        elif context is None:  # the last stage computes the loss
-            _next_token_loss(out, targets).backward()
-        else:
-            context.pipeline_loss(out, context.pipeline_targets(targets)).backward()
+
+        def forward(index: int = index, stage: torch.nn.Module = stage) -> torch.Tensor:
+            if index == 0:
+                x = inputs if context is None else context.take(inputs)
+            else:  # a later stage receives hidden states
+                x = torch.randn(batch, local_seq, cfg.model.d_model, dtype=dtype, requires_grad=True)
+            with autocast:
+                out = stage(x)
+            if stage.norm is None:
+                return out
+            if context is None:  # the last stage computes the loss
+                return _next_token_loss(out, targets)
+            return context.pipeline_loss(out, context.pipeline_targets(targets))
+
+        def backward(out: torch.Tensor) -> None:
+            # A loss, or the gradient the next stage would send back.
+            out.backward() if out.dim() == 0 else out.backward(torch.ones_like(out))
+
+        yield forward, backward
+
+
+def _forward_backward(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype: torch.dtype) -> None:
+    for forward, backward in _passes(model, cfg, autocast, dtype):
+        backward(forward())
 
 
 def _categories(snapshot: dict) -> dict[str, float]:
@@ -127,19 +145,39 @@ def _route_evenly(model: torch.nn.Module) -> None:
             module.balanced_splits = True
 
 
-def _as_a_middle_microbatch(model: torch.nn.Module) -> None:
+def _as_a_middle_microbatch(model: torch.nn.Module) -> bool:
     """Under pipelining the schedule keeps each FSDP2 stage gathered and its gradients unsharded
-    between micro-batches, reducing them once after the last: measure a micro-batch in between."""
+    between micro-batches, reducing them once after the last: measure a micro-batch in between.
+    Returns whether the model has such stages."""
     from torch.distributed.fsdp import FSDPModule
 
     if getattr(model, "pipeline_plan", None) is None:
-        return
+        return False
     from colossuslm.parallel.pipeline import stage_modules
 
-    for stage in stage_modules(model).values():
-        if isinstance(stage, FSDPModule):
-            stage.set_requires_gradient_sync(False)
-            stage.set_reshard_after_backward(False)
+    stages = [stage for stage in stage_modules(model).values() if isinstance(stage, FSDPModule)]
+    for stage in stages:
+        stage.set_requires_gradient_sync(False)
+        stage.set_reshard_after_backward(False)
+    return bool(stages)
+
+
+def _unsharded_gradient_bytes(model: torch.nn.Module) -> float:
+    """Bytes of the unsharded gradients FSDP2 holds between micro-batches when gradient sync is
+    off (its fp32 accumulators, or the unsharded parameters' .grad)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    total = 0
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        for param in group.fsdp_params if group is not None else ():
+            grad = param.unsharded_accumulated_grad
+            if grad is None:
+                grad = param._unsharded_param.grad if hasattr(param, "_unsharded_param") else None
+            if grad is not None:
+                grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                total += grad.numel() * grad.element_size()
+    return float(total)
 
 
 def measure_step_memory(
@@ -158,21 +196,34 @@ def measure_step_memory(
     _forward_backward(model, cfg, autocast, dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    _as_a_middle_microbatch(model)
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    with tracker:
+    if _as_a_middle_microbatch(model):
+        # One more micro-batch before measuring: the unsharded fp32 gradients it leaves are what a
+        # middle micro-batch accumulates into. The tracker does not see FSDP's accumulators (they
+        # are not the module's parameters' .grad), so they are counted here, as gradients.
         _forward_backward(model, cfg, autocast, dtype)
-        after_backward = _categories(tracker.get_tracker_snapshot("current"))
-    peak = _categories(tracker.get_tracker_snapshot("peak"))
+    # Each part (pipeline stage) on its own: what its forward leaves for backward is kept once
+    # per micro-batch in flight; the backward's own working memory comes on top once.
+    saved, transient, weights, states = 0.0, 0.0, 0.0, 0.0
+    for forward, backward in _passes(model, cfg, autocast, dtype):
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            out = forward()
+            kept = _categories(tracker.get_tracker_snapshot("current"))["activations"]
+            backward(out)
+            after_backward = _categories(tracker.get_tracker_snapshot("current"))
+        peak = _categories(tracker.get_tracker_snapshot("peak"))
+        saved += kept
+        transient = max(transient, peak["activations"] - kept)
+        weights, states = max(weights, peak["weights"]), max(states, peak["optimizer"])
     measured = {
-        "weights": peak["weights"],
-        "gradients": after_backward["gradients"],
-        "optimizer": peak["optimizer"],
-        "activations": peak["activations"] * in_flight_microbatches(cfg, stage),
+        "weights": weights,
+        "gradients": after_backward["gradients"] + _unsharded_gradient_bytes(model),
+        "optimizer": states,
+        "activations": saved * in_flight_microbatches(cfg, stage) + transient,
     }
     measured["total"] = sum(measured.values())
-    return measured, peak["activations"]
+    return measured, saved
 
 
 def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
