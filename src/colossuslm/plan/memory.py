@@ -208,9 +208,10 @@ def memory_per_gpu(
     def states(dense: float, expert: float) -> tuple[float, float, float]:
         if lay.zero >= 3 and lay.pp > 1 and lay.software.colossus_trainer:
             # Each stage module is an FSDP2 root kept gathered from its first forward to the
-            # step's end, its gradients accumulated unsharded (fp32) until the one reduce-scatter.
+            # step's end, its gradients accumulated unsharded (fp32) until the one reduce-scatter,
+            # which frees them as it writes the sharded ones.
             w = _sharded(FSDP_WEIGHT_BYTES, dense, expert, dense_group, expert_group) + WEIGHT_BYTES * (dense + expert)
-            g = _sharded(FSDP_GRAD_BYTES, dense, expert, dense_group, expert_group) + FSDP_GRAD_BYTES * (dense + expert)
+            g = FSDP_GRAD_BYTES * (dense + expert)
             o = _sharded(FSDP_OPTIMIZER_BYTES, dense, expert, dense_group, expert_group)
             return w, g, o
         if lay.zero >= 3:

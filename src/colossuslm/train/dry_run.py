@@ -162,21 +162,54 @@ def _as_a_middle_microbatch(model: torch.nn.Module) -> bool:
     return bool(stages)
 
 
+def _fsdp_params(model: torch.nn.Module) -> list:
+    """Every FSDP2 parameter of this rank's part, the pipeline stage roots' included (the stage
+    modules are views over the model, not its submodules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = list(model.modules())
+    if getattr(model, "pipeline_plan", None) is not None:
+        from colossuslm.parallel.pipeline import stage_modules
+
+        modules += list(stage_modules(model).values())
+    found, seen = [], set()
+    for module in modules:
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        for param in group.fsdp_params if group is not None else ():
+            if id(param) not in seen:
+                seen.add(id(param))
+                found.append(param)
+    return found
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    if tensor is None:
+        return 0
+    tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return tensor.numel() * tensor.element_size()
+
+
 def _unsharded_gradient_bytes(model: torch.nn.Module) -> float:
     """Bytes of the unsharded gradients FSDP2 holds between micro-batches when gradient sync is
     off (its fp32 accumulators, or the unsharded parameters' .grad)."""
-    from torch.distributed.fsdp import FSDPModule
-
     total = 0
-    for module in model.modules():
-        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
-        for param in group.fsdp_params if group is not None else ():
-            grad = param.unsharded_accumulated_grad
-            if grad is None:
-                grad = param._unsharded_param.grad if hasattr(param, "_unsharded_param") else None
-            if grad is not None:
-                grad = grad.to_local() if hasattr(grad, "to_local") else grad
-                total += grad.numel() * grad.element_size()
+    for param in _fsdp_params(model):
+        grad = param.unsharded_accumulated_grad
+        if grad is None and hasattr(param, "_unsharded_param"):
+            grad = param._unsharded_param.grad
+        total += _nbytes(grad)
+    return float(total)
+
+
+def _pipeline_weight_bytes(model: torch.nn.Module) -> float:
+    """Weights of a rank whose stages stay gathered for the whole step: every sharded parameter
+    plus the gathered copy of each (the tracker misses copies gathered before it started)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+    total = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
+    for param in _fsdp_params(model):
+        if param.sharded_state == ShardedState.UNSHARDED:
+            total += _nbytes(param._unsharded_param)
     return float(total)
 
 
@@ -216,6 +249,8 @@ def measure_step_memory(
         saved += kept
         transient = max(transient, peak["activations"] - kept)
         weights, states = max(weights, peak["weights"]), max(states, peak["optimizer"])
+    if getattr(model, "pipeline_plan", None) is not None:
+        weights = _pipeline_weight_bytes(model)
     measured = {
         "weights": weights,
         "gradients": after_backward["gradients"] + _unsharded_gradient_bytes(model),
