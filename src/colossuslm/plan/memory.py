@@ -256,6 +256,10 @@ def memory_per_gpu(
     # holds, less the token ids the first stage starts from (measured by the dry run).
     boundary = 2.0 * tokens * cfg.d_model if lay.pp > 1 and lay.software.colossus_trainer else 0.0
     act1 = in_flight * (layers * per_layer + (2 * lay.vp - 1) * boundary) + working_layer
+    if lay.pp > 1 and lay.software.colossus_trainer:
+        # The first stage's embedding gradient, whole (replicated over TP) in the weights' dtype,
+        # before FSDP adds it into the fp32 accumulator; all micro-batches in flight are alive.
+        act1 += WEIGHT_BYTES * work.embedding_params
     first = (w1, g1, o1, act1, logits if lay.pp == 1 else 0.0)
     # Last stage: as many weights (the head instead of the embedding), one micro-batch in
     # flight, and the output logits.

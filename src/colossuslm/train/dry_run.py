@@ -189,16 +189,21 @@ def _nbytes(tensor: torch.Tensor | None) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _unsharded_gradient_bytes(model: torch.nn.Module) -> float:
-    """Bytes of the unsharded gradients FSDP2 holds between micro-batches when gradient sync is
-    off (its fp32 accumulators, or the unsharded parameters' .grad)."""
-    total = 0
+def _unsharded_gradients(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The unsharded gradients FSDP2 holds between micro-batches when gradient sync is off (its
+    fp32 accumulators, or the unsharded parameters' .grad)."""
+    grads = []
     for param in _fsdp_params(model):
         grad = param.unsharded_accumulated_grad
         if grad is None and hasattr(param, "_unsharded_param"):
             grad = param._unsharded_param.grad
-        total += _nbytes(grad)
-    return float(total)
+        if grad is not None:
+            grads.append(grad)
+    return grads
+
+
+def _unsharded_gradient_bytes(model: torch.nn.Module) -> float:
+    return float(sum(_nbytes(grad) for grad in _unsharded_gradients(model)))
 
 
 def _pipeline_weight_bytes(model: torch.nn.Module) -> float:
@@ -206,8 +211,10 @@ def _pipeline_weight_bytes(model: torch.nn.Module) -> float:
     plus the gathered copy of each (the tracker misses copies gathered before it started)."""
     from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
 
-    total = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
+    # Not model.parameters(): while gathered, the modules' registered parameters are the gathered ones.
+    total = sum(_nbytes(b) for b in model.buffers())
     for param in _fsdp_params(model):
+        total += _nbytes(param.sharded_param)
         if param.sharded_state == ShardedState.UNSHARDED:
             total += _nbytes(param._unsharded_param)
     return float(total)
@@ -239,15 +246,19 @@ def measure_step_memory(
     saved, transient, weights, states = 0.0, 0.0, 0.0, 0.0
     for forward, backward in _passes(model, cfg, autocast, dtype):
         tracker = MemTracker()
-        tracker.track_external(model, optimizer)
+        # The accumulators this micro-batch adds into: registered up front (as "other"), or the
+        # first in-place add would count each as a new temporary. They are gradients (below).
+        accumulators = _unsharded_gradients(model)
+        tracker.track_external(model, optimizer, *accumulators)
+        external = float(sum(_nbytes(grad) for grad in accumulators))
         with tracker:
             out = forward()
-            kept = _categories(tracker.get_tracker_snapshot("current"))["activations"]
+            kept = _categories(tracker.get_tracker_snapshot("current"))["activations"] - external
             backward(out)
             after_backward = _categories(tracker.get_tracker_snapshot("current"))
         peak = _categories(tracker.get_tracker_snapshot("peak"))
         saved += kept
-        transient = max(transient, peak["activations"] - kept)
+        transient = max(transient, peak["activations"] - external - kept)
         weights, states = max(weights, peak["weights"]), max(states, peak["optimizer"])
     if getattr(model, "pipeline_plan", None) is not None:
         weights = _pipeline_weight_bytes(model)
