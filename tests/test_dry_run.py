@@ -116,3 +116,20 @@ def test_pipeline_stage_dry_run_matches_the_real_run_and_the_planner(tmp_path):
         # planner's per-layer terms approximate; the states are exact.
         tolerance = 0.15 if key == "activations" else 0.10
         assert planned == pytest.approx(fake, rel=tolerance), f"{key}: planner {planned:.4g} vs dry run {fake:.4g}"
+
+
+@pytest.mark.slow
+def test_llama3_405b_with_tp8_pp16_on_16384_ranks_matches_the_planner(tmp_path):
+    """llama3-405b planned with TP8 PP16 on 16,384 H100s (FSDP2 over 128 ranks in each stage,
+    interleaved virtual stages, full recomputation): the first stage, the fullest, holds two
+    virtual stages gathered, their unsharded fp32 gradients and the micro-batches in flight."""
+    out = tmp_path / "llama.toml"
+    plan = ["plan", "--model", "llama3-405b", "--cluster", "h100", "--gpus", "16384", "--seq-len", "8192"]
+    plan += ["--batch-tokens", "16e6", "--fix", "tp=8,pp=16", "--write-config", str(out)]
+    assert main(plan) == 0
+    cfg = load_config([out])
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (8, 16) and cfg.parallel.pp_virtual_stages > 1
+    report = dry_run(cfg, 16384, rank=0)
+    for key in CATEGORIES:
+        fake, planned = report.measured[key], report.planner[key]
+        assert planned == pytest.approx(fake, rel=0.10), f"{key}: planner {planned:.4g} vs dry run {fake:.4g}"
