@@ -42,10 +42,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        # Scaled in place: the fp32 [V, d] weight gradient is the loss's largest tensor, and a
-        # scaled copy next to it (plus its cast) would more than double the backward's peak.
+        # The fp32 [V, d] weight gradient is the loss's largest tensor: cast it first, then scale
+        # the copy in place, so only one copy (in the weight's dtype) joins it. The saved tensors
+        # stay untouched: zero-bubble pipeline schedules run this backward twice.
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output).to(ctx.weight_dtype), None, None, None
+        weight_grad = grad_weight.to(ctx.weight_dtype, copy=True).mul_(grad_output)
+        return grad_hidden * grad_output, weight_grad, None, None, None
 
 
 def _chunk_step(

@@ -176,20 +176,37 @@ class Transformer(nn.Module):
         by default 0..S-1; a context-parallel rank holding chunks of longer sequences passes their
         global positions (colossuslm.parallel.context).
         """
+        h, aux_total = self.hidden_states(tokens, positions)
+        if self.norm is None:  # a pipeline stage before the last hands its hidden states on
+            return h, aux_total
+        return (self.loss(h, targets) if targets is not None else self.logits(h)), aux_total
+
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks (after the embedding, when this model or stage has it) and the final norm
+        (when it has it): ([B, S, d], summed MoE auxiliary loss). A pipeline stage after the
+        first passes hidden states instead of token ids."""
         seq = tokens.shape[1]
         if positions is None and seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
-        # A pipeline stage after the first has no embedding and takes hidden states instead.
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         cos, sin = self._rope(positions, seq, h)
         aux_total = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             h, aux = block(h, cos, sin)
             aux_total = aux_total + aux
-        if self.norm is None:  # a pipeline stage before the last hands its hidden states on
-            return h, aux_total
-        h = self.norm(h)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        if targets is not None:
-            return linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten()), aux_total
-        return F.linear(h, weight), aux_total
+        return (h if self.norm is None else self.norm(h)), aux_total
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, S, d] -> logits [B, S, vocab]."""
+        return F.linear(h, self.head_weight)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of final hidden states [B, S, d] against targets [B, S]
+        (-100 = ignore), without materialising the full logits (models/loss.py)."""
+        return linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten())

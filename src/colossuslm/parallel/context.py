@@ -50,7 +50,6 @@ computes) is the single-process loss and gradient.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
@@ -169,12 +168,12 @@ class ContextShard:
         counts = (targets != IGNORE_INDEX).sum(dim=1, keepdim=True)
         return torch.cat([self.take(targets), counts], dim=1)
 
-    def pipeline_loss(self, logits: torch.Tensor, packed_targets: torch.Tensor) -> torch.Tensor:
-        """The pipeline's loss_fn under cp: like the plain runner's weighted mean (`loss_weight`)."""
+    def pipeline_loss(self, last_stage: nn.Module, hidden: torch.Tensor, packed_targets: torch.Tensor) -> torch.Tensor:
+        """The pipeline's loss_fn under cp (bound to the last stage module): like the plain runner's
+        weighted mean (`loss_weight`), with the stage's fused head and cross-entropy."""
         targets, counts = packed_targets[:, :-1], packed_targets[:, -1]
-        summed = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        valid = (targets != IGNORE_INDEX).sum()
+        summed = last_stage.loss(hidden, targets) * valid  # the loss is the mean over valid tokens
         return summed * self.size / counts.sum().clamp(min=1)
 
 

@@ -25,13 +25,13 @@ it through one all-reduce over the pipeline group.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
@@ -45,7 +45,6 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.pipelining.schedules import _ComputationType
 
-from colossuslm.models.loss import IGNORE_INDEX
 from colossuslm.parallel.context import ContextShard
 from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip, mean_over_group
 
@@ -137,12 +136,13 @@ class _AttachAuxLoss(torch.autograd.Function):
 @cache
 def _stage_class(model_class: type[nn.Module]) -> type[nn.Module]:
     """`model_class` whose forward is what the schedule calls: one tensor in (token ids or hidden
-    states), one out (hidden states or logits), the MoE auxiliary losses attached to it."""
+    states), one out (hidden states, normed on the last stage: its loss function applies the head
+    fused with the cross-entropy, as the unsplit model does), the MoE auxiliary losses attached."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under context parallelism every stage runs its cp rank's chunks at their global positions.
         positions = None if self.context is None else self.context.local_positions(x.shape[1], x.device)
-        output, aux = model_class.forward(self, x, positions=positions)
+        output, aux = model_class.hidden_states(self, x, positions=positions)
         if self.has_moe and torch.is_grad_enabled():
             output = _AttachAuxLoss.apply(output, aux)
         if output._base is not None:  # e.g. the SP gather's: zero-bubble schedules detach outputs in place
@@ -194,8 +194,21 @@ def stage_modules(model: nn.Module) -> dict[int, nn.Module]:
     return cached
 
 
-def _next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+def _not_on_this_rank(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("the pipeline's loss is computed on the rank holding the last stage")
+
+
+def stage_loss_fn(stages: dict[int, nn.Module], context: ContextShard | None = None):
+    """The schedule's loss_fn(output, targets) for the last stage: its head fused with the
+    cross-entropy (`Transformer.loss`, chunked: never the whole fp32 logits), or under context
+    parallelism the cp-weighted loss of this rank's chunks. Ranks without the last stage get one
+    too: a schedule built without a loss function would run no backward."""
+    last = next((module for module in stages.values() if module.norm is not None), None)
+    if last is None:
+        return _not_on_this_rank
+    if context is None:
+        return last.loss
+    return functools.partial(context.pipeline_loss, last)
 
 
 # What a forward-only pass of a runtime schedule keeps (gathers, forwards and their sends / receives).
@@ -209,7 +222,7 @@ _FORWARD_ACTIONS = {
 
 
 def _forward_only_schedule(
-    train_schedule, stages: list[PipelineStage], schedule: str, n_microbatches: int, loss_fn=_next_token_loss
+    train_schedule, stages: list[PipelineStage], schedule: str, n_microbatches: int, loss_fn=None
 ):
     """The V-shaped schedules' forward actions alone, for evaluation: torch 2.13's `eval()` of
     ZBV / DualPipeV still runs their input-gradient actions, which fail without a backward where
@@ -229,7 +242,7 @@ def _forward_only_schedule(
 
 
 def build_schedule(
-    stages: list[PipelineStage], schedule: str, n_microbatches: int, loss_fn=_next_token_loss
+    stages: list[PipelineStage], schedule: str, n_microbatches: int, loss_fn=None
 ) -> torch.distributed.pipelining.schedules._PipelineSchedule:
     """The named schedule over this rank's stages (one for 1f1b / gpipe)."""
     if schedule in SINGLE_STAGE_SCHEDULES:
@@ -257,7 +270,6 @@ class PipelineRunner:
         self.model = model
         # Context parallelism: this cp rank's chunks of every sequence, and the loss weighted for them.
         self.context = context
-        loss_fn = _next_token_loss if context is None else context.pipeline_loss
         self.group = pp_mesh.get_group()
         plan: PipelinePlan = model.pipeline_plan
         self.holds_first, self.holds_last = plan.holds_first, plan.holds_last
@@ -266,6 +278,7 @@ class PipelineRunner:
         self.autocast = autocast
         self.grad_clip, self.dp_group = grad_clip, dp_group
         self.stage_modules = stage_modules(model)  # (re-pointed at the materialized buffers)
+        loss_fn = stage_loss_fn(self.stage_modules, context)
         stages = []
         for index, module in self.stage_modules.items():
             module.context = context

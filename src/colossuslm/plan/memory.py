@@ -242,10 +242,8 @@ def memory_per_gpu(
     if lay.recompute == "full":  # one block's activations while it is recomputed
         none = dataclasses.replace(lay, recompute="none")
         working_layer = activation_bytes_per_layer_token(work, none) * tokens
-    if lay.software.colossus_trainer and lay.pp == 1:  # replicated head: each TP rank computes the whole loss
+    if lay.software.colossus_trainer:  # replicated head: each TP rank computes the whole (fused) loss
         logits = loss_bytes(cfg, tokens)
-    elif lay.software.colossus_trainer:  # the pipeline's last stage: whole fp32 logits from a replicated head
-        logits = (logits_bytes_per_token(cfg) + 2 * cfg.vocab_size) * tokens
     else:
         logits = logits_bytes_per_token(cfg) * tokens / lay.tp
 

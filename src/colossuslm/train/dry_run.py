@@ -90,10 +90,12 @@ def _passes(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype
 
         yield whole, lambda loss: loss.backward()
         return
-    from colossuslm.parallel.pipeline import _next_token_loss, stage_modules
+    from colossuslm.parallel.pipeline import stage_loss_fn, stage_modules
 
     local_seq = seq // (context.size if context else 1)
-    for index, stage in stage_modules(model).items():
+    stages = stage_modules(model)
+    loss_fn = stage_loss_fn(stages, context)  # the schedule's
+    for index, stage in stages.items():
         stage.context = context
 
         def forward(index: int = index, stage: torch.nn.Module = stage) -> torch.Tensor:
@@ -102,16 +104,17 @@ def _passes(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype
             else:  # a later stage receives hidden states
                 x = torch.randn(batch, local_seq, cfg.model.d_model, dtype=dtype, requires_grad=True)
             with autocast:
-                out = stage(x)
-            if stage.norm is None:
-                return out
-            if context is None:  # the last stage computes the loss
-                return _next_token_loss(out, targets)
-            return context.pipeline_loss(out, context.pipeline_targets(targets))
+                return stage(x)
 
-        def backward(out: torch.Tensor) -> None:
-            # A loss, or the gradient the next stage would send back.
-            out.backward() if out.dim() == 0 else out.backward(torch.ones_like(out))
+        def backward(out: torch.Tensor, stage: torch.nn.Module = stage) -> None:
+            if stage.norm is None:  # the gradient the next stage would send back
+                out.backward(torch.ones_like(out))
+                return
+            # The last stage's loss right before its backward, as the schedule runs it: its
+            # buffers (the fused loss's head-weight gradient) live once, not per micro-batch in flight.
+            with autocast:
+                loss = loss_fn(out, targets if context is None else context.pipeline_targets(targets))
+            loss.backward()
 
         yield forward, backward
 
