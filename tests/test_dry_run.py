@@ -133,3 +133,18 @@ def test_llama3_405b_with_tp8_pp16_on_16384_ranks_matches_the_planner(tmp_path):
     for key in CATEGORIES:
         fake, planned = report.measured[key], report.planner[key]
         assert planned == pytest.approx(fake, rel=0.10), f"{key}: planner {planned:.4g} vs dry run {fake:.4g}"
+
+
+@pytest.mark.slow
+def test_deepseek_v3_like_with_ep256_matches_the_planner(tmp_path):
+    """deepseek-v3-like as planned for 2,048 H800s (TP2 CP2 EP256: one of 256 experts per ep
+    rank, FSDP2 over its 4 replicas, an untied head), cut to four layers (three dense, one MoE)."""
+    out = tmp_path / "dsv3.toml"
+    plan = ["plan", "--model", "deepseek-v3-like", "--cluster", "h800", "--gpus", "2048", "--tokens", "14.8e12"]
+    assert main([*plan, "--write-config", str(out)]) == 0
+    cfg = load_config([out], ["model.n_layers=4"])
+    assert cfg.parallel.ep == 256 and not cfg.model.tie_embeddings
+    report = dry_run(cfg, 2048, rank=0)
+    for key in CATEGORIES:
+        fake, planned = report.measured[key], report.planner[key]
+        assert planned == pytest.approx(fake, rel=0.10), f"{key}: planner {planned:.4g} vs dry run {fake:.4g}"

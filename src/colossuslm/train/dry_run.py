@@ -16,6 +16,7 @@ the schedule keeps in flight on the fullest stage, the same rule the planner app
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -209,6 +210,30 @@ def _unsharded_gradient_bytes(model: torch.nn.Module) -> float:
     return float(sum(_nbytes(grad) for grad in _unsharded_gradients(model)))
 
 
+@contextlib.contextmanager
+def _head_tracked_as_weights(model: torch.nn.Module, tracker: Any) -> Iterator[None]:
+    """The tracker files a module's parameters as weights when the module is called, but the
+    output head is never called: the fused loss reads its weight. Without this its gathered copy
+    (FSDP2 gathers it with the root) would count as an activation."""
+    modules = [model]
+    if getattr(model, "pipeline_plan", None) is not None:
+        from colossuslm.parallel.pipeline import stage_modules
+
+        modules = list(stage_modules(model).values())
+    heads = [m for m in modules if getattr(m, "output", None) is not None]
+    # Registered after FSDP2's own pre-forward hook, so the gathered weight exists when it runs.
+
+    def track_head(module: torch.nn.Module, _args: Any) -> None:  # (a returned value would replace the inputs)
+        tracker._track_module_params_and_buffers(module.output, install_grad_hooks=False)
+
+    handles = [m.register_forward_pre_hook(track_head) for m in heads]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _pipeline_weight_bytes(model: torch.nn.Module) -> float:
     """Weights of a rank whose stages stay gathered for the whole step: every sharded parameter
     plus the gathered copy of each (the tracker misses copies gathered before it started)."""
@@ -254,7 +279,7 @@ def measure_step_memory(
         accumulators = _unsharded_gradients(model)
         tracker.track_external(model, optimizer, *accumulators)
         external = float(sum(_nbytes(grad) for grad in accumulators))
-        with tracker:
+        with tracker, _head_tracked_as_weights(model, tracker):
             out = forward()
             kept = _categories(tracker.get_tracker_snapshot("current"))["activations"] - external
             backward(out)
