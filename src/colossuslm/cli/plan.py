@@ -216,7 +216,7 @@ def _nothing_runnable(plan) -> str:
     such as 100,000 = 2^5 x 5^5 leaves data-parallel groups that divide none of them."""
     n = plan.cluster.n_gpus
     message = "no layout the trainer can run fits (see each family's reason above)"
-    smooth = max(_two_three_smooth(n))
+    smooth = _largest_two_three_smooth(n)
     if smooth != n:
         message += (
             f"; try --gpus {smooth} (the largest count <= {n:,} of the form 2^a x 3^b, "
@@ -225,15 +225,15 @@ def _nothing_runnable(plan) -> str:
     return message
 
 
-def _two_three_smooth(limit: int) -> list[int]:
-    counts, power_of_two = [], 1
+def _largest_two_three_smooth(limit: int) -> int:
+    """The largest 2^a x 3^b not above `limit`."""
+    best, power_of_two = 1, 1
     while power_of_two <= limit:
         value = power_of_two
-        while value <= limit:
-            counts.append(value)
+        while value * 3 <= limit:
             value *= 3
-        power_of_two *= 2
-    return counts
+        best, power_of_two = max(best, value), power_of_two * 2
+    return best
 
 
 def _write_config(args: argparse.Namespace, plan) -> dict:

@@ -30,10 +30,11 @@ def parallelize_model(
 
         apply_float8(model, train_cfg, fsdp_float8_all_gather=dims.dp_cp_size > 1)
     if dims.tp > 1:
+        from colossuslm.parallel.pipeline import pipeline_stage_modules
         from colossuslm.parallel.tensor import apply_tensor_parallel
 
         # With pipeline stages, each stage module splits and gathers the sequence at its own ends.
-        for part in _pipeline_stage_modules(model) or [model]:
+        for part in pipeline_stage_modules(model) or [model]:
             apply_tensor_parallel(part, meshes.tp, sequence_parallel=dims.sequence_parallel)
     if dims.cp > 1:
         from colossuslm.parallel.context import apply_context_parallel
@@ -56,12 +57,3 @@ def parallelize_model(
         apply_fsdp(model, mesh, bf16=bf16, experts=experts)
         return True
     return False
-
-
-def _pipeline_stage_modules(model: nn.Module) -> list[nn.Module]:
-    """The stage modules of a model cut into pipeline stages (none for a whole model)."""
-    if getattr(model, "pipeline_plan", None) is None:
-        return []
-    from colossuslm.parallel.pipeline import stage_modules
-
-    return list(stage_modules(model).values())

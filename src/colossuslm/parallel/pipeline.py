@@ -178,6 +178,11 @@ def _share_buffers(view: nn.Module, model: nn.Module) -> None:
         view._buffers[name] = buffer
 
 
+def pipeline_stage_modules(model: nn.Module) -> list[nn.Module]:
+    """The stage modules of a model cut into pipeline stages (none for a whole model)."""
+    return list(stage_modules(model).values()) if getattr(model, "pipeline_plan", None) is not None else []
+
+
 def stage_modules(model: nn.Module) -> dict[int, nn.Module]:
     """stage index -> the module that runs it, built once per model (see the module doc); the
     model must have been cut by `split_model_for_stage`."""
@@ -334,6 +339,7 @@ class PipelineRunner:
 
 
 __all__ = [
+    "pipeline_stage_modules",
     "PipelinePlan",
     "PipelineRunner",
     "build_schedule",

@@ -30,6 +30,7 @@ from colossuslm.errors import ColossusError
 from colossuslm.parallel.build import build_model
 from colossuslm.parallel.context import ContextParallelStep, ContextShard
 from colossuslm.parallel.mesh import ParallelDims, build_mesh
+from colossuslm.parallel.pipeline import pipeline_stage_modules
 from colossuslm.train.optim import build_optimizer
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
@@ -155,11 +156,7 @@ def _as_a_middle_microbatch(model: torch.nn.Module) -> bool:
     Returns whether the model has such stages."""
     from torch.distributed.fsdp import FSDPModule
 
-    if getattr(model, "pipeline_plan", None) is None:
-        return False
-    from colossuslm.parallel.pipeline import stage_modules
-
-    stages = [stage for stage in stage_modules(model).values() if isinstance(stage, FSDPModule)]
+    stages = [stage for stage in pipeline_stage_modules(model) if isinstance(stage, FSDPModule)]
     for stage in stages:
         stage.set_requires_gradient_sync(False)
         stage.set_reshard_after_backward(False)
@@ -171,18 +168,10 @@ def _fsdp_params(model: torch.nn.Module) -> list:
     modules are views over the model, not its submodules)."""
     from torch.distributed.fsdp import FSDPModule
 
-    modules = list(model.modules())
-    if getattr(model, "pipeline_plan", None) is not None:
-        from colossuslm.parallel.pipeline import stage_modules
-
-        modules += list(stage_modules(model).values())
-    found, seen = [], set()
-    for module in modules:
+    found = []
+    for module in [*model.modules(), *pipeline_stage_modules(model)]:  # each FSDP unit once
         group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
-        for param in group.fsdp_params if group is not None else ():
-            if id(param) not in seen:
-                seen.add(id(param))
-                found.append(param)
+        found += group.fsdp_params if group is not None else []
     return found
 
 
@@ -215,12 +204,7 @@ def _head_tracked_as_weights(model: torch.nn.Module, tracker: Any) -> Iterator[N
     """The tracker files a module's parameters as weights when the module is called, but the
     output head is never called: the fused loss reads its weight. Without this its gathered copy
     (FSDP2 gathers it with the root) would count as an activation."""
-    modules = [model]
-    if getattr(model, "pipeline_plan", None) is not None:
-        from colossuslm.parallel.pipeline import stage_modules
-
-        modules = list(stage_modules(model).values())
-    heads = [m for m in modules if getattr(m, "output", None) is not None]
+    heads = [m for m in pipeline_stage_modules(model) or [model] if getattr(m, "output", None) is not None]
     # Registered after FSDP2's own pre-forward hook, so the gathered weight exists when it runs.
 
     def track_head(module: torch.nn.Module, _args: Any) -> None:  # (a returned value would replace the inputs)
