@@ -226,3 +226,40 @@ def validation_dict(rows: list[Comparison]) -> dict[str, Any]:
             for r in rows
         ],
     }
+
+
+def failure_simulation_text(sim: dict[str, Any]) -> str:
+    """The table of `failure_sim.simulate_plan`'s result, printed after the plan."""
+    # Imported here so a plan that simulates nothing does not load the simulator.
+    from colossuslm.plan.failure_rates import LABELS
+    from colossuslm.plan.failure_sim import MAX_STRETCH
+
+    spares = f"{sim['hot_spare_nodes']:,} nodes ({sim['hot_spare_gpus']:,} GPUs)"
+    if sim["hot_spares_default"]:
+        spares += "; default: the nodes in repair at once, mean + 3 sd"
+    head = f"  {'strategy':<17} {'goodput':>7}  {'95% CI':<13} {'days lost':>9}  " + " ".join(
+        f"{label:>8}" for label in LABELS.values()
+    )
+    rows = [
+        f"Failure simulation: {sim['trials']} seeded trials per strategy of the {sim['compute_days']:.2f}-day run on "
+        f"{sim['n_gpus']:,} GPUs ({sim['replica_groups']:,} data-parallel replica groups)",
+        f"  failures {sim['failures_per_gpu_hour']:.3g} per GPU-hour split by Llama 3's causes (arXiv 2407.21783, "
+        f"Table 5); hot spares {spares}",
+        head,
+        f"  {'Young/Daly':<17} {sim['young_daly_goodput']:>7.1%}  (the analytic estimate above: restart, spares never run out)",
+    ]
+    cut_off = False
+    for r in sim["strategies"]:
+        low, high = r["goodput_ci95"]
+        mark = "*" if r["strategy"] == sim["chosen"] else " "
+        lost = f"{'>' if r['finished_share'] < 1 else ''}{r['days_lost']:.2f}"
+        cut_off |= r["finished_share"] < 1
+        counts = " ".join(f"{r['interruptions'][name]:>8,.1f}" for name in LABELS)
+        rows.append(f"{mark} {r['strategy']:<17} {r['goodput']:>7.1%}  {low:>5.1%}-{high:<7.1%} {lost:>9}  {counts}")
+    rows.append(f"  * {sim['chosen']}: {sim['chosen_summary']}")
+    rows.append(
+        "  interruptions: mean per trial by cause; recovery times are stated assumptions (plan/failure_rates.py)"
+    )
+    if cut_off:
+        rows.append(f"  >: some trials had not finished at {MAX_STRETCH}x the failure-free time and were cut off there")
+    return "\n".join(rows)
