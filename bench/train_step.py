@@ -1,21 +1,33 @@
-"""Training-step throughput: Colossus LM vs Hugging Face transformers, side by side in one run.
+"""Training-step throughput: Colossus LM vs Hugging Face transformers (and nanoGPT), in one run.
 
-For each architecture both implementations get the same shapes, the same bf16 autocast, fused
-AdamW and the same batch; we time full optimizer steps (forward, backward, clip, update) and
-report median tokens/s, the ratio, and our achieved FLOP/s as a fraction of the measured bf16
-GEMM peak of this machine.
+For each architecture every implementation gets the same shapes, the same bf16 autocast, fused
+AdamW and the same batch; we time full optimizer steps (forward, backward, clip, update),
+interleaved step by step, and report median tokens/s, the ratios, and our achieved FLOP/s as a
+fraction of the measured bf16 GEMM peak of this machine.
+
+nanoGPT is the reference a reader knows: pass `--nanogpt PATH/TO/nanoGPT/model.py` (a checkout
+you have; nothing of it is part of this project) and dense models are also timed against its
+`GPT` with the same depth, width, heads, vocabulary and batch (GPT-2 blocks: LayerNorm, GELU MLP
+of 4x width, learned positions, tied head, no biases as in its train.py default). With
+`--compile`, the references are compiled too.
 
     python bench/train_step.py                      # tiny, moe-tiny and small
-    python bench/train_step.py --models small --steps 8 --batch 8 --seq 512
+    python bench/train_step.py --models small --steps 8 --batch 8 --seq 512 --nanogpt ~/nanoGPT/model.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import time
+from pathlib import Path
 
-import torch
+# Every implementation gets the CPU allocator setting the trainer runs with (colossuslm/cli).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 from colossuslm.config import ModelConfig, TrainConfig
 from colossuslm.models.arithmetic import model_arithmetic
@@ -58,18 +70,40 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     return LlamaForCausalLM(LlamaConfig(intermediate_size=cfg.ffn_hidden, **common))
 
 
-class HFStep:
-    def __init__(self, cfg: ModelConfig, device: torch.device):
-        self.model = hf_model(cfg).to(device)
+def nanogpt_model(cfg: ModelConfig, seq: int, model_file: Path) -> torch.nn.Module:
+    """nanoGPT's `GPT` from the user's checkout, shaped like `cfg` (GPT-2 blocks)."""
+    if not model_file.is_file():
+        raise SystemExit(f"--nanogpt {model_file}: no such file (point it at nanoGPT's model.py)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", model_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.GPTConfig(
+        block_size=seq,
+        vocab_size=cfg.vocab_size,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_embd=cfg.d_model,
+        dropout=0.0,
+        bias=False,
+    )
+    return module.GPT(config)
+
+
+class ReferenceStep:
+    """One optimizer step of a reference model under the same autocast, AdamW and clipping."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, compile_model: bool, loss_of):
+        self.model = model.to(device)
+        self.step_model = torch.compile(self.model) if compile_model else self.model
         self.optimizer = build_optimizer(self.model, TrainConfig())
         self.device = device
+        self.loss_of = loss_of
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            # labels are shifted inside transformers; pass the unshifted sequence it expects
-            out = self.model(input_ids=inputs, labels=inputs)
-        out.loss.backward()
+            loss = self.loss_of(self.step_model, inputs, targets)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -87,6 +121,15 @@ class OurStep:
         forward_backward(self.step_model, self.model, [(inputs, targets)], 1, self.autocast, 1.0, self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def hf_loss(model, inputs, targets):
+    # labels are shifted inside transformers; pass the unshifted sequence it expects
+    return model(input_ids=inputs, labels=inputs).loss
+
+
+def nanogpt_loss(model, inputs, targets):
+    return model(inputs, targets)[1]
 
 
 def timed(step, inputs, targets, device) -> float:
@@ -122,6 +165,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    parser.add_argument("--nanogpt", type=Path, help="nanoGPT's model.py: time dense models against its GPT too")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,7 +174,11 @@ def main() -> None:
         f"device {device}, {torch.get_num_threads()} threads, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, "
         f"batch {args.batch} x seq {args.seq}"
     )
-    header = f"{'model':<10} {'params':>9} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'ours % peak':>11}"
+    references = [] if args.no_hf else ["hf"]
+    references += ["nanogpt"] if args.nanogpt else []
+    header = f"{'model':<10} {'params':>9} {'ours tok/s':>11}"
+    header += "".join(f" {ref + ' tok/s':>13} {'ours/' + ref:>12}" for ref in references)
+    header += f" {'ours % peak':>11}"
     print(header)
     print("-" * len(header))
     for name in args.models.split(","):
@@ -140,17 +188,21 @@ def main() -> None:
         targets = torch.roll(inputs, -1, dims=1)
         tokens = args.batch * args.seq
         steps = {"ours": OurStep(cfg, device, args.compile)}
-        if not args.no_hf:
-            steps["hf"] = HFStep(cfg, device)
+        if "hf" in references:
+            steps["hf"] = ReferenceStep(hf_model(cfg), device, args.compile, hf_loss)
+        if "nanogpt" in references and not cfg.is_moe:
+            steps["nanogpt"] = ReferenceStep(
+                nanogpt_model(cfg, args.seq, args.nanogpt), device, args.compile, nanogpt_loss
+            )
         medians = interleaved_medians(steps, inputs, targets, args.steps, args.warmup, device)
-        ours, theirs = medians["ours"], medians.get("hf")
+        ours = medians["ours"]
         arithmetic = model_arithmetic(cfg, args.seq)
         flops_fraction = arithmetic.flops_per_token * tokens / ours / peak
-        hf_cell = f"{tokens / theirs:>10,.0f} {theirs / ours:>5.2f}x" if theirs else f"{'-':>10} {'-':>6}"
-        print(
-            f"{name:<10} {arithmetic.total_params / 1e6:>8.1f}M {tokens / ours:>11,.0f} {hf_cell} "
-            f"{100 * flops_fraction:>10.1f}%"
-        )
+        row = f"{name:<10} {arithmetic.total_params / 1e6:>8.1f}M {tokens / ours:>11,.0f}"
+        for ref in references:
+            theirs = medians.get(ref)
+            row += f" {tokens / theirs:>13,.0f} {theirs / ours:>11.2f}x" if theirs else f" {'-':>13} {'-':>12}"
+        print(f"{row} {100 * flops_fraction:>10.1f}%")
 
 
 if __name__ == "__main__":

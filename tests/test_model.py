@@ -156,3 +156,40 @@ def test_fused_loss_matches_cross_entropy_of_logits(autocast, tie):
     torch.testing.assert_close(fused, reference, **tol)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_loss_in_chunks_and_groups_matches_cross_entropy(autocast, monkeypatch):
+    """Rows in several chunks and several weight-gradient groups (the last ones ragged), a chunk
+    with every target ignored: the same loss and gradients as one plain cross-entropy."""
+    from colossuslm.models import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "LOSS_GRAD_GROUP_BYTES", 2 * 97 * 16)  # 16 rows of bf16 grads
+    assert loss_module.loss_row_groups(70, 8, 97) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 70)]
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 24, requires_grad=True)
+    weight = torch.randn(97, 24, requires_grad=True)
+    targets = torch.randint(0, 97, (70,))
+    targets[8:16] = -100
+    targets[40:45] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused = loss_module.linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    (fused * 3.0).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = hidden @ weight.t()
+    reference = torch.nn.functional.cross_entropy(logits.float(), targets)
+    (reference * 3.0).backward()
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused, reference, **tol)
+    torch.testing.assert_close(grads[0], hidden.grad, **tol)
+    torch.testing.assert_close(grads[1], weight.grad, **tol)
+
+
+def test_loss_row_groups_are_whole_balanced_chunks():
+    from colossuslm.models.loss import loss_row_groups
+
+    assert loss_row_groups(4096, 512, 50304) == [(0, 2048), (2048, 4096)]  # 256 MiB of bf16 grads: 2,668 rows
+    assert loss_row_groups(300, 512, 50304) == [(0, 300)]
+    assert loss_row_groups(8192, 512, 16) == [(0, 8192)]  # a small vocabulary: one group

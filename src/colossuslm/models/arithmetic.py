@@ -6,6 +6,7 @@ all use `model_arithmetic`. Counts match `sum(p.numel())` of the instantiated mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from colossuslm.config.schema import ModelConfig
@@ -107,20 +108,27 @@ LOSS_CHUNK_ROWS = 512
 # The fused loss adds its head-weight gradient a block of vocabulary rows at a time, about this
 # many bytes of temporaries per block (models/loss.py).
 WEIGHT_GRAD_BLOCK_BYTES = 256 * 2**20
+# It keeps the bf16 logit gradients of up to this many bytes of rows (whole chunks) and turns
+# them into one weight-gradient update (models/loss.py `loss_row_groups`).
+LOSS_GRAD_GROUP_BYTES = 256 * 2**20
 
 
 def loss_bytes(cfg: ModelConfig, tokens: float, bytes_per_value: int = 2) -> float:
     """Peak memory of the fused, chunked cross-entropy (models/loss.py) on one micro-batch of
     `tokens`, never the full [tokens, vocab] logits. Forward: the fp32 head-weight gradient it
-    computes as it goes and the hidden-state gradient, plus the larger of one chunk's fp32
-    logits with their log-softmax, or its logit gradient with one block of the weight-gradient
+    computes as it goes, the hidden-state gradient and one group's logit gradients, plus the
+    larger of one chunk's fp32 logits with their log-softmax, or one block of the weight-gradient
     update. Backward: the fp32 weight gradient and its copy in the weight's dtype."""
     chunk = min(tokens, LOSS_CHUNK_ROWS)
     weight = cfg.vocab_size * cfg.d_model
     hidden_grad = bytes_per_value * tokens * cfg.d_model
     update = min(WEIGHT_GRAD_BLOCK_BYTES, (bytes_per_value + 4.0) * weight)
-    chunk_peak = max(8.0 * chunk * cfg.vocab_size, bytes_per_value * chunk * cfg.vocab_size + update)
-    forward = 4.0 * weight + hidden_grad + chunk_peak
+    chunks = math.ceil(tokens / chunk)
+    most_rows = max(chunk, LOSS_GRAD_GROUP_BYTES // (2 * cfg.vocab_size) // chunk * chunk)
+    group_rows = min(tokens, math.ceil(chunks / math.ceil(tokens / most_rows)) * chunk)
+    group = bytes_per_value * group_rows * cfg.vocab_size
+    chunk_peak = max(8.0 * chunk * cfg.vocab_size, update)  # fp32 logits and their log-softmax
+    forward = 4.0 * weight + hidden_grad + group + chunk_peak
     backward = (4.0 + bytes_per_value) * weight + hidden_grad
     return max(forward, backward)
 
