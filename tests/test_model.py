@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,8 @@ def small_cfg(**kw):
         {"attn_logit_softcap": 30.0},
         {"tie_embeddings": False},
         {"n_experts": 4, "n_shared_experts": 1, "first_dense_layers": 1, "moe_ffn_hidden": 16},
+        {"qkv_bias": True, "qk_norm": True, "head_dim": 16},
+        {"n_experts": 4, "qk_norm": True, "router_renormalize": False},
     ],
 )
 def test_shapes_and_param_count(kw):
@@ -99,6 +103,20 @@ def test_presets_count_exactly_on_meta(name):
     counts = model_arithmetic(cfg)
     assert sum(p.numel() for p in model.parameters()) == counts.total_params
     assert counts.active_params <= counts.total_params
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "grok-1"])
+def test_biases_and_qk_norms_count_exactly_on_meta_and_add_no_matmul_flops(name):
+    plain = get_preset(name)
+    cfg = dataclasses.replace(plain, qkv_bias=True, qk_norm=True)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counts = model_arithmetic(cfg)
+    assert sum(p.numel() for p in model.parameters()) == counts.total_params
+    # per layer: a bias per q, k and v output, and one q and one k gain per head dimension
+    per_layer = cfg.resolved_head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads) + 2 * cfg.resolved_head_dim
+    assert counts.total_params - model_arithmetic(plain).total_params == cfg.n_layers * per_layer
+    assert counts.flops_per_token == model_arithmetic(plain).flops_per_token  # vectors, not matmuls
 
 
 def test_published_sizes():

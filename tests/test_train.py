@@ -1,6 +1,7 @@
 """End-to-end training on the embedded corpus with a micro model: learning, exact resume,
 the loss guard, Ctrl-C, and the CLI."""
 
+import hashlib
 import json
 import os
 import signal
@@ -131,6 +132,34 @@ def test_resume_refuses_a_different_model(tmp_path):
     Trainer(micro_config(tmp_path, "train.steps=3"), log=lambda _: None).fit()
     with pytest.raises(ColossusError, match="different model configuration"):
         Trainer(micro_config(tmp_path, "train.steps=6", "model.n_layers=3"), log=lambda _: None).fit()
+
+
+def _edit_model_config(checkpoint: Path, edit) -> None:
+    """Change a checkpoint's recorded model config, keeping its manifest true (size and sha256),
+    as an older or newer version of this project would have written it."""
+    state_file, manifest_file = checkpoint / "trainer_state.json", checkpoint / "manifest.json"
+    state = json.loads(state_file.read_text())
+    edit(state["model_config"])
+    state_file.write_text(json.dumps(state))
+    manifest = json.loads(manifest_file.read_text())
+    data = state_file.read_bytes()
+    manifest["files"]["trainer_state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def test_resume_accepts_a_checkpoint_from_before_newer_model_fields(tmp_path):
+    """A checkpoint written before ModelConfig gained fields (qk_norm, rope_scaling, ...) was
+    trained with their defaults: it resumes; a field this version does not know refuses."""
+    Trainer(micro_config(tmp_path, "train.steps=3"), log=lambda _: None).fit()
+    checkpoints = Path(tmp_path) / "runs" / "tiny" / "checkpoints"
+    newer = ("qk_norm", "qkv_bias", "rope_scaling", "router_renormalize")
+    _edit_model_config(list_checkpoints(checkpoints)[-1], lambda config: [config.pop(key) for key in newer])
+    messages: list[str] = []
+    Trainer(micro_config(tmp_path, "train.steps=4"), log=messages.append).fit()
+    assert any("resumed from" in m and "step_00000003" in m for m in messages), messages
+    _edit_model_config(list_checkpoints(checkpoints)[-1], lambda config: config.update(from_the_future=1))
+    with pytest.raises(ColossusError, match="different model configuration"):
+        Trainer(micro_config(tmp_path, "train.steps=5"), log=lambda _: None).fit()
 
 
 def test_cli_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):

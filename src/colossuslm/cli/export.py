@@ -10,7 +10,8 @@ def register(subparsers) -> None:
         "export",
         help="export a checkpoint for transformers / vLLM",
         description="Write config.json, model.safetensors and tokenizer files in the LlamaForCausalLM "
-        "(dense) or MixtralForCausalLM (MoE) layout.",
+        "(dense) or MixtralForCausalLM (MoE) layout, or Qwen2 / Qwen3 / Qwen3-MoE where the model has "
+        "q/k/v biases or q/k norms.",
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, or a run directory")
     parser.add_argument("out", metavar="OUT", help="directory to write (must be new or empty unless --force)")

@@ -10,17 +10,20 @@ from colossuslm.errors import ColossusError
 
 # Imported lazily by name so `colossus plan` never pays for torch and a broken optional
 # dependency of one command does not take the others down.
-COMMANDS = ["train", "sample", "data", "plan", "serve", "chat", "export", "launch", "checkpoint"]
+COMMANDS = ["train", "sample", "data", "plan", "serve", "chat", "export", "import", "launch", "checkpoint"]
+# Commands whose module is not named after them (`import` is a Python keyword).
+MODULES = {"import": "import_hf"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colossus", description="Train, scale, plan and serve LLMs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in [only] if only else COMMANDS:
+        module_name = f"colossuslm.cli.{MODULES.get(name, name)}"
         try:
-            module = importlib.import_module(f"colossuslm.cli.{name}")
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == f"colossuslm.cli.{name}":
+            if exc.name == module_name:
                 continue  # command not built into this version
             raise
         module.register(subparsers)

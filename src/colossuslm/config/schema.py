@@ -6,7 +6,7 @@ one section on its own; `Config.validate()` checks what spans sections.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from colossuslm.errors import ColossusError
 
@@ -36,8 +36,17 @@ class ModelConfig:
     ffn_hidden: int = 768  # SwiGLU hidden width of the dense MLP
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    # RoPE frequency scaling: "none", or "llama3" (Llama 3.1: long wavelengths divided by
+    # rope_scaling_factor, short ones kept, the band between the two smoothly interpolated).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 0  # the context length the unscaled model was trained at
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     attn_logit_softcap: float = 0.0  # Grok-1 caps attention logits with 30*tanh(x/30); 0 = off
     init_std: float = 0.02
     # Mixture of Experts
@@ -46,6 +55,10 @@ class ModelConfig:
     moe_ffn_hidden: int = 0  # 0 means ffn_hidden
     n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek style)
     first_dense_layers: int = 0  # leading layers that keep a dense MLP
+    # Gates of the chosen top_k experts: their softmax probabilities renormalised to sum to 1
+    # (Mixtral; Qwen3-MoE's norm_topk_prob = true), or false: their probabilities under the
+    # softmax over all experts, as they are (Qwen3-MoE's norm_topk_prob = false).
+    router_renormalize: bool = True
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
 
@@ -103,6 +116,7 @@ class ModelConfig:
             self.attn_logit_softcap,
             "must be >= 0 (0 disables it)",
         )
+        self._validate_rope_scaling()
         _require(self.n_experts >= 0, "model.n_experts", self.n_experts, "must be >= 0 (0 = dense)")
         if self.is_moe:
             _require(
@@ -126,6 +140,42 @@ class ModelConfig:
             )
             _require(self.aux_loss_coef >= 0, "model.aux_loss_coef", self.aux_loss_coef, "must be >= 0")
             _require(self.z_loss_coef >= 0, "model.z_loss_coef", self.z_loss_coef, "must be >= 0")
+
+    def _validate_rope_scaling(self) -> None:
+        _require(
+            self.rope_scaling in ROPE_SCALINGS,
+            "model.rope_scaling",
+            self.rope_scaling,
+            f"choose one of: {', '.join(ROPE_SCALINGS)}",
+        )
+        if self.rope_scaling == "none":
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in ROPE_SCALING_FIELDS:
+                value = getattr(self, name)
+                _require(
+                    value == defaults[name],
+                    f"model.{name}",
+                    value,
+                    "has no effect with model.rope_scaling = 'none': set rope_scaling = 'llama3', or leave it out",
+                )
+            return
+        _positive("model", self, "rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len")
+        _require(
+            self.rope_high_freq_factor > self.rope_low_freq_factor,
+            "model.rope_high_freq_factor",
+            self.rope_high_freq_factor,
+            f"must be > model.rope_low_freq_factor = {self.rope_low_freq_factor}",
+        )
+
+
+# RoPE frequency scalings `models.transformer.rope_frequencies` implements, and their parameters.
+ROPE_SCALINGS = ("none", "llama3")
+ROPE_SCALING_FIELDS = (
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_seq_len",
+)
 
 
 @dataclass

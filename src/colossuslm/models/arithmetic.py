@@ -27,8 +27,19 @@ class ModelArithmetic:
 
 
 def _attention_params(cfg: ModelConfig) -> int:
+    """One block's attention: the four projection matrices and `_attention_vector_params`."""
     hd = cfg.resolved_head_dim
-    return cfg.d_model * hd * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.n_heads * hd * cfg.d_model
+    matrices = cfg.d_model * hd * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.n_heads * hd * cfg.d_model
+    return matrices + _attention_vector_params(cfg)
+
+
+def _attention_vector_params(cfg: ModelConfig) -> int:
+    """One block's attention parameters that are not matmul weights: q/k/v biases (Qwen2) and
+    the per-head q/k norm gains (Qwen3)."""
+    hd = cfg.resolved_head_dim
+    bias = hd * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.qkv_bias else 0
+    qk_norm = 2 * hd if cfg.qk_norm else 0
+    return bias + qk_norm
 
 
 def model_arithmetic(cfg: ModelConfig, seq_len: int | None = None) -> ModelArithmetic:
@@ -52,9 +63,10 @@ def model_arithmetic(cfg: ModelConfig, seq_len: int | None = None) -> ModelArith
     total = common + n_moe_layers * moe_total
     active = common + n_moe_layers * moe_active
 
-    # Matmul parameters: every active parameter except the input lookup and the norm gains; a
-    # tied head is still a matmul with the embedding matrix.
-    matmul_params = active - embedding - (cfg.n_layers * norms_per_layer + d) + cfg.vocab_size * d * cfg.tie_embeddings
+    # Matmul parameters: every active parameter except the input lookup, the norm gains and the
+    # biases; a tied head is still a matmul with the embedding matrix.
+    vectors = cfg.n_layers * (norms_per_layer + _attention_vector_params(cfg)) + d
+    matmul_params = active - embedding - vectors + cfg.vocab_size * d * cfg.tie_embeddings
     attention_flops = 12.0 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
     return ModelArithmetic(
         total_params=total,

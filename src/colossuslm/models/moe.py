@@ -28,17 +28,23 @@ class SwiGLU(nn.Module):
 
 
 class Router(nn.Module):
-    def __init__(self, dim: int, n_experts: int, top_k: int):
+    def __init__(self, dim: int, n_experts: int, top_k: int, renormalize: bool = True):
         super().__init__()
         self.top_k = top_k
+        self.renormalize = renormalize
         self.gate = nn.Linear(dim, n_experts, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [T, d] -> (gates [T, k] summing to 1, expert ids [T, k], router logits [T, E] fp32)."""
+        """x: [T, d] -> (gates [T, k], expert ids [T, k], router logits [T, E] fp32).
+
+        Renormalised gates sum to 1: the softmax over the chosen k logits, which equals Mixtral's
+        softmax over all E, top-k, divided by their sum (Grok, Mixtral, Qwen3-MoE with
+        norm_topk_prob). Otherwise the chosen experts' probabilities under the softmax over all E."""
         logits = self.gate(x).float()
         expert_ids = logits.detach().topk(self.top_k, dim=-1).indices
-        gates = _pick_columns(logits, expert_ids).softmax(dim=-1)  # softmax over the chosen k (Mixtral/Grok style)
-        return gates, expert_ids, logits
+        if self.renormalize:
+            return _pick_columns(logits, expert_ids).softmax(dim=-1), expert_ids, logits
+        return _pick_columns(logits.softmax(dim=-1), expert_ids), expert_ids, logits
 
 
 def _pick_columns(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -255,7 +261,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
-        self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k)
+        self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_renormalize)
         self.experts = GroupedExperts(cfg.d_model, cfg.expert_hidden, cfg.n_experts)
         self.shared_experts = (
             SwiGLU(cfg.d_model, cfg.expert_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None

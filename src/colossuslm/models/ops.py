@@ -37,13 +37,19 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalized x times weight, in the promoted dtype; per-row reciprocal RMS), in fp32 inside."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.float()).to(torch.promote_types(x.dtype, weight.dtype)), rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.float()).to(torch.promote_types(x.dtype, weight.dtype))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -68,9 +74,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, DTensor) or isinstance(self.weight, DTensor) or not torch.is_grad_enabled():
+        if isinstance(x, DTensor) or isinstance(self.weight, DTensor):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled():
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        if x.dtype != self.weight.dtype:
+            # bf16 q/k heads under autocast, fp32 gain: the training path's fp32 maths, where
+            # F.rms_norm would warn and fall back to an unfused kernel anyway.
+            return _rms_norm(x, self.weight, self.eps)[0]
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

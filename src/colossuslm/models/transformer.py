@@ -20,10 +20,31 @@ from colossuslm.models.moe import MoE, SwiGLU
 from colossuslm.models.ops import RMSNorm
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (float64) of the rotary embedding, scaled as `cfg` says.
+
+    "llama3" is Llama 3.1's scaling, the formula of transformers' `_compute_llama3_parameters`:
+    wavelengths longer than original_len / low_freq_factor are stretched by `factor`, those
+    shorter than original_len / high_freq_factor kept, and the band between interpolated."""
+    head_dim = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    if cfg.rope_scaling != "llama3":
+        raise ValueError(f"model.rope_scaling = {cfg.rope_scaling!r} is not implemented; use none or llama3")
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    original_len = cfg.rope_original_max_seq_len
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original_len / low, inv_freq / factor, inv_freq)
+    smooth = (original_len / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelength >= original_len / high) & (wavelength <= original_len / low)
+    return torch.where(in_band, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [max_seq_len, head_dim] in the rotate-half layout (as Hugging Face Llama)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), rope_frequencies(cfg))
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -72,18 +93,29 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.softcap = cfg.attn_logit_softcap
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        # Qwen3: one gain vector per head dimension, shared by all heads, applied before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.core = AttentionCore(self.softcap)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., d] -> q [..., H, hd], k and v [..., KVH, hd], before RoPE. The serving runner
+        calls this too, so a model's projections are written once."""
+        # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).unflatten(-1, (-1, self.head_dim))
+        k = self.wk(x).unflatten(-1, (-1, self.head_dim))
+        v = self.wv(x).unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:  # back to q's dtype: an fp32 gain would promote bf16 heads
+            q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
-        # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
-        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, heads, S, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -119,7 +151,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -148,7 +180,7 @@ class Transformer(nn.Module):
             return  # built on the meta device: parallelize first, then materialize and init
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
-        cos, sin = rope_tables(self.cfg.resolved_head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.cfg)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for name, param in self.named_parameters():

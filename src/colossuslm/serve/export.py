@@ -1,9 +1,12 @@
-"""Export a checkpoint as a Hugging Face model directory: LlamaForCausalLM (dense) or
-MixtralForCausalLM (MoE), loadable by `transformers` and vLLM.
+"""Export a checkpoint as a Hugging Face model directory, loadable by `transformers` and vLLM:
+LlamaForCausalLM (dense), Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms),
+MixtralForCausalLM (MoE) or Qwen3MoeForCausalLM (MoE with q/k norms).
 
 No weight permutation is needed: our RoPE already uses Hugging Face's rotate-half layout, and our
 router (top-k logits, softmax over those k) equals Mixtral's (softmax over all, top-k, renormalise).
-What Llama/Mixtral configs cannot express is refused with a clear error rather than exported wrong.
+Tensor names come from `models/hf_import.py`, the inverse of this file, so export and import
+cannot drift apart. What no supported class can express is refused with a clear error rather
+than exported wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from colossuslm.config import ModelConfig, load_config
 from colossuslm.data.chat import HF_CHAT_TEMPLATE
 from colossuslm.data.tokenizer import EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, load_tokenizer
 from colossuslm.errors import ColossusError
+from colossuslm.models.hf_import import ARCHITECTURES, Architecture, expert_tensor_names, hf_tensor_names, moe_layers
 from colossuslm.serve.loading import DTYPES
 from colossuslm.train.checkpoint import resolve_checkpoint
 
@@ -31,19 +35,90 @@ def check_exportable(cfg: ModelConfig) -> None:
     if cfg.attn_logit_softcap > 0:
         raise ColossusError(
             f"this model caps attention logits (model.attn_logit_softcap = {cfg.attn_logit_softcap}, Grok-style); "
-            f"Llama and Mixtral have no such option, so transformers/vLLM would compute different outputs. "
-            f"Serve it with `colossus serve` instead, or train with attn_logit_softcap = 0 to export"
+            f"no Hugging Face class it could be exported as has such an option, so transformers/vLLM would "
+            f"compute different outputs. Serve it with `colossus serve` instead, or train with "
+            f"attn_logit_softcap = 0 to export"
+        )
+    if cfg.qkv_bias and (cfg.qk_norm or cfg.is_moe):
+        raise ColossusError(
+            "model.qkv_bias = true goes only with a dense model without q/k norms (Qwen2); Qwen3 and "
+            "Qwen3-MoE put a bias on the output projection too, so such a model cannot be exported"
         )
     if cfg.is_moe and cfg.n_shared_experts:
         raise ColossusError(
-            f"model.n_shared_experts = {cfg.n_shared_experts}: Mixtral has no shared experts; "
+            f"model.n_shared_experts = {cfg.n_shared_experts}: Mixtral and Qwen3-MoE have no shared experts; "
             f"only MoE models with n_shared_experts = 0 can be exported"
         )
-    if cfg.is_moe and cfg.first_dense_layers:
+    if cfg.is_moe and not cfg.qk_norm and cfg.first_dense_layers:
         raise ColossusError(
             f"model.first_dense_layers = {cfg.first_dense_layers}: Mixtral makes every layer "
-            f"MoE; only MoE models with first_dense_layers = 0 can be exported"
+            f"MoE; only MoE models with first_dense_layers = 0 (or with q/k norms, as Qwen3-MoE) can be exported"
         )
+    if cfg.is_moe and not cfg.qk_norm and not cfg.router_renormalize:
+        raise ColossusError(
+            "model.router_renormalize = false: Mixtral always renormalises its top-k gates; only Qwen3-MoE "
+            "(a model with q/k norms) can be exported with unnormalised gates"
+        )
+
+
+def export_architecture(cfg: ModelConfig) -> Architecture:
+    """The Hugging Face class that computes what `cfg` does (after `check_exportable`)."""
+    if cfg.is_moe:
+        return ARCHITECTURES["Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM"]
+    if cfg.qkv_bias:
+        return ARCHITECTURES["Qwen2ForCausalLM"]
+    return ARCHITECTURES["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"]
+
+
+def _rope_config(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling == "none":
+        params = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        # Older readers (vLLM, transformers 4.x) take rope_theta; transformers 5 takes rope_parameters.
+        return {"rope_theta": cfg.rope_theta, "rope_parameters": params}
+    params = {
+        "rope_type": cfg.rope_scaling,
+        "rope_theta": cfg.rope_theta,
+        "factor": cfg.rope_scaling_factor,
+        "low_freq_factor": cfg.rope_low_freq_factor,
+        "high_freq_factor": cfg.rope_high_freq_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_seq_len,
+    }
+    return {"rope_theta": cfg.rope_theta, "rope_parameters": params, "rope_scaling": params}
+
+
+def _architecture_config(cfg: ModelConfig, arch: Architecture) -> dict:
+    """The keys that differ between the classes `export_architecture` picks."""
+    config = {"architectures": [arch.name], "model_type": arch.model_type, "intermediate_size": cfg.ffn_hidden}
+    if arch.model_type.startswith("qwen"):  # full attention in every layer
+        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    if arch.model_type in ("llama", "qwen3", "qwen3_moe"):
+        config["attention_bias"] = False
+    if arch.model_type == "llama":
+        config |= {"mlp_bias": False, "pretraining_tp": 1}
+    if cfg.is_moe:
+        config |= {
+            "num_experts_per_tok": cfg.top_k,
+            "router_aux_loss_coef": cfg.aux_loss_coef,
+            "output_router_logits": False,
+        }
+    if arch.model_type == "mixtral":
+        config |= {
+            "intermediate_size": cfg.expert_hidden,
+            "num_local_experts": cfg.n_experts,
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+            # Written untied (lm_head stored) even for tied models: not every Mixtral loader ties.
+            "tie_word_embeddings": False,
+        }
+    if arch.model_type == "qwen3_moe":
+        config |= {
+            "moe_intermediate_size": cfg.expert_hidden,
+            "num_experts": cfg.n_experts,
+            "norm_topk_prob": cfg.router_renormalize,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": list(range(cfg.first_dense_layers)),
+        }
+    return config
 
 
 def hf_config(cfg: ModelConfig, special: dict[str, int], dtype: torch.dtype) -> dict:
@@ -55,9 +130,7 @@ def hf_config(cfg: ModelConfig, special: dict[str, int], dtype: torch.dtype) -> 
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.resolved_head_dim,
         "max_position_embeddings": cfg.max_seq_len,
-        # Older readers (vLLM, transformers 4.x) take rope_theta; transformers 5 takes rope_parameters.
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **_rope_config(cfg),
         "rms_norm_eps": cfg.norm_eps,
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
@@ -68,64 +141,23 @@ def hf_config(cfg: ModelConfig, special: dict[str, int], dtype: torch.dtype) -> 
         "pad_token_id": special[PAD_TOKEN],
         "torch_dtype": _DTYPE_NAMES[dtype],
         "use_cache": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
     }
-    if cfg.is_moe:
-        config.update(
-            {
-                "architectures": ["MixtralForCausalLM"],
-                "model_type": "mixtral",
-                "intermediate_size": cfg.expert_hidden,
-                "num_local_experts": cfg.n_experts,
-                "num_experts_per_tok": cfg.top_k,
-                "router_aux_loss_coef": cfg.aux_loss_coef,
-                "router_jitter_noise": 0.0,
-                "output_router_logits": False,
-                "sliding_window": None,
-                # Written untied (lm_head stored) even for tied models: not every Mixtral loader ties.
-                "tie_word_embeddings": False,
-            }
-        )
-    else:
-        config.update(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "intermediate_size": cfg.ffn_hidden,
-                "attention_bias": False,
-                "mlp_bias": False,
-                "pretraining_tp": 1,
-                "tie_word_embeddings": cfg.tie_embeddings,
-            }
-        )
-    return config
+    return config | _architecture_config(cfg, export_architecture(cfg))
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our parameter names and layouts -> Llama/Mixtral's (legacy per-expert layout, which both
+    """Our parameter names and layouts -> the exported class's (per-expert MoE layout, which both
     transformers 5 and vLLM read)."""
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
-    if "output.weight" in state:
-        out["lm_head.weight"] = state["output.weight"]
-    elif cfg.is_moe:
-        out["lm_head.weight"] = state["tok_embeddings.weight"].clone()
-    for i in range(cfg.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        for a, b in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            out[f"{theirs}self_attn.{b}.weight"] = state[f"{ours}attention.{a}.weight"]
-        out[f"{theirs}input_layernorm.weight"] = state[f"{ours}attention_norm.weight"]
-        out[f"{theirs}post_attention_layernorm.weight"] = state[f"{ours}ffn_norm.weight"]
-        if cfg.is_moe:
-            moe = f"{theirs}block_sparse_moe."
-            out[f"{moe}gate.weight"] = state[f"{ours}moe.router.gate.weight"]
+    arch = export_architecture(cfg)
+    out = {theirs: state[ours] for ours, theirs in hf_tensor_names(cfg, arch.moe_layout).items()}
+    if arch.model_type == "mixtral" and cfg.tie_embeddings:
+        out["lm_head.weight"] = state["tok_embeddings.weight"].clone()  # written untied: see above
+    for layer in moe_layers(cfg):
+        for ours, per_expert in expert_tensor_names(cfg, arch.moe_layout, layer).items():
             # Ours are [E, in, out] for x @ W; nn.Linear weights are [out, in].
-            w1, w3, w2 = (state[f"{ours}moe.experts.{n}"] for n in ("w1", "w3", "w2"))
-            for e in range(cfg.n_experts):
-                out[f"{moe}experts.{e}.w1.weight"] = w1[e].t()
-                out[f"{moe}experts.{e}.w3.weight"] = w3[e].t()
-                out[f"{moe}experts.{e}.w2.weight"] = w2[e].t()
-        else:
-            for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                out[f"{theirs}mlp.{b}.weight"] = state[f"{ours}feed_forward.{a}.weight"]
+            for name, weight in zip(per_expert, state[ours]):
+                out[name] = weight.t()
     return out
 
 

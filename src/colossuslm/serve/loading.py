@@ -74,7 +74,7 @@ def build_model(
             f"the checkpoint is damaged or was written by a different model version"
         ) from None
     # RoPE tables are non-persistent buffers (not in the file); rebuild them on a real device.
-    cos, sin = rope_tables(config.model.resolved_head_dim, config.model.max_seq_len, config.model.rope_theta)
+    cos, sin = rope_tables(config.model)
     model.rope_cos, model.rope_sin = cos, sin
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

@@ -1,8 +1,9 @@
 """Runs a `Transformer`'s own modules over a ragged batch, with attention reading the paged KV cache.
 
 The training forward (`Transformer.forward`) stays free of caches; this file reuses its weights and
-sub-modules (norms, projections, SwiGLU/MoE, `apply_rope`) and replaces only the attention, which
-must see keys and values of earlier steps. Tests check its logits against `Transformer.forward`.
+sub-modules (norms, `Attention.project` with its biases and q/k norms, SwiGLU/MoE, `apply_rope`,
+the RoPE tables) and replaces only the attention, which must see keys and values of earlier steps.
+Tests check its logits against `Transformer.forward`.
 
 One step's batch is flat: every sequence contributes its new tokens to a `[T, d]` activation, so
 every linear layer (and the MoE dispatch) runs once for the whole batch however the tokens are
@@ -75,7 +76,7 @@ class ModelRunner:
         self.head_dim = self.cfg.resolved_head_dim
         self.softcap = self.cfg.attn_logit_softcap
         # Own fp32 RoPE tables: the model's buffers are cast with the weights (e.g. to bf16).
-        cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.cfg)
         self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
 
     def _forward(self, batch: _BatchTensors) -> torch.Tensor:
@@ -111,9 +112,8 @@ class ModelRunner:
         self, layer_index: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: _BatchTensors
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = apply_rope(attn.wq(x).view(tokens, -1, self.head_dim), cos, sin)  # [T, H, hd]
-        k = apply_rope(attn.wk(x).view(tokens, -1, self.head_dim), cos, sin)  # [T, KVH, hd]
-        v = attn.wv(x).view(tokens, -1, self.head_dim)
+        q, k, v = attn.project(x)  # [T, H, hd], [T, KVH, hd], [T, KVH, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = self.cache.keys[layer_index], self.cache.values[layer_index]
         keys[batch.write_blocks, :, batch.write_offsets] = k.to(keys.dtype)
         values[batch.write_blocks, :, batch.write_offsets] = v.to(values.dtype)

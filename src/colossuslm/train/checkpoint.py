@@ -196,7 +196,8 @@ def promote(tmp: Path, final: Path, step: int, world_size: int, keep_last: int) 
         "files": files,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for directory in (tmp / "dcp", tmp / "rng", tmp):
+    # An imported model's checkpoint (cli/import_hf.py) has weights but no dcp/ or rng/ yet.
+    for directory in (d for d in (tmp / "dcp", tmp / "rng", tmp) if d.is_dir()):
         _fsync_dir(directory)
     if final.exists():  # a re-run of the same step (e.g. after a restart): replace it whole
         shutil.rmtree(final)

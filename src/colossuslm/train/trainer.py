@@ -6,6 +6,7 @@ setup (device, data, model, optimizer) -> resume if a checkpoint exists -> loop 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from colossuslm.config import Config, config_to_dict, load_config, save_config
+from colossuslm.config.schema import ModelConfig
 from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
@@ -254,7 +256,7 @@ class Trainer:
         if found is None:
             return None
         state = json.loads((found / "trainer_state.json").read_text())
-        if state["model_config"] != asdict(self.cfg.model):
+        if not _same_model_config(state["model_config"], self.cfg.model):
             raise ColossusError(
                 f"{found} was written for a different model configuration than this run's; "
                 f"pick a new run name (--set train.name=...) or set train.resume=false with a new name"
@@ -389,3 +391,13 @@ class Trainer:
     def _read_summary(self) -> dict[str, Any]:
         path = self.run_dir / "summary.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _same_model_config(stored: dict[str, Any], current: ModelConfig) -> bool:
+    """Whether a checkpoint's recorded model config is `current`. Fields added to ModelConfig
+    after the checkpoint was written take their defaults (which are the behaviour it was trained
+    with), so older runs still resume; a field this version does not know never matches."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    if not set(stored) <= known:
+        return False
+    return asdict(dataclasses.replace(ModelConfig(), **stored)) == asdict(current)
