@@ -1,4 +1,7 @@
-"""`colossus chat CKPT`: talk to a model in the terminal, with the server's chat template."""
+"""`colossus chat CKPT`: talk to a model in the terminal, in its own chat template (the server's).
+
+CKPT is a checkpoint, a run directory or a Hugging Face model directory.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ct
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "chat", help="chat with a checkpoint in the terminal", description="Streaming terminal chat. " + HELP
+        "chat",
+        help="chat with a checkpoint or Hugging Face model directory in the terminal",
+        description="Streaming terminal chat in the model's own chat template (ChatML for models trained here). "
+        + HELP,
     )
     add_model_args(parser)
     parser.add_argument("--system", default=None, help="system message that opens the conversation")
@@ -27,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     engine, _ = load_engine(args, max_num_seqs=1)
     session = ChatSession(engine, sampling_params(args), system=args.system)
     interactive = sys.stdin.isatty()
-    print(f"chatting with {args.checkpoint} ({HELP})")
+    print(f"chatting with {args.checkpoint} in {session.template.description} ({HELP})")
     while True:
         try:
             text = input("you> " if interactive else "")

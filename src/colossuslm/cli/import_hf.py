@@ -4,6 +4,10 @@ The run directory holds one checkpoint in the trainer's format (fp32 model.safet
 config.toml, tokenizer.json, trainer_state.json, manifest.json, promoted by a rename), so
 `colossus sample/serve/chat/export runs/NAME` and `train.init_from=runs/NAME` take it as they take
 a trained one. It has no DCP shards: the trainer's init_from reads model.safetensors directly.
+Beside tokenizer.json it keeps the model's tokenizer files (special tokens, chat template,
+generation stop ids: `data/tokenizer.py` TOKENIZER_SIDE_FILES), which chat, serve, fine-tuning
+and export read. Every command above also takes the Hugging Face directory itself; importing
+once saves re-reading and checking it on every start.
 """
 
 from __future__ import annotations
@@ -20,13 +24,8 @@ if TYPE_CHECKING:  # torch and the model stack load only when the command runs
 
     from colossuslm.config import ModelConfig
 
-# Files of the Hugging Face tokenizer kept beside tokenizer.json: its special tokens and chat template.
-TOKENIZER_SIDE_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+# Token-id keys of config.json that transformers copies into a generation_config.json it writes.
+_GENERATION_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def register(subparsers) -> None:
@@ -79,17 +78,13 @@ def import_hf(source: Path, out: Path) -> Path:
 
 
 def _checked_tokenizer(source: Path, vocab_size: int) -> Path:
-    from colossuslm.data.tokenizer import TOKENIZER_FILE, load_tokenizer, vocab_size_of
+    """tokenizer.json, once it and its side files (special tokens, chat template) have loaded."""
+    from colossuslm.data.chat_template import load_model_tokenizer
+    from colossuslm.data.tokenizer import TOKENIZER_FILE, vocab_size_of
     from colossuslm.errors import ColossusError
 
     path = source / TOKENIZER_FILE
-    if not path.is_file():
-        raise ColossusError(
-            f"{source} has no {TOKENIZER_FILE}; sampling and serving need it. If the model ships only a "
-            f"sentencepiece tokenizer.model, write tokenizer.json with transformers: "
-            f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
-        )
-    tokens = vocab_size_of(load_tokenizer(path))
+    tokens = vocab_size_of(load_model_tokenizer(source))
     if tokens > vocab_size:
         raise ColossusError(
             f"{path} has {tokens} tokens but config.json's vocab_size is {vocab_size}; they do not belong together"
@@ -103,23 +98,19 @@ def _write_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    from colossuslm.config import Config, save_config
-    from colossuslm.models.hf_import import architecture_of, read_hf_config
+    from colossuslm.config import save_config
+    from colossuslm.data.tokenizer import GENERATION_CONFIG, TOKENIZER_SIDE_FILES
+    from colossuslm.models.hf_import import architecture_of, read_hf_config, run_config_from_hf
 
     # fp32, as the trainer writes it: fine-tuning keeps fp32 master weights; serving casts on load.
     save_file({name: t.to(torch.float32).contiguous() for name, t in state.items()}, str(tmp / "model.safetensors"))
-    defaults = Config()
-    config = Config(
-        model=cfg,
-        data=dataclasses.replace(defaults.data, seq_len=min(defaults.data.seq_len, cfg.max_seq_len)),
-        train=dataclasses.replace(defaults.train, name=run_name),
-    ).validate()
-    save_config(config, tmp / "config.toml")
+    save_config(run_config_from_hf(cfg, run_name), tmp / "config.toml")
+    hf_config = read_hf_config(source)
     trainer_state = {
         "step": 0,
         "tokens": 0,
         "imported_from": str(source.resolve()),
-        "architecture": architecture_of(read_hf_config(source)).name,
+        "architecture": architecture_of(hf_config).name,
         "model_config": dataclasses.asdict(cfg),
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -127,6 +118,11 @@ def _write_checkpoint(
     for name in TOKENIZER_SIDE_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, tmp / name)
+    generation = {key: value for key in _GENERATION_TOKEN_KEYS if (value := hf_config.get(key)) is not None}
+    if not (source / GENERATION_CONFIG).is_file() and generation:
+        # config.json stays behind, so its stop ids move to where readers look (transformers'
+        # save_pretrained writes the same file from the same keys: GenerationConfig.from_model_config).
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def _promote(tmp: Path) -> Path:

@@ -10,7 +10,7 @@ from colossuslm.errors import ColossusError
 
 # Imported lazily by name so `colossus plan` never pays for torch and a broken optional
 # dependency of one command does not take the others down.
-COMMANDS = ["train", "sample", "data", "plan", "serve", "chat", "export", "import", "launch", "checkpoint"]
+COMMANDS = ["train", "sample", "data", "plan", "serve", "chat", "export", "import", "eval", "launch", "checkpoint"]
 # Commands whose module is not named after them (`import` is a Python keyword).
 MODULES = {"import": "import_hf"}
 

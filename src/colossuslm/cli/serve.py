@@ -1,4 +1,6 @@
-"""`colossus serve CKPT`: an OpenAI-compatible HTTP server (FastAPI + uvicorn)."""
+"""`colossus serve CKPT`: an OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+CKPT is a checkpoint, a run directory or a Hugging Face model directory (served in place)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ API_KEY_ENV = "COLOSSUS_API_KEY"
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve a checkpoint over an OpenAI-compatible HTTP API",
+        help="serve a checkpoint or Hugging Face model directory over an OpenAI-compatible HTTP API",
         description="Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with SSE), "
         "/health, /metrics (Prometheus).",
     )

@@ -1,6 +1,12 @@
-"""The chat template (ChatML) — the one definition used by fine-tuning, `colossus chat` and the server.
+"""The chat template — one per model, used by fine-tuning, `colossus chat` and the server alike.
 
-A conversation renders as
+A model's template is a `ChatTemplate`. The project's own models use ChatML (`ChatMLTemplate`,
+below); a Hugging Face model uses its own Jinja template (`data/chat_template.py`).
+`load_model_tokenizer` binds the model's template to its tokenizer, so every caller that holds
+the tokenizer — the server's `encode_chat(tokenizer, ...)`, the chat session, the fine-tuning
+loader — renders the same way; a tokenizer nothing was bound to uses ChatML, as before.
+
+In ChatML a conversation renders as
 
     <|im_start|>system\\n{content}<|im_end|>\\n
     <|im_start|>user\\n{content}<|im_end|>\\n
@@ -18,13 +24,14 @@ string (for display, and for the Jinja template written next to exported models)
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
-from colossuslm.data.tokenizer import IM_END, IM_START
+from colossuslm.data.tokenizer import IM_END, IM_START, SpecialTokens, project_special_tokens
 from colossuslm.errors import ColossusError
 
 ROLES = ("system", "user", "assistant")
@@ -88,8 +95,53 @@ def _pieces(pairs: Sequence[tuple[str, str]], add_generation_prompt: bool) -> It
 
 
 def render_chat(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The template as one string (what `HF_CHAT_TEMPLATE` renders too)."""
+    """ChatML as one string (what `HF_CHAT_TEMPLATE` renders too)."""
     return "".join(text for text, _, _ in _pieces(validate_messages(messages), add_generation_prompt))
+
+
+class ChatTemplate(ABC):
+    """How one model turns a conversation into token ids, and which ids end its replies."""
+
+    special: SpecialTokens
+    stop_token_ids: tuple[int, ...]  # where a reply ends (its end-of-turn token, then the EOS ids)
+    description: str  # names the template in error messages
+
+    @abstractmethod
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, *, tools: list[dict] | None = None
+    ) -> str:
+        """The conversation as text; with `add_generation_prompt` it ends where the reply begins."""
+
+    @abstractmethod
+    def encode(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, *, tools: list[dict] | None = None
+    ) -> list[int]:
+        """Token ids of the conversation. Special-token text inside a message stays text."""
+
+    @abstractmethod
+    def encode_conversation(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """(token_ids, loss_mask) for chat fine-tuning: `loss_mask[i]` is True when `token_ids[i]`
+        belongs to an assistant reply, its closing token included, i.e. a token the model should
+        learn to produce. Aligned with the ids: shift it exactly as you shift the labels."""
+
+
+_BOUND_TEMPLATE = "colossuslm_chat_template"  # attribute a tokenizer carries its model's template in
+
+
+def bind_chat_template(tokenizer: Tokenizer, template: ChatTemplate) -> None:
+    """Let `tokenizer` carry its model's chat template (as a transformers tokenizer carries its
+    `chat_template`), for every caller that is handed only the tokenizer."""
+    setattr(tokenizer, _BOUND_TEMPLATE, template)
+
+
+def chat_template_of(tokenizer: Tokenizer) -> ChatTemplate:
+    """The chat template bound to this tokenizer, else ChatML (the project's own models)."""
+    return getattr(tokenizer, _BOUND_TEMPLATE, None) or ChatMLTemplate(tokenizer)
+
+
+def refuse_tools(tools: list[dict] | None, description: str) -> None:
+    if tools:
+        raise ColossusError(f"{description} has no place for tool definitions; this model cannot be given tools")
 
 
 # One copy per tokenizer that encodes special-token strings as plain text (see module docstring).
@@ -106,42 +158,62 @@ def _plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     return entry[1]
 
 
-def _special_id(tokenizer: Tokenizer, token: str) -> int:
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise ColossusError(
-            f"tokenizer has no {token} token, so it cannot use the chat template; "
-            f"use a tokenizer made by `colossus data prepare`"
-        )
-    return token_id
+class ChatMLTemplate(ChatTemplate):
+    """ChatML (module docstring), encoded piece by piece: special tokens by id, text as plain text."""
 
+    description = "the ChatML chat template"
 
-def _encode(
-    tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], add_generation_prompt: bool
-) -> tuple[list[int], list[bool]]:
-    plain = _plain_text_tokenizer(tokenizer)
-    ids: list[int] = []
-    mask: list[bool] = []
-    for text, special, trained in _pieces(pairs, add_generation_prompt):
-        piece = [_special_id(tokenizer, text)] if special else plain.encode(text, add_special_tokens=False).ids
-        ids.extend(piece)
-        mask.extend([trained] * len(piece))
-    return ids, mask
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens | None = None):
+        self.tokenizer = tokenizer
+        self.special = special or project_special_tokens(tokenizer)
+        im_end = tokenizer.token_to_id(IM_END)
+        self.stop_token_ids = tuple(dict.fromkeys(([] if im_end is None else [im_end]) + list(self.special.eos_ids)))
+
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, *, tools: list[dict] | None = None
+    ) -> str:
+        refuse_tools(tools, self.description)
+        return render_chat(messages, add_generation_prompt)
+
+    def encode(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, *, tools: list[dict] | None = None
+    ) -> list[int]:
+        refuse_tools(tools, self.description)
+        return self._encode(validate_messages(messages), add_generation_prompt)[0]
+
+    def encode_conversation(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        return self._encode(validate_messages(messages), add_generation_prompt=False)
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ColossusError(
+                f"tokenizer has no {token} token, so it cannot use the chat template; "
+                f"use a tokenizer made by `colossus data prepare`"
+            )
+        return token_id
+
+    def _encode(self, pairs: Sequence[tuple[str, str]], add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        plain = _plain_text_tokenizer(self.tokenizer)
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, special, trained in _pieces(pairs, add_generation_prompt):
+            piece = [self._special_id(text)] if special else plain.encode(text, add_special_tokens=False).ids
+            ids.extend(piece)
+            mask.extend([trained] * len(piece))
+        return ids, mask
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation; by default ending in the header that asks for the next reply."""
-    return _encode(tokenizer, validate_messages(messages), add_generation_prompt)[0]
+    """Token ids of a conversation in the tokenizer's model's template; by default ending where
+    the next reply begins."""
+    return chat_template_of(tokenizer).encode(messages, add_generation_prompt)
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
-    """(token_ids, loss_mask) for chat fine-tuning.
-
-    `loss_mask[i]` is True when `token_ids[i]` is part of an assistant reply (its text and the
-    closing `<|im_end|>`), i.e. a token the model should learn to produce. It is aligned with the
-    ids, not with next-token targets: shift it exactly as you shift the labels.
-    """
-    return _encode(tokenizer, validate_messages(messages), add_generation_prompt=False)
+    """(token_ids, loss_mask) for chat fine-tuning, in the tokenizer's model's template
+    (`ChatTemplate.encode_conversation`)."""
+    return chat_template_of(tokenizer).encode_conversation(messages)
 
 
 def load_conversations(path: str | Path | None = None) -> list[list[Message]]:
@@ -171,6 +243,10 @@ def load_conversations(path: str | Path | None = None) -> list[list[Message]]:
 __all__ = [
     "HF_CHAT_TEMPLATE",
     "ROLES",
+    "ChatMLTemplate",
+    "ChatTemplate",
+    "bind_chat_template",
+    "chat_template_of",
     "encode_chat",
     "encode_conversation",
     "load_conversations",

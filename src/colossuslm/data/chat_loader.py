@@ -1,8 +1,9 @@
 """Batches of conversations for chat fine-tuning, with the loss on assistant tokens only.
 
-Each conversation becomes one row of seq_len + 1 tokens rendered with the shared chat template
-(`data/chat.py`): longer ones are truncated, shorter ones padded. Targets of prompt, system, user
-and padding tokens are -100, which the loss ignores. Same interface as `TokenLoader` (including an
+Each conversation becomes one row of seq_len + 1 tokens rendered with the model's chat template
+(`chat_template_of(tokenizer)`: ChatML for the project's models, an imported model's own Jinja
+template otherwise): longer ones are truncated, shorter ones padded. Targets of prompt, system,
+user and padding tokens are -100, which the loss ignores. Same interface as `TokenLoader` (including an
 exact, JSON-serialisable resume state), so the trainer treats both alike.
 """
 
@@ -14,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from colossuslm.data.chat import encode_conversation, load_conversations
-from colossuslm.data.tokenizer import PAD_TOKEN
+from colossuslm.data.chat import chat_template_of, load_conversations
 from colossuslm.errors import ColossusError
 
 IGNORE = -100
@@ -43,16 +43,19 @@ class ChatLoader:
                 f"{conversations_path or 'the bundled conversation set'} has too few conversations "
                 f"for a {split} split ({len(conversations)} in all; every {VAL_EVERY}th is held out)"
             )
-        pad_id = tokenizer.token_to_id(PAD_TOKEN)
+        template = chat_template_of(tokenizer)
+        # Without a pad token, EOS pads: padding is never a target, and causal attention never lets
+        # a real token see the padding after it, so any id would do.
+        pad_id = template.special.pad_id if template.special.pad_id is not None else template.special.eos_id
         if pad_id is None:
-            raise ColossusError(f"the tokenizer has no {PAD_TOKEN} token; use one made by `colossus data prepare`")
+            raise ColossusError("the tokenizer has neither a pad token nor an EOS token to pad conversations with")
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         rows = np.full((len(chosen), seq_len + 1), pad_id, dtype=np.int64)
         learn = np.zeros((len(chosen), seq_len + 1), dtype=bool)
         self.truncated = 0
         for i, messages in enumerate(chosen):
-            ids, mask = encode_conversation(tokenizer, messages)
+            ids, mask = template.encode_conversation(messages)
             if len(ids) > seq_len + 1:
                 self.truncated += 1
                 ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]

@@ -14,15 +14,18 @@ writes the run directory). The tensor-name table here is also what `serve/export
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from colossuslm.config.schema import ModelConfig
+from colossuslm.config.schema import Config, ModelConfig
 from colossuslm.errors import ColossusError
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -140,6 +143,17 @@ def architecture_of(hf_config: dict[str, Any]) -> Architecture:
         shown = ", ".join(names) if names else "none (config.json has no 'architectures')"
         raise ColossusError(f"config.json: architecture {shown} is not supported; supported: {supported}")
     return ARCHITECTURES[names[0]]
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A directory transformers saved (config.json beside its weights), not one of our run or
+    checkpoint directories (which hold config.toml, manifest.json, checkpoints/)."""
+    path = Path(path)
+    return (
+        (path / "config.json").is_file()
+        and not (path / "manifest.json").is_file()
+        and not (path / "checkpoints").is_dir()
+    )
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
@@ -358,9 +372,12 @@ class _Weights:
                 located.update(dict.fromkeys(handle.keys(), path))
         return located
 
-    def get(self, name: str) -> torch.Tensor:
+    def require(self, name: str) -> None:
         if name not in self.file_of:
             raise ColossusError(f"{self.directory}: the weights lack {name}, which config.json implies")
+
+    def get(self, name: str) -> torch.Tensor:
+        self.require(name)
         path = self.file_of[name]
         if path not in self._open:
             self._open[path] = safe_open(str(path), framework="pt")
@@ -378,19 +395,30 @@ def _refuse_other_weights(directory: Path) -> None:
     raise ColossusError(f"{directory} has no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}: no weights to import")
 
 
-def read_hf_state(directory: str | Path, cfg: ModelConfig, moe_layout: str = "") -> dict[str, torch.Tensor]:
-    """Our state dict (names and layouts as `Transformer(cfg).state_dict()`, dtype as stored)
-    from the directory's safetensors. Tensors left over that the model would not use are an error."""
+def hf_state_readers(
+    directory: str | Path, cfg: ModelConfig, moe_layout: str = ""
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Our state-dict name -> a function reading that tensor (stored dtype) from the directory's
+    safetensors, one at a time, so a caller keeping one shard of each (the trainer's init_from on
+    many ranks) never holds the whole model. Names are checked now: a tensor missing, or one left
+    over that the model would not use, is an error before anything is read."""
     weights = _Weights(Path(directory))
     names = hf_tensor_names(cfg, moe_layout)
-    state = {ours: weights.get(theirs) for ours, theirs in names.items()}
-    used = set(names.values())
-    for layer in moe_layers(cfg):
-        for ours, per_expert in expert_tensor_names(cfg, moe_layout, layer).items():
-            state[ours] = torch.stack([weights.get(name).t() for name in per_expert])
-            used.update(per_expert)
+    experts = {
+        ours: per_expert
+        for layer in moe_layers(cfg)
+        for ours, per_expert in expert_tensor_names(cfg, moe_layout, layer).items()
+    }
+    needed = [*names.values(), *(name for per_expert in experts.values() for name in per_expert)]
+    for name in needed:
+        weights.require(name)
+    readers: dict[str, Callable[[], torch.Tensor]] = {
+        ours: partial(weights.get, theirs) for ours, theirs in names.items()
+    }
+    readers |= {ours: partial(_stacked_experts, weights, per_expert) for ours, per_expert in experts.items()}
+    used = set(needed)
     if cfg.tie_embeddings and "lm_head.weight" in weights.file_of:
-        _check_tied_head(weights.get("lm_head.weight"), state["tok_embeddings.weight"])
+        _check_tied_head(weights.get("lm_head.weight"), weights.get(names["tok_embeddings.weight"]))
         used.add("lm_head.weight")
     unused = sorted(name for name in weights.file_of if name not in used and not name.endswith(_IGNORED_SUFFIXES))
     if unused:
@@ -398,6 +426,18 @@ def read_hf_state(directory: str | Path, cfg: ModelConfig, moe_layout: str = "")
             f"{directory}: {len(unused)} tensors would go unused by the model config.json describes "
             f"(e.g. {', '.join(unused[:3])}); the directory holds parts this importer does not know"
         )
+    return readers
+
+
+def _stacked_experts(weights: _Weights, per_expert: list[str]) -> torch.Tensor:
+    """Hugging Face's per-expert nn.Linear weights ([out, in] each) as our stacked [E, in, out]."""
+    return torch.stack([weights.get(name).t() for name in per_expert])
+
+
+def read_hf_state(directory: str | Path, cfg: ModelConfig, moe_layout: str = "") -> dict[str, torch.Tensor]:
+    """Our state dict (names and layouts as `Transformer(cfg).state_dict()`, dtype as stored)
+    from the directory's safetensors. Tensors left over that the model would not use are an error."""
+    state = {name: read() for name, read in hf_state_readers(directory, cfg, moe_layout).items()}
     _check_shapes(state, cfg)
     return state
 
@@ -423,6 +463,17 @@ def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
             )
 
 
+def run_config_from_hf(cfg: ModelConfig, run_name: str) -> Config:
+    """The run configuration an imported model is saved and served with: the defaults, but with
+    the model's architecture and a training context no longer than it supports."""
+    defaults = Config()
+    return Config(
+        model=cfg,
+        data=dataclasses.replace(defaults.data, seq_len=min(defaults.data.seq_len, cfg.max_seq_len)),
+        train=dataclasses.replace(defaults.train, name=run_name),
+    ).validate()
+
+
 def load_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A Hugging Face model directory -> (ModelConfig, our state dict in the stored dtype)."""
     hf_config = read_hf_config(directory)
@@ -435,10 +486,13 @@ __all__ = [
     "Architecture",
     "architecture_of",
     "expert_tensor_names",
+    "hf_state_readers",
     "hf_tensor_names",
+    "is_hf_model_dir",
     "load_hf",
     "model_config_from_hf",
     "moe_layers",
     "read_hf_config",
     "read_hf_state",
+    "run_config_from_hf",
 ]

@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP API over an `AsyncEngine` (FastAPI; run it with uvicorn).
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (plain, or SSE
-streaming ending in `data: [DONE]`), GET /health, GET /metrics (Prometheus text).
+streaming ending in `data: [DONE]`; both with logprobs, completions with echo for scoring a
+prompt), vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info (lm-evaluation-harness
+tokenizes through them), GET /health, GET /metrics (Prometheus text).
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
 """
 
@@ -18,8 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from colossuslm.data.chat import encode_chat
-from colossuslm.data.tokenizer import IM_END
+from colossuslm.data.chat import chat_template_of, encode_chat
 from colossuslm.errors import ColossusError
 from colossuslm.serve.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from colossuslm.serve.errors import ApiError, InvalidRequestError, ModelNotFoundError, ServerBusyError
@@ -28,17 +29,32 @@ from colossuslm.serve.metrics import ServerMetrics
 from colossuslm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    TokenStrings,
     chat_body,
     chat_chunk,
+    chat_logprobs,
     completion_body,
+    completion_logprobs,
     error_body,
     new_id,
     usage,
     usage_chunk,
 )
-from colossuslm.serve.sampling import SamplingParams
+from colossuslm.serve.request import RequestOutput
+from colossuslm.serve.sampling import SamplingParams, TokenLogprob
 
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+    "/health",
+    "/metrics",
+)
 
 
 @dataclass
@@ -72,7 +88,24 @@ class _Job:
     stream: RequestStream
     include_usage: bool
     started: float
+    prompt_ids: list[int]
+    echo_text: str | None = None  # completions with echo: the prompt, returned before the completion
+    logprobs: bool = False  # the reply carries logprobs
+    tokens_as_ids: bool = False  # ... naming tokens "token_id:N"
+    text_offset: int = 0  # streamed completion logprobs: characters of the tokens already sent
     closed: bool = False
+
+
+@dataclass
+class _Collected:
+    """A whole request's outputs, put together."""
+
+    text: str
+    last: RequestOutput
+    first_token: float
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]  # of token_ids, where the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings):
@@ -80,8 +113,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
     app = FastAPI(title="Colossus LM", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(engine.stats)
     tokenizer = engine.tokenizer
-    im_end = tokenizer.token_to_id(IM_END)
-    chat_stop_ids = [im_end] if im_end is not None else []
+    token_strings = TokenStrings(tokenizer)
+    tokenizer_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    chat_template = chat_template_of(tokenizer)
+    # A reply ends at the template's end of turn (<|im_end|>, <|eot_id|>, ...) or any EOS id.
+    chat_stop_ids = list(chat_template.stop_token_ids)
     in_flight = 0  # admitted generation requests not yet finished (streams included)
 
     # ------------------------------------------------------------------------- errors
@@ -151,6 +187,48 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
                 code="model_not_found",
             )
 
+    # ------------------------------------------------------------------------- tokenizer
+
+    def encode_messages(messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            return encode_chat(tokenizer, messages, add_generation_prompt)
+        except ColossusError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from None
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            check_model(body.model)
+        body.check_supported()
+        if body.messages is not None:
+            ids = encode_messages(body.messages, body.add_generation_prompt)
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        strs = [token_strings.text_of(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            check_model(body.model)
+        if any(not 0 <= t < tokenizer_size for t in body.tokens):
+            raise InvalidRequestError(f"token ids must be in [0, {tokenizer_size})", param="tokens")
+        # Special tokens are kept: a client decoding the EOS id wants "<|endoftext|>", not "".
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        names = chat_template.special.names  # the model's own special tokens (none: this project's have no BOS)
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": names.get("eos_token", tokenizer.id_to_token(engine.eos_token_id)),
+            "bos_token": names.get("bos_token"),
+            "pad_token": names.get("pad_token"),
+            "model_max_length": engine.max_model_len,
+            # A model's own Jinja template as it ships; None for ChatML, which is rendered in code.
+            "chat_template": getattr(chat_template, "source", None),
+        }
+
     # ------------------------------------------------------------------------- generation
 
     @app.post("/v1/completions")
@@ -160,6 +238,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         prompt = body.single_prompt()
         prompt_ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
         job = admit("completion", new_id("cmpl"), prompt_ids, params, body.include_usage)
+        job.logprobs, job.tokens_as_ids = body.logprobs is not None, body.return_tokens_as_token_ids
+        if body.echo:
+            job.echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
         if body.stream:
             return streaming(job, completion_events(job))
         return await plain(job, request)
@@ -168,11 +249,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         params = body.sampling_params(body.max_reply_tokens, stop_token_ids=chat_stop_ids)
-        try:
-            prompt_ids = encode_chat(tokenizer, body.messages)
-        except ColossusError as exc:
-            raise InvalidRequestError(str(exc), param="messages") from None
+        prompt_ids = encode_messages(body.messages)
         job = admit("chat", new_id("chatcmpl"), prompt_ids, params, body.include_usage)
+        job.logprobs, job.tokens_as_ids = bool(body.logprobs), body.return_tokens_as_token_ids
         if body.stream:
             return streaming(job, chat_events(job))
         return await plain(job, request)
@@ -186,7 +265,22 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
             )
         stream = engine.add_request(prompt_ids, params, request_id)  # validates: 400 before any output
         in_flight += 1
-        return _Job(kind, request_id, stream, include_usage, time.monotonic())
+        return _Job(kind, request_id, stream, include_usage, time.monotonic(), list(prompt_ids))
+
+    def completion_reply_logprobs(
+        job: _Job,
+        token_ids: list[int],
+        entries: list[TokenLogprob],
+        prompt_logprobs: list[TokenLogprob | None] | None,
+    ) -> dict | None:
+        """The legacy logprobs object of (part of) a completion; an echoed prompt's tokens come first."""
+        if not job.logprobs:
+            return None
+        if prompt_logprobs is not None:
+            token_ids, entries = job.prompt_ids + token_ids, prompt_logprobs + entries
+        body = completion_logprobs(token_ids, entries, token_strings, job.text_offset, job.tokens_as_ids)
+        job.text_offset += sum(len(token_strings.text_of(t)) for t in token_ids)
+        return body
 
     def finish(job: _Job, prompt_tokens: int = 0, completion_tokens: int = 0, first_token: float | None = None) -> None:
         """Release the job's admission and engine slot, and record it; idempotent."""
@@ -206,7 +300,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         """Collect the whole reply; give up (and free the slot) if the client disconnects meanwhile."""
         collected = asyncio.ensure_future(collect(job.stream))
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
-        result = None
+        result: _Collected | None = None
         try:
             await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
             if collected.done():
@@ -214,20 +308,26 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         finally:
             gone.cancel()
             collected.cancel()
-            last = result[1] if result else None
-            finish(
-                job,
-                last.prompt_tokens if last else 0,
-                last.completion_tokens if last else 0,
-                result[2] if result else None,
-            )
+            if result is None:
+                finish(job)
+            else:
+                finish(job, result.last.prompt_tokens, result.last.completion_tokens, result.first_token)
         if result is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody will read it
-        text, last, _ = result
+        last = result.last
         counts = usage(last.prompt_tokens, last.completion_tokens)
         if job.kind == "chat":
-            return JSONResponse(chat_body(job.id, settings.model_name, text, last.finish_reason, counts))
-        return JSONResponse(completion_body(job.id, settings.model_name, text, last.finish_reason, counts))
+            logprobs = None
+            if job.logprobs:
+                logprobs = chat_logprobs(result.token_ids, result.logprobs, token_strings, job.tokens_as_ids)
+            return JSONResponse(
+                chat_body(job.id, settings.model_name, result.text, last.finish_reason, counts, logprobs)
+            )
+        logprobs = completion_reply_logprobs(job, result.token_ids, result.logprobs, result.prompt_logprobs)
+        text = (job.echo_text or "") + result.text
+        return JSONResponse(
+            completion_body(job.id, settings.model_name, text, last.finish_reason, counts, logprobs=logprobs)
+        )
 
     def streaming(job: _Job, events: AsyncIterator[str]) -> StreamingResponse:
         return _ClosingStreamingResponse(
@@ -238,8 +338,13 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
         )
 
     async def completion_events(job: _Job) -> AsyncIterator[str]:
-        def chunk(text: str, reason: str | None) -> dict:
-            return completion_body(job.id, settings.model_name, text, reason, None, chunk=True)
+        def chunk(text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
+            prompt_logprobs = None
+            if job.echo_text is not None:  # the first chunk carries the echoed prompt, and its logprobs
+                text, prompt_logprobs = job.echo_text + text, outs[0].prompt_logprobs
+                job.echo_text = None
+            logprobs = completion_reply_logprobs(job, *_tokens_and_logprobs(outs), prompt_logprobs)
+            return completion_body(job.id, settings.model_name, text, reason, None, chunk=True, logprobs=logprobs)
 
         async for event in _events(job, chunk):
             yield event
@@ -247,8 +352,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
     async def chat_events(job: _Job) -> AsyncIterator[str]:
         yield _sse(chat_chunk(job.id, settings.model_name, {"role": "assistant", "content": ""}, None))
 
-        def chunk(text: str, reason: str | None) -> dict:
-            return chat_chunk(job.id, settings.model_name, {"content": text} if text else {}, reason)
+        def chunk(text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
+            logprobs = None
+            if job.logprobs:
+                logprobs = chat_logprobs(*_tokens_and_logprobs(outs), token_strings, job.tokens_as_ids)
+            return chat_chunk(job.id, settings.model_name, {"content": text} if text else {}, reason, logprobs)
 
         async for event in _events(job, chunk):
             yield event
@@ -256,13 +364,16 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
     async def _events(job: _Job, chunk) -> AsyncIterator[str]:
         prompt_tokens = completion_tokens = 0
         first_token = None
+        pending: list[RequestOutput] = []  # outputs whose text is still held back, logprobs and all
         try:
             async for out in job.stream:
                 if first_token is None:
                     first_token = time.monotonic()
                 prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
+                pending.append(out)
                 if out.text or out.finished:
-                    yield _sse(chunk(out.text, out.finish_reason))
+                    yield _sse(chunk(out.text, out.finish_reason, pending))
+                    pending = []
             if job.include_usage:
                 yield _sse(usage_chunk(job.id, settings.model_name, job.kind, usage(prompt_tokens, completion_tokens)))
             yield "data: [DONE]\n\n"
@@ -293,15 +404,24 @@ class _ClosingStreamingResponse(StreamingResponse):
             self._on_close()
 
 
-async def collect(stream: RequestStream):
-    """(text, last output, time of first token) of a whole request."""
-    parts, last, first_token = [], None, None
+async def collect(stream: RequestStream) -> _Collected:
+    """Text, token ids, logprobs, last output and time of first token of a whole request."""
+    parts, token_ids, logprobs, prompt_logprobs = [], [], [], None
+    last, first_token = None, None
     async for out in stream:
         if first_token is None:
             first_token = time.monotonic()
         parts.append(out.text)
+        token_ids += out.token_ids
+        logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            prompt_logprobs = out.prompt_logprobs
         last = out
-    return "".join(parts), last, first_token
+    return _Collected("".join(parts), last, first_token, token_ids, logprobs, prompt_logprobs)
+
+
+def _tokens_and_logprobs(outs: list[RequestOutput]) -> tuple[list[int], list[TokenLogprob]]:
+    return [t for out in outs for t in out.token_ids], [e for out in outs for e in out.logprobs or []]
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -49,6 +49,14 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def eos_token_id(self) -> int:
+        return self.engine.eos_token_id
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     def stats(self) -> EngineStats:
         return self._stats  # a snapshot taken by the engine thread after each step
 

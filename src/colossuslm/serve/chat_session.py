@@ -1,4 +1,4 @@
-"""A multi-turn conversation on top of `LLMEngine`: history, the shared chat template, streaming.
+"""A multi-turn conversation on top of `LLMEngine`: history, the model's chat template, streaming.
 
 Used by `colossus chat`; kept apart from terminal I/O so it can be tested and reused.
 """
@@ -8,8 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from colossuslm.data.chat import encode_chat
-from colossuslm.data.tokenizer import IM_END
+from colossuslm.data.chat import chat_template_of
 from colossuslm.errors import ColossusError
 from colossuslm.serve.engine import LLMEngine
 from colossuslm.serve.sampling import SamplingParams
@@ -18,8 +17,9 @@ from colossuslm.serve.sampling import SamplingParams
 class ChatSession:
     def __init__(self, engine: LLMEngine, params: SamplingParams, system: str | None = None):
         self.engine = engine
-        im_end = engine.tokenizer.token_to_id(IM_END)
-        stop_ids = list(params.stop_token_ids) + ([im_end] if im_end is not None else [])
+        self.template = chat_template_of(engine.tokenizer)
+        # A reply ends at the template's end-of-turn token or any of the model's EOS ids.
+        stop_ids = list(dict.fromkeys([*params.stop_token_ids, *self.template.stop_token_ids]))
         self.params = dataclasses.replace(params, stop_token_ids=stop_ids).validate()
         self.system = system
         self.history: list[dict[str, str]] = []
@@ -62,7 +62,7 @@ class ChatSession:
         context = self.engine.max_model_len
         reserve = min(self.params.max_tokens or context // 4, context // 2)
         while True:
-            ids = encode_chat(self.engine.tokenizer, self._messages())
+            ids = self.template.encode(self._messages())
             if len(ids) + reserve <= context or len(self.history) <= 1:
                 break
             del self.history[:2]  # one user turn and the reply to it

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
 from colossuslm.errors import ColossusError
@@ -24,7 +25,7 @@ from colossuslm.serve.kv_cache import PagedKVCache
 from colossuslm.serve.loading import LoadedModel, load_for_inference
 from colossuslm.serve.model_runner import ModelRunner, StepItem
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
-from colossuslm.serve.sampling import SamplingParams, make_generator, sample
+from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from colossuslm.serve.scheduler import Scheduler
 
 
@@ -49,11 +50,22 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_token_id: int, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        eos_token_ids: int | Sequence[int],
+        config: EngineConfig | None = None,
+    ):
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
+        # Every id that ends generation (Llama 3 instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>);
+        # the first is the model's EOS token.
+        self.eos_token_ids = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(eos_token_ids)
+        if not self.eos_token_ids:
+            raise ValueError("the engine needs at least one EOS token id")
+        self.eos_token_id = self.eos_token_ids[0]
         self.device = model.tok_embeddings.weight.device
         self.vocab_size = model.cfg.vocab_size
         self._token_bytes = token_bytes_table(tokenizer)  # built once, shared by every request
@@ -82,7 +94,7 @@ class LLMEngine:
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, config: EngineConfig | None = None) -> LLMEngine:
-        return cls(loaded.model, loaded.tokenizer, loaded.eos_token_id, config)
+        return cls(loaded.model, loaded.tokenizer, loaded.special.eos_ids, config)
 
     # ----------------------------------------------------------------------------- requests
 
@@ -113,7 +125,7 @@ class LLMEngine:
                 )
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
-            stop_ids.add(self.eos_token_id)
+            stop_ids.update(self.eos_token_ids)
         return Request(
             request_id=request_id or f"req-{next(self._ids)}",
             prompt_ids=list(prompt_ids),
@@ -156,17 +168,71 @@ class LLMEngine:
         if not batch:
             return []
         items = [
-            StepItem(new_tokens=self._uncached_tokens(r), start_pos=r.num_cached, block_table=r.block_table)
+            StepItem(
+                new_tokens=self._uncached_tokens(r),
+                start_pos=r.num_cached,
+                block_table=r.block_table,
+                return_hidden=r.params.prompt_logprobs is not None and r.prompt_logprobs is None,
+            )
             for r in batch
         ]
-        logits = self.runner.execute(items)
-        next_tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch])
+        out = self.runner.execute_step(items)
+        next_tokens = sample(out.logits, [r.params for r in batch], [r.generator for r in batch])
+        chosen_logprobs = self._chosen_logprobs(batch, out.logits, next_tokens)
         now = time.monotonic()
         outputs = []
-        for request, token in zip(batch, next_tokens):
+        for request, token, hidden, logprob in zip(batch, next_tokens, out.hidden, chosen_logprobs):
+            if hidden is not None:
+                request.prompt_logprobs = self._prompt_logprobs(request, hidden)
             request.num_cached = request.num_tokens
-            outputs.append(self._append_token(request, token, now))
+            if request.params.max_tokens == 0:  # the prompt was only to be scored
+                outputs.append(self._finish_scored_prompt(request))
+            else:
+                outputs.append(self._append_token(request, token, now, logprob))
         return outputs
+
+    PROMPT_LOGPROB_ROWS = 512  # positions turned into fp32 logits at a time: bounds [rows, vocab] memory
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (none for the first)."""
+        prompt = request.prompt_ids
+        targets = torch.tensor(prompt[1:], dtype=torch.long, device=hidden.device)
+        top_n = request.params.prompt_logprobs
+        scored: list[TokenLogprob | None] = [None]
+        for start in range(0, len(prompt) - 1, self.PROMPT_LOGPROB_ROWS):
+            end = min(start + self.PROMPT_LOGPROB_ROWS, len(prompt) - 1)
+            logits = self.runner.logits(hidden[start:end])  # position i predicts prompt token i + 1
+            scored += token_logprobs(logits, targets[start:end], [top_n] * (end - start))
+        return scored
+
+    @staticmethod
+    def _chosen_logprobs(batch: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
+        """Log-probabilities of the sampled tokens, for the requests that asked (one batched call)."""
+        rows = [i for i, r in enumerate(batch) if r.params.logprobs is not None and r.params.max_tokens != 0]
+        result: list[TokenLogprob | None] = [None] * len(batch)
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
+            scored = token_logprobs(logits[index], chosen, [batch[i].params.logprobs for i in rows])
+            for row, value in zip(rows, scored):
+                result[row] = value
+        return result
+
+    def _finish_scored_prompt(self, request: Request) -> RequestOutput:
+        self.scheduler.running.remove(request)
+        self.scheduler.finish(request, "length")
+        return RequestOutput(
+            request_id=request.request_id,
+            text="",
+            token_ids=[],
+            finished=True,
+            finish_reason="length",
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=0,
+            logprobs=[] if request.params.logprobs is not None else None,
+            prompt_logprobs=request.prompt_logprobs,
+        )
 
     @staticmethod
     def _uncached_tokens(request: Request) -> list[int]:
@@ -175,7 +241,9 @@ class LLMEngine:
             return request.output_ids[start - len(prompt) :]
         return prompt[start:] + request.output_ids
 
-    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
+    def _append_token(
+        self, request: Request, token: int, now: float, logprob: TokenLogprob | None = None
+    ) -> RequestOutput:
         request.output_ids.append(token)
         if request.first_token_time is None:
             request.first_token_time = now
@@ -201,6 +269,8 @@ class LLMEngine:
             finish_reason=reason,
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(request.output_ids),
+            logprobs=None if logprob is None else [logprob],
+            prompt_logprobs=request.prompt_logprobs if len(request.output_ids) == 1 else None,
         )
 
     # ----------------------------------------------------------------------------- conveniences

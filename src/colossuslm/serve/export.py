@@ -7,6 +7,11 @@ router (top-k logits, softmax over those k) equals Mixtral's (softmax over all, 
 Tensor names come from `models/hf_import.py`, the inverse of this file, so export and import
 cannot drift apart. What no supported class can express is refused with a clear error rather
 than exported wrong.
+
+Tokenizer files: a model trained here gets ChatML's tokenizer_config.json (its special tokens
+and a Jinja template rendering what `data/chat.py` renders); an imported model gets its own
+tokenizer files back unchanged (tokenizer.json, tokenizer_config.json, chat_template.jinja, ...,
+kept with every checkpoint since the import), and config.json its own bos/eos/pad ids.
 """
 
 from __future__ import annotations
@@ -20,7 +25,19 @@ from safetensors.torch import load_file, save_file
 
 from colossuslm.config import ModelConfig, load_config
 from colossuslm.data.chat import HF_CHAT_TEMPLATE
-from colossuslm.data.tokenizer import EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, load_tokenizer
+from colossuslm.data.tokenizer import (
+    EOS_TOKEN,
+    GENERATION_CONFIG,
+    IM_END,
+    IM_START,
+    PAD_TOKEN,
+    TOKENIZER_FILE,
+    TOKENIZER_SIDE_FILES,
+    has_hf_tokenizer_files,
+    load_tokenizer,
+    read_json,
+    read_special_tokens,
+)
 from colossuslm.errors import ColossusError
 from colossuslm.models.hf_import import ARCHITECTURES, Architecture, expert_tensor_names, hf_tensor_names, moe_layers
 from colossuslm.serve.loading import DTYPES
@@ -121,7 +138,8 @@ def _architecture_config(cfg: ModelConfig, arch: Architecture) -> dict:
     return config
 
 
-def hf_config(cfg: ModelConfig, special: dict[str, int], dtype: torch.dtype) -> dict:
+def hf_config(cfg: ModelConfig, token_ids: dict[str, int | list[int] | None], dtype: torch.dtype) -> dict:
+    """config.json; `token_ids` holds bos_token_id, eos_token_id and pad_token_id."""
     config = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -135,10 +153,7 @@ def hf_config(cfg: ModelConfig, special: dict[str, int], dtype: torch.dtype) -> 
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
-        # No BOS token in this project: documents are separated by EOS, as in GPT-2.
-        "bos_token_id": special[EOS_TOKEN],
-        "eos_token_id": [special[EOS_TOKEN], special[IM_END]],
-        "pad_token_id": special[PAD_TOKEN],
+        **token_ids,
         "torch_dtype": _DTYPE_NAMES[dtype],
         "use_cache": True,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -199,6 +214,29 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ColossusError(f"{out_dir} exists and is not empty; choose a new directory or pass --force")
+    imported = has_hf_tokenizer_files(ckpt_dir)  # its tokenizer files came with `colossus import hf`
+    project_special = None if imported else _project_special_ids(ckpt_dir)
+    token_ids = _imported_token_ids(ckpt_dir) if imported else _project_token_ids(project_special)
+
+    state = hf_state_dict(load_file(str(ckpt_dir / "model.safetensors")), cfg)
+    state = {name: t.to(torch_dtype).contiguous() for name, t in state.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out_dir / "config.json", hf_config(cfg, token_ids, torch_dtype))
+    if imported:
+        _copy_imported_tokenizer(ckpt_dir, out_dir, token_ids)
+        return out_dir
+    _write_json(out_dir / GENERATION_CONFIG, token_ids)
+    shutil.copyfile(ckpt_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config(project_special, cfg.max_seq_len))
+    _write_json(
+        out_dir / "special_tokens_map.json",
+        {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "additional_special_tokens": [IM_START, IM_END]},
+    )
+    return out_dir
+
+
+def _project_special_ids(ckpt_dir: Path) -> dict[str, int]:
     tokenizer = load_tokenizer(ckpt_dir)
     special = {}
     for token in (EOS_TOKEN, PAD_TOKEN, IM_START, IM_END):
@@ -209,27 +247,36 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", 
                 f"`colossus data prepare`, so the export would lack its special tokens"
             )
         special[token] = token_id
+    return special
 
-    state = hf_state_dict(load_file(str(ckpt_dir / "model.safetensors")), cfg)
-    state = {name: t.to(torch_dtype).contiguous() for name, t in state.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out_dir / "config.json", hf_config(cfg, special, torch_dtype))
-    _write_json(
-        out_dir / "generation_config.json",
-        {
-            "bos_token_id": special[EOS_TOKEN],
-            "eos_token_id": [special[EOS_TOKEN], special[IM_END]],
-            "pad_token_id": special[PAD_TOKEN],
-        },
-    )
-    shutil.copyfile(ckpt_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config(special, cfg.max_seq_len))
-    _write_json(
-        out_dir / "special_tokens_map.json",
-        {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "additional_special_tokens": [IM_START, IM_END]},
-    )
-    return out_dir
+
+def _project_token_ids(special: dict[str, int]) -> dict[str, int | list[int]]:
+    return {
+        # No BOS token in this project: documents are separated by EOS, as in GPT-2.
+        "bos_token_id": special[EOS_TOKEN],
+        "eos_token_id": [special[EOS_TOKEN], special[IM_END]],
+        "pad_token_id": special[PAD_TOKEN],
+    }
+
+
+def _imported_token_ids(ckpt_dir: Path) -> dict[str, int | list[int] | None]:
+    """The imported model's own ids: as its generation_config.json (from the source directory)
+    gives them, else as its tokenizer files name the tokens."""
+    special = read_special_tokens(ckpt_dir, load_tokenizer(ckpt_dir))
+    eos: int | list[int] | None = list(special.eos_ids)
+    if len(eos) <= 1:  # one id is written as a number, as transformers writes it
+        eos = eos[0] if eos else None
+    ids = {"bos_token_id": special.bos_id, "eos_token_id": eos, "pad_token_id": special.pad_id}
+    generation = read_json(ckpt_dir / GENERATION_CONFIG) or {}
+    return ids | {key: generation[key] for key in ids if generation.get(key) is not None}
+
+
+def _copy_imported_tokenizer(ckpt_dir: Path, out_dir: Path, token_ids: dict[str, int | list[int] | None]) -> None:
+    for name in (TOKENIZER_FILE, *TOKENIZER_SIDE_FILES):
+        if (ckpt_dir / name).is_file():
+            shutil.copyfile(ckpt_dir / name, out_dir / name)
+    if not (ckpt_dir / GENERATION_CONFIG).is_file():
+        _write_json(out_dir / GENERATION_CONFIG, {key: value for key, value in token_ids.items() if value is not None})
 
 
 def _write_json(path: Path, data: dict) -> None:

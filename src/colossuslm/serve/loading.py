@@ -1,4 +1,9 @@
-"""Load a checkpoint for inference: weights from safetensors (never pickle), config, tokenizer."""
+"""Load a model for inference: a checkpoint, a run directory or a Hugging Face model directory.
+
+Weights come from safetensors (never pickle); the tokenizer carries the model's chat template and
+special tokens (`data/chat_template.py` load_model_tokenizer), so an imported Llama 3 stops at its
+own <|eot_id|> and chats in its own template, and a project model at <|endoftext|> in ChatML.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +15,28 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from colossuslm.config import Config, load_config
-from colossuslm.data.tokenizer import EOS_TOKEN, IM_END, load_tokenizer
+from colossuslm.data.chat import ChatTemplate, chat_template_of
+from colossuslm.data.chat_template import load_model_tokenizer
+from colossuslm.data.tokenizer import EOS_TOKEN, IM_END, SpecialTokens, has_hf_tokenizer_files
 from colossuslm.errors import ColossusError
+from colossuslm.models.hf_import import is_hf_model_dir, load_hf, run_config_from_hf
 from colossuslm.models.transformer import Transformer, rope_tables
-from colossuslm.train.checkpoint import resolve_checkpoint
+from colossuslm.train.checkpoint import resolve_model_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class LoadedModel:
-    path: Path  # the checkpoint directory actually loaded
+    path: Path  # the checkpoint (or Hugging Face) directory actually loaded
     config: Config
     model: Transformer  # eval mode, on `device`, in `dtype`
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # carries `chat_template` (chat_template_of(tokenizer) returns it)
     name: str  # default name to serve the model under
-    eos_token_id: int
+    eos_token_id: int  # the model's EOS: `special.eos_ids[0]`
     im_end_token_id: int | None
+    chat_template: ChatTemplate
+    special: SpecialTokens
 
     @property
     def device(self) -> torch.device:
@@ -80,32 +90,46 @@ def build_model(
 
 
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """A checkpoint directory, or a run directory (its newest valid checkpoint)."""
-    ckpt_dir = resolve_checkpoint(path)
-    config = load_config([ckpt_dir / "config.toml"])
-    weights = ckpt_dir / "model.safetensors"
-    if not weights.is_file():
-        raise ColossusError(f"checkpoint {ckpt_dir} has no model.safetensors")
+    """A checkpoint directory, a run directory (its newest valid checkpoint), or a Hugging Face
+    model directory (config.json + safetensors, read through models/hf_import.py, nothing written)."""
+    model_dir = resolve_model_dir(path)
+    if is_hf_model_dir(model_dir):
+        model_cfg, state = load_hf(model_dir)
+        config = run_config_from_hf(model_cfg, run_name=model_dir.resolve().name)
+    else:
+        config = load_config([model_dir / "config.toml"])
+        weights = model_dir / "model.safetensors"
+        if not weights.is_file():
+            raise ColossusError(f"checkpoint {model_dir} has no model.safetensors")
+        state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
     torch_device = resolve_device(device)
-    state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
     model = build_model(config, state, torch_device, resolve_dtype(dtype, torch_device))
-    tokenizer = load_tokenizer(ckpt_dir)
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    if eos is None:
-        raise ColossusError(
-            f"the tokenizer in {ckpt_dir} has no {EOS_TOKEN} token; it was not made by `colossus data prepare`"
-        )
+    tokenizer = load_model_tokenizer(model_dir)
+    template = chat_template_of(tokenizer)
+    if template.special.eos_id is None:
+        raise ColossusError(_no_eos_message(model_dir))
     if tokenizer.get_vocab_size(with_added_tokens=True) > config.model.vocab_size:
         raise ColossusError(
-            f"tokenizer in {ckpt_dir} has {tokenizer.get_vocab_size()} tokens but the "
+            f"tokenizer in {model_dir} has {tokenizer.get_vocab_size()} tokens but the "
             f"model only {config.model.vocab_size}; they do not belong together"
         )
     return LoadedModel(
-        path=ckpt_dir,
+        path=model_dir,
         config=config,
         model=model,
         tokenizer=tokenizer,
-        name=default_model_name(ckpt_dir),
-        eos_token_id=eos,
+        name=default_model_name(model_dir),
+        eos_token_id=template.special.eos_id,
         im_end_token_id=tokenizer.token_to_id(IM_END),
+        chat_template=template,
+        special=template.special,
     )
+
+
+def _no_eos_message(model_dir: Path) -> str:
+    if has_hf_tokenizer_files(model_dir):
+        return (
+            f"the model in {model_dir} names no EOS token (no eos_token in tokenizer_config.json, no "
+            f"eos_token_id in generation_config.json or config.json), so generation could never stop"
+        )
+    return f"the tokenizer in {model_dir} has no {EOS_TOKEN} token; it was not made by `colossus data prepare`"

@@ -31,6 +31,9 @@ class StepItem:
     new_tokens: list[int]  # the whole prompt for a prefill; the last sampled token for a decode
     start_pos: int  # position of new_tokens[0]: 0 for a prefill
     block_table: list[int]  # cache blocks holding positions [0, start_pos + len(new_tokens))
+    # Also return the final (normed) hidden state of every new token, not just the last one's
+    # logits: scoring a whole prompt (prompt log-probabilities) needs the logits at each position.
+    return_hidden: bool = False
 
     @property
     def is_prefill(self) -> bool:
@@ -65,6 +68,13 @@ class _BatchTensors:
     prefill_lens: list[int]  # prefills come first in the flat batch, in this order
     decode: _DecodeLayout | None
     last_token_index: torch.Tensor  # [B] row of each sequence's last token (the one we sample from)
+    hidden_ranges: list[tuple[int, int] | None]  # [B] rows of the sequences that asked for hidden states
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [B, vocab] fp32, of each item's last token, in the caller's order
+    hidden: list[torch.Tensor | None]  # [new tokens, d] final hidden states of items with return_hidden
 
 
 class ModelRunner:
@@ -79,8 +89,9 @@ class ModelRunner:
         cos, sin = rope_tables(self.cfg)
         self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
 
-    def _forward(self, batch: _BatchTensors) -> torch.Tensor:
-        """Embeddings to fp32 logits [B, vocab] of each sequence's last token, in batch order."""
+    def _forward(self, batch: _BatchTensors) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Embeddings to fp32 logits [B, vocab] of each sequence's last token, in batch order, and
+        the final hidden states of the sequences that asked for them."""
         model = self.model
         h = model.tok_embeddings(batch.tokens)
         cos = self.rope_cos[batch.positions].unsqueeze(1).to(h.dtype)  # [T, 1, hd], broadcast over heads
@@ -90,23 +101,35 @@ class ModelRunner:
             x = block.ffn_norm(h)
             ffn_out = block.moe(x.unsqueeze(0))[0].squeeze(0) if block.is_moe else block.feed_forward(x)
             h = h + ffn_out
-        last = model.norm(h[batch.last_token_index])
+        hidden = [None if rows is None else model.norm(h[rows[0] : rows[1]]) for rows in batch.hidden_ranges]
+        return self.logits(model.norm(h[batch.last_token_index])), hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, vocab] of final hidden states [N, d]."""
+        model = self.model
         weight = model.tok_embeddings.weight if model.output is None else model.output.weight
-        return F.linear(last, weight).float()
+        return F.linear(hidden, weight).float()
+
+    def execute(self, items: list[StepItem]) -> torch.Tensor:
+        """Run one step; returns fp32 logits [len(items), vocab] for each item's last token."""
+        return self.execute_step(items).logits
 
     @torch.inference_mode()
-    def execute(self, items: list[StepItem]) -> torch.Tensor:
-        """Run one step; returns fp32 logits [len(items), vocab] for each item's last token.
+    def execute_step(self, items: list[StepItem]) -> StepOutput:
+        """Run one step: each item's last-token logits, and hidden states where items ask.
 
-        Items may come in any order; prefills are moved to the front internally and the logits
+        Items may come in any order; prefills are moved to the front internally and the results
         come back in the caller's order.
         """
         order = sorted(range(len(items)), key=lambda i: not items[i].is_prefill)  # stable
         batch = self._prepare([items[i] for i in order])
-        logits = self._forward(batch)
+        logits, hidden = self._forward(batch)
         restore = torch.empty(len(order), dtype=torch.long)
         restore[torch.tensor(order)] = torch.arange(len(order))
-        return logits[restore.to(logits.device)]
+        in_order: list[torch.Tensor | None] = [None] * len(items)
+        for position, index in enumerate(order):
+            in_order[index] = hidden[position]
+        return StepOutput(logits[restore.to(logits.device)], in_order)
 
     def _attention(
         self, layer_index: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: _BatchTensors
@@ -192,8 +215,10 @@ class ModelRunner:
         write_offsets: list[int] = []
         prefill_lens: list[int] = []
         last_index: list[int] = []
+        hidden_ranges: list[tuple[int, int] | None] = []
         decodes: list[StepItem] = []
         for item in items:
+            hidden_ranges.append((len(tokens), len(tokens) + len(item.new_tokens)) if item.return_hidden else None)
             if not item.is_prefill:
                 if len(item.new_tokens) != 1:
                     raise ValueError("a decode step takes exactly one new token per sequence")
@@ -219,6 +244,7 @@ class ModelRunner:
             prefill_lens=prefill_lens,
             decode=self._decode_layout(decodes) if decodes else None,
             last_token_index=on_device(last_index),
+            hidden_ranges=hidden_ranges,
         )
 
     def _decode_layout(self, decodes: list[StepItem]) -> _DecodeLayout:
@@ -249,4 +275,4 @@ class ModelRunner:
         return layout(row_lengths, rows=None if in_order else rows, row_range=(lo, hi))
 
 
-__all__ = ["ModelRunner", "StepItem"]
+__all__ = ["ModelRunner", "StepItem", "StepOutput"]

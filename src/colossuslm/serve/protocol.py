@@ -7,9 +7,14 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
 
+from colossuslm.serve.detokenizer import token_bytes_table
 from colossuslm.serve.errors import InvalidRequestError
-from colossuslm.serve.sampling import SamplingParams
+from colossuslm.serve.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
+
+# JSON has no -inf; vLLM reports a token the model rules out entirely with this stand-in too.
+LOGPROB_FLOOR = -9999.0
 
 
 class StreamOptions(BaseModel):
@@ -17,7 +22,9 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    # Unknown fields (user, metadata, ...) are accepted and ignored, as OpenAI's own API does.
+    # Unknown fields (user, metadata, ...) are accepted and ignored, as OpenAI's own API does;
+    # fields that would change what the reply is (structured output, tools) are declared below and
+    # refused, so a client asking for JSON mode never silently gets free text.
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -32,24 +39,46 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     ignore_eos: bool = False  # extension, for benchmarks
+    # vLLM's extension: logprobs name tokens "token_id:N", so tokens that print alike (pieces of
+    # one character, all U+FFFD) stay apart.
+    return_tokens_as_token_ids: bool = False
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None  # the deprecated form of tools
+    function_call: Any = None
 
     def check_supported(self) -> None:
+        no_grammar = "is not supported: this server has no structured (grammar-constrained) output yet"
+        no_tools = "is not supported: this server has no tool calling yet"
         unsupported = [
             (self.n not in (None, 1), "n", "only n = 1 is supported; send several requests instead"),
             (bool(self.presence_penalty), "presence_penalty", "is not supported; leave it at 0"),
             (bool(self.frequency_penalty), "frequency_penalty", "is not supported; leave it at 0"),
             (bool(self.logit_bias), "logit_bias", "is not supported"),
-            (self.logprobs not in (None, False, 0), "logprobs", "are not supported"),
+            (
+                self.response_format not in (None, {"type": "text"}),
+                "response_format",
+                f"{self.response_format!r} {no_grammar}; leave it out or use {{'type': 'text'}}",
+            ),
+            (bool(self.tools), "tools", f"{no_tools}; leave them out"),
+            (self.tool_choice not in (None, "none"), "tool_choice", f"{no_tools}; leave it out"),
+            (bool(self.functions), "functions", f"{no_tools}; leave them out"),
+            (self.function_call not in (None, "none"), "function_call", f"{no_tools}; leave it out"),
         ]
         for bad, param, why in unsupported:
             if bad:
                 raise InvalidRequestError(f"{param} {why}", param=param)
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token); None where not asked."""
+        return None, None
+
     def sampling_params(self, max_tokens: int | None, stop_token_ids: list[int]) -> SamplingParams:
         self.check_supported()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -59,6 +88,8 @@ class _SamplingFields(BaseModel):
             stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         ).validate()
 
     @property
@@ -66,21 +97,41 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _check_logprob_count(value: Any, param: str) -> None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise InvalidRequestError(
+            f"{param} = {value!r} is invalid: give a number of alternatives per token from 0 to {MAX_LOGPROBS}",
+            param=param,
+        )
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs, if asked)
+    logprobs: int | None = None  # alternatives listed per token (0: only the token's own logprob)
     suffix: str | None = None
     best_of: int | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        _check_logprob_count(self.logprobs, "logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError(
+                "max_tokens = 0 generates nothing; it is only allowed with echo = true, to score the prompt",
+                param="max_tokens",
+            )
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise InvalidRequestError("only best_of = 1 is supported", param="best_of")
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        # echo + max_tokens = 0 without logprobs only returns the prompt; the engine still runs it
+        # (scoring it, unasked) so such a request is validated and counted like every other.
+        scoring_only = self.echo and self.max_tokens == 0
+        prompt = self.logprobs if self.echo and self.logprobs is not None else (0 if scoring_only else None)
+        return self.logprobs, prompt
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt, as text or token ids (batches of prompts are not supported)."""
@@ -98,10 +149,43 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = None  # default: the rest of the context window
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False  # log-probability of each reply token
+    top_logprobs: int | None = None  # with logprobs: that many likeliest alternatives per token
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        _check_logprob_count(self.top_logprobs, "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs = true", param="top_logprobs")
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        if not self.logprobs:
+            return None, None
+        return self.top_logprobs or 0, None
 
     @property
     def max_reply_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize (lm-evaluation-harness's remote tokenizer uses it): a prompt or chat messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True  # what the tokenizer's post-processor adds (a BOS, for some models)
+    add_generation_prompt: bool = True  # messages: end with the assistant's turn opening
+    return_token_strs: bool = False
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give either prompt (text) or messages (a chat), not both", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 def new_id(prefix: str) -> str:
@@ -117,21 +201,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_body(
-    request_id: str, model: str, text: str, finish_reason: str | None, usage_counts: dict | None, chunk: bool = False
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage_counts: dict | None,
+    chunk: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
     body = {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if usage_counts is not None or not chunk:
         body["usage"] = usage_counts
     return body
 
 
-def chat_body(request_id: str, model: str, text: str, finish_reason: str | None, usage_counts: dict) -> dict:
+def chat_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage_counts: dict,
+    logprobs: dict | None = None,
+) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -141,7 +238,7 @@ def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         ],
@@ -149,14 +246,98 @@ def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
     }
 
 
-def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(
+    request_id: str, model: str, delta: dict, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
+
+
+class TokenStrings:
+    """How a token id is shown in logprobs: its text, and its bytes (a byte-level token may hold
+    part of a character, whose text alone would be U+FFFD; the bytes say exactly what it is)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._bytes = token_bytes_table(tokenizer)  # None: not byte-level, decode ids one at a time
+        added = tokenizer.get_added_tokens_decoder()
+        self._special = {token_id: token.content for token_id, token in added.items() if token.special}
+
+    def bytes_of(self, token_id: int) -> bytes:
+        if token_id in self._special:  # shown as the token itself, where generated text leaves it out
+            return self._special[token_id].encode()
+        if self._bytes is not None:
+            return self._bytes[token_id] if token_id < len(self._bytes) else b""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+
+    def text_of(self, token_id: int) -> str:
+        return self.bytes_of(token_id).decode("utf-8", errors="replace")
+
+    def label_of(self, token_id: int, as_id: bool) -> str:
+        return f"token_id:{token_id}" if as_id else self.text_of(token_id)
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def completion_logprobs(
+    token_ids: list[int],
+    entries: list[TokenLogprob | None],
+    strings: TokenStrings,
+    text_offset: int = 0,
+    as_ids: bool = False,
+) -> dict:
+    """OpenAI's legacy `logprobs` object for /v1/completions.
+
+    `entries[i]` scores `token_ids[i]`; None (an echoed prompt's first token, which has no context)
+    gives null in `token_logprobs` and `top_logprobs`. Each `top_logprobs` entry maps the likeliest
+    tokens' text to their logprob and also holds the chosen token, as vLLM's do (so logprobs = 1
+    tells whether the chosen token was the likeliest). Tokens whose texts coincide share one key,
+    the likelier one's, unless `as_ids` names every token "token_id:N". `text_offset` counts
+    characters of the tokens' texts from `text_offset`.
+    """
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        text = strings.text_of(token_id)
+        tokens.append(strings.label_of(token_id, as_ids))
+        offsets.append(text_offset)
+        text_offset += len(text)
+        if entry is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_finite(entry.logprob))
+        top: dict[str, float] = {}
+        for top_id, logprob in entry.top:
+            top.setdefault(strings.label_of(top_id, as_ids), _finite(logprob))
+        top.setdefault(tokens[-1], _finite(entry.logprob))
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(
+    token_ids: list[int], entries: list[TokenLogprob], strings: TokenStrings, as_ids: bool = False
+) -> dict:
+    """OpenAI's chat `logprobs` object: per reply token its text, logprob, bytes and top alternatives."""
+
+    def item(token_id: int, logprob: float) -> dict:
+        return {
+            "token": strings.label_of(token_id, as_ids),
+            "logprob": _finite(logprob),
+            "bytes": list(strings.bytes_of(token_id)),
+        }
+
+    content = [
+        item(token_id, entry.logprob) | {"top_logprobs": [item(top_id, value) for top_id, value in entry.top]}
+        for token_id, entry in zip(token_ids, entries, strict=True)
+    ]
+    return {"content": content, "refusal": None}
 
 
 def usage_chunk(request_id: str, model: str, kind: Literal["chat", "completion"], usage_counts: dict) -> dict:

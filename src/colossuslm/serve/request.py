@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from colossuslm.serve.sampling import SamplingParams
+from colossuslm.serve.sampling import SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -36,6 +36,9 @@ class Request:
     finish_reason: str | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # Computed at the first prefill when params.prompt_logprobs asks (None for the first token,
+    # which has no context); a preempted request keeps them instead of scoring its prompt again.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +56,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" (EOS, stop token or stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when params.logprobs asks
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a request's first output only
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Sampling parameters and a batched sampler (temperature, top-k, top-p, per-request seeds)."""
+"""Sampling parameters, a batched sampler (temperature, top-k, top-p, per-request seeds), and
+log-probabilities of chosen tokens with their likeliest alternatives."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch
 from colossuslm.serve.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# Alternatives returned per token: vLLM's default max_logprobs and OpenAI's limit for chat
+# top_logprobs (OpenAI's legacy completions stop at 5; we allow the same 20 there, as vLLM does).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -22,20 +26,33 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop before any of these strings; not returned
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    # Log-probabilities of each generated token and of its `logprobs` likeliest alternatives
+    # (0: the chosen token's only); None: not computed.
+    logprobs: int | None = None
+    # The same for every prompt token after the first (scoring a text: OpenAI's `echo`). With it,
+    # max_tokens may be 0: the prompt is scored and nothing is generated.
+    prompt_logprobs: int | None = None
 
     def validate(self) -> SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        least_tokens = 0 if self.prompt_logprobs is not None else 1
         checks = [
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (
+                self.max_tokens is None or self.max_tokens >= least_tokens,
+                "max_tokens",
+                "must be at least 1 (0 only when scoring the prompt, with prompt log-probabilities)",
+            ),
             (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be -1 or 0 (off) or a positive number of tokens"),
             (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"takes at most {MAX_STOP_STRINGS} strings"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "entries must be non-empty strings"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits"),
+            (_valid_logprobs(self.logprobs), "logprobs", f"must be between 0 and {MAX_LOGPROBS}"),
+            (_valid_logprobs(self.prompt_logprobs), "prompt_logprobs", f"must be between 0 and {MAX_LOGPROBS}"),
         ]
         for ok, param, why in checks:
             if not ok:
@@ -45,6 +62,37 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def _valid_logprobs(count: int | None) -> bool:
+    return count is None or (isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= MAX_LOGPROBS)
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of one token at one position, and the likeliest tokens there."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), likeliest first
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top_n: list[int]) -> list[TokenLogprob]:
+    """log_softmax of the raw fp32 `logits` [N, V] at `token_ids` [N], and row i's top_n[i] best.
+
+    These are the model's own probabilities, before temperature, top-k or top-p reshape them for
+    sampling: what vLLM returns by default (its logprobs_mode "raw_logprobs") and what scoring a
+    text (lm-eval's loglikelihood) needs, whatever sampling settings came with the request.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    most = max(top_n, default=0)
+    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(token, value, list(zip(top_ids[row][:n], top_values[row][:n])))
+        for row, (token, value, n) in enumerate(zip(token_ids.tolist(), chosen, top_n))
+    ]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -99,4 +147,4 @@ def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tup
     return sorted_logits, sorted_ids
 
 
-__all__ = ["SamplingParams", "make_generator", "sample"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob", "make_generator", "sample", "token_logprobs"]

@@ -9,6 +9,7 @@ Layout of one checkpoint (`runs/NAME/checkpoints/step_00000200/`):
   rng/rank_N.json      each rank's torch / numpy / python RNG states
   config.toml          the resolved config that produced it
   tokenizer.json       the tokenizer, so the checkpoint is self-contained for sampling and serving
+                       (with an imported model's tokenizer_config.json, chat_template.jinja, ... beside it)
   manifest.json        written last: every file's size and sha256; its presence marks completion
 
 Every rank writes into one temporary directory; rank 0 then adds the manifest and renames it into
@@ -178,7 +179,14 @@ def write_main_files(
     (tmp / "trainer_state.json").write_text(trainer_state_json)
     (tmp / "config.toml").write_text(config_toml)
     if tokenizer_json is not None:
+        from colossuslm.data.tokenizer import TOKENIZER_SIDE_FILES
+
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        # An imported model's special tokens and chat template travel with its tokenizer, so a
+        # fine-tuned checkpoint still chats in the model's template and stops at its EOS.
+        for name in TOKENIZER_SIDE_FILES:
+            if (tokenizer_json.parent / name).is_file():
+                shutil.copyfile(tokenizer_json.parent / name, tmp / name)
 
 
 def promote(tmp: Path, final: Path, step: int, world_size: int, keep_last: int) -> None:
@@ -268,7 +276,13 @@ def load_checkpoint(
 def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     """Load only the model's weights into its (possibly sharded) parameters, each rank reading
     just its own shards: from the DCP shards when the checkpoint has them, otherwise slice by
-    slice from model.safetensors (never the whole file into memory)."""
+    slice from model.safetensors (never the whole file into memory). `ckpt_dir` may also be a
+    Hugging Face model directory, read one tensor at a time through models/hf_import.py."""
+    from colossuslm.models.hf_import import is_hf_model_dir
+
+    if is_hf_model_dir(ckpt_dir):
+        _load_hf_tensors(ckpt_dir, model)
+        return
     if (ckpt_dir / "dcp" / ".metadata").is_file():
         state = {"model": get_model_state_dict(model)}
         dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
@@ -281,23 +295,39 @@ def load_model_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
 def _load_safetensors_shards(path: Path, model: torch.nn.Module) -> None:
     from safetensors import safe_open
 
-    from colossuslm.parallel.materialize import locate_shard
-
     with safe_open(str(path), framework="pt") as weights:
         missing = [name for name, _ in model.named_parameters() if name not in weights.keys()]
         if missing:
             raise ColossusError(f"{path} lacks {len(missing)} of the model's weights, e.g. {missing[:3]}")
         for name, param in model.named_parameters():
-            local, shape, indices = locate_shard(param)
             stored = weights.get_slice(name)
-            if tuple(stored.get_shape()) != shape:
-                raise ColossusError(f"{path}: {name} has shape {tuple(stored.get_shape())}, the model {shape}")
-            # Read the bounding box of this rank's indices, then pick them (a strided shard's
-            # indices need not be one contiguous range).
-            box = tuple(slice(int(i.min()), int(i.max()) + 1) if len(i) else slice(0, 0) for i in indices)
-            block = stored[box]
-            picked = block[tuple(torch.meshgrid(*[i - b.start for i, b in zip(indices, box)], indexing="ij"))]
-            local.copy_(picked.to(local.dtype))
+            _copy_shard(param, stored, tuple(stored.get_shape()), f"{path}: {name}")
+
+
+@torch.no_grad()
+def _load_hf_tensors(directory: Path, model: torch.nn.Module) -> None:
+    from colossuslm.models.hf_import import architecture_of, hf_state_readers, model_config_from_hf, read_hf_config
+
+    hf_config = read_hf_config(directory)
+    readers = hf_state_readers(directory, model_config_from_hf(hf_config), architecture_of(hf_config).moe_layout)
+    for name, param in model.named_parameters():
+        stored = readers[name]()  # one whole tensor at a time; each rank keeps its shard of it
+        _copy_shard(param, stored, tuple(stored.shape), f"{directory}: {name}")
+
+
+def _copy_shard(param: torch.Tensor, stored, stored_shape: tuple[int, ...], what: str) -> None:
+    """Copy this rank's part of `stored` (a tensor, or a safetensors slice read lazily) into `param`."""
+    from colossuslm.parallel.materialize import locate_shard
+
+    local, shape, indices = locate_shard(param)
+    if stored_shape != shape:
+        raise ColossusError(f"{what} has shape {stored_shape}, the model {shape}")
+    # Read the bounding box of this rank's indices, then pick them (a strided shard's
+    # indices need not be one contiguous range).
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) if len(i) else slice(0, 0) for i in indices)
+    block = stored[box]
+    picked = block[tuple(torch.meshgrid(*[i - b.start for i, b in zip(indices, box)], indexing="ij"))]
+    local.copy_(picked.to(local.dtype))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -365,6 +395,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise ColossusError(f"checkpoint path {path} does not exist")
     raise ColossusError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a run directory (no checkpoints/)")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """What `serve`, `chat`, `sample` and `train.init_from` take: a Hugging Face model directory
+    as it is, else a checkpoint or run directory as `resolve_checkpoint` finds it."""
+    from colossuslm.models.hf_import import is_hf_model_dir
+
+    path = Path(path)
+    if is_hf_model_dir(path):
+        return path
+    if path.is_dir() and not (path / MANIFEST).is_file() and not (path / "checkpoints").is_dir():
+        raise ColossusError(
+            f"{path} is neither a checkpoint (no {MANIFEST}), a run directory (no checkpoints/) "
+            f"nor a Hugging Face model directory (no config.json)"
+        )
+    return resolve_checkpoint(path)
 
 
 def load_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:

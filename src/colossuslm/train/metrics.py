@@ -42,12 +42,19 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, record["step"])
+                    self._tb.add_scalar(_tensorboard_tag(key), value, record["step"])
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _tensorboard_tag(key: str) -> str:
+    """val_loss -> val/loss; keys that name their group (eval/TASK/METRIC) keep it; others train/KEY."""
+    if key == "val_loss":
+        return "val/loss"
+    return key if "/" in key else f"train/{key}"
 
 
 class NullMetrics:
