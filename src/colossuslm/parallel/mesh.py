@@ -130,6 +130,26 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Meshes:
     )
 
 
+def set_collective_timeout(meshes: Meshes | None, timeout_s: float) -> None:
+    """Every process group of this rank (the world's and each mesh dimension's, flattened ones
+    too) gives up on a collective after `timeout_s` and fails the rank.
+
+    init_process_group's timeout covers only the world group: DeviceMesh creates its dimension
+    groups with the backend's default (gloo 30 min, NCCL 10 min), and those are the groups FSDP,
+    TP and the gradient reductions wait in. torchtitan sets its mesh groups the same way
+    (`_set_pg_timeout`, the only setter torch has)."""
+    if not dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups: dict[int, dist.ProcessGroup] = {id(dist.group.WORLD): dist.group.WORLD}
+    for value in vars(meshes).values() if meshes is not None else ():
+        if isinstance(value, DeviceMesh):
+            for group in value.get_all_groups():
+                groups.setdefault(id(group), group)
+    for group in groups.values():
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
 def _hsdp_mesh(root: DeviceMesh, shard_dim: str) -> DeviceMesh:
     # FSDP2 takes HSDP as a 2-D mesh; the shard dimension is the flattened one, which only
     # slicing the root can give (torch warns that this will change; there is no other way yet).

@@ -1,0 +1,463 @@
+"""Chaos benchmark: goodput of a real multi-process training run while ranks are killed or stalled.
+
+Runs `colossus train --nproc 4 --max-restarts R` (torchrun, gloo on CPU; HSDP: 2 replicas x 2
+FSDP shards of a 1.8M-parameter model, ~0.5 s a step on a 2-core CPU) and, on a seeded schedule,
+SIGKILLs a random rank every K seconds (`--mode kill`) or SIGSTOPs one (`--mode stall`: longer than
+`train.hang_timeout_s`, so the hang watchdog must turn it into a failure). The run recovers the
+way the trainer does today: torchrun restarts the whole group and it resumes from the newest
+checkpoint. The bench reads what happened from the run itself: metrics.jsonl (one record per step,
+each step's time as the trainer measured it; records past the checkpoint a restart resumes from are
+dropped and written again) and the heartbeat files of train/watchdog.py (when each restarted rank's
+process started and reached rendezvous, setup, checkpoint load and its first step).
+
+Before the chaos run it runs the same command without failures (`--no-reference` skips it), so the
+table shows what startup and checkpoints cost by themselves. A run ends at `--steps` or at
+`--duration` seconds, where the bench sends SIGTERM and the trainer checkpoints and exits (its
+normal stop path), so every step up to the end counts. Failures are not injected while the group
+is still recovering from the previous one, nor in the last 30 s: each failure's cost is measured on
+its own.
+
+    python bench/chaos.py                                   # kill mode, one kill a minute, 3 minutes
+    python bench/chaos.py --kill-every 30 --duration 150 --ckpt-every 20 --no-reference
+    python bench/chaos.py --mode stall --hang-timeout 10 --kill-every 40 --duration 150
+
+Columns: wall = launch to exit; productive = the summed step times of the steps in the final model;
+goodput = productive / wall; recomputed = steps done more than once (rolled back by a restart);
+per failure, kill -> step = from the kill (or stop) to the next completed step, split into its
+parts, and regain = until the run is past the step it had reached when the failure hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from colossuslm.config.schema import TrainConfig
+from colossuslm.train.watchdog import Heartbeat, heartbeat_path
+
+MODEL = [
+    "model.d_model=128",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=384",
+    "data.seq_len=128",
+    "train.dtype=fp32",
+    "train.micro_batch_size=4",  # per data-parallel rank: 16 sequences a step over 4 ranks
+]
+LAYOUT = ["parallel.dp_replicate=2", "parallel.dp_shard=-1"]  # HSDP: 2 replicas of nproc / 2 FSDP shards
+POLL_S = 0.05
+UNTIL_DURATION = 1_000_000  # train.steps when only --duration ends the run
+QUIET_END_S = 30.0  # no failure this close to --duration: its recovery would not be seen
+
+
+@dataclass
+class Failure:
+    at: float  # monotonic time of the kill / stop
+    rank: int
+    pid: int
+    step: int  # newest step completed when it hit
+    respawned: float | None = None  # a full new set of workers was seen
+    first_step: float | None = None  # the next completed step after the restart
+    resumed_step: int | None = None  # that step - 1: where the run went back to
+    regained: float | None = None  # first completion past `step`
+    marks: dict[str, float] = field(default_factory=dict)  # rank 0's restart milestones (monotonic)
+
+
+@dataclass
+class RunResult:
+    name: str
+    wall_s: float
+    productive_s: float
+    final_steps: int
+    completions: int
+    step_times: list[float]
+    checkpoint_stall_s: float | None
+    failures: list[Failure]
+    started: float  # monotonic launch time
+    stopped_at_duration: bool  # the bench sent SIGTERM at --duration (else the run ended itself)
+    returncode: int
+    log: Path
+
+    @property
+    def goodput(self) -> float:
+        return self.productive_s / self.wall_s if self.wall_s else float("nan")
+
+    @property
+    def recomputed(self) -> int:
+        return self.completions - self.final_steps
+
+
+# ---------------------------------------------------------------- the processes of a run
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def worker_ranks(root: int) -> dict[int, int]:
+    """rank -> pid of the training workers below `root` (torchrun's children)."""
+    todo, ranks = [root], {}
+    while todo:
+        pid = todo.pop()
+        for child in _children(pid):
+            todo.append(child)
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"colossuslm.train" in cmdline and b"torch.distributed.run" not in cmdline:
+                rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+                if rank is not None:
+                    ranks[rank] = child
+    return ranks
+
+
+class MetricsTail:
+    """Step completions as they appear in metrics.jsonl, including those a restart rolls back.
+
+    A record is known by (step, step time): a step done again after a rollback has the same step
+    and (resume is bitwise) the same loss, but never the same measured time. So a half-written read
+    while the trainer rewrites the file on resume can hide records for a poll without making old
+    ones count again."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.seen: set[tuple[int, float]] = set()
+        self.completions: list[tuple[float, int, float]] = []  # (seen at, step, step time), in order
+
+    def read(self) -> dict[int, float]:
+        """step -> step time of the step records in the file now (lines being written are skipped)."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return {}
+        steps = {}
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in record:
+                steps[record["step"]] = record["step_time_s"]
+        return steps
+
+    def poll(self, now: float) -> list[int]:
+        """The steps completed since the last poll."""
+        new = sorted(key for key in self.read().items() if key not in self.seen)
+        self.seen.update(new)
+        self.completions += [(now, step, step_time) for step, step_time in new]
+        return [step for step, _ in new]
+
+    @property
+    def newest(self) -> int:
+        """The step the run has reached: the latest completion."""
+        return self.completions[-1][1] if self.completions else 0
+
+
+def restart_marks(run_dir: Path, after_wall: float, clock_offset: float) -> dict[str, float] | None:
+    """Rank 0's milestones of the incarnation started after `after_wall` (wall time), as
+    monotonic times, once it has done its first step; None until then."""
+    beat = Heartbeat.read(heartbeat_path(run_dir, 0))
+    if beat is None or beat.proc_start < after_wall:
+        return None
+    marks = {"process start": beat.proc_start}
+    for phase, wall in beat.setup:
+        marks.setdefault(phase, wall)
+    if "first step done" not in marks:
+        return None
+    return {phase: wall - clock_offset for phase, wall in marks.items()}
+
+
+# ---------------------------------------------------------------- one run
+
+
+def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResult:
+    run_dir = work / name
+    steps = args.steps or UNTIL_DURATION
+    overrides = [
+        *MODEL,
+        *LAYOUT,
+        f"train.run_dir={work}",
+        f"train.name={name}",
+        f"train.steps={steps}",
+        f"train.ckpt_every={args.ckpt_every}",
+        "train.log_every=1",
+        "train.eval_every=1000000",  # one evaluation, at step 0: evals are not what is measured
+        "train.progress=false",
+        f"train.hang_timeout_s={args.hang_timeout}",
+        f"train.seed={args.seed}",
+    ]
+    cmd = [sys.executable, "-m", "colossuslm.cli.main", "train", "--nproc", str(args.nproc)]
+    cmd += ["--max-restarts", str(args.max_restarts), *[a for o in overrides for a in ("--set", o)]]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = work / f"{name}.log"
+    rng = random.Random(args.seed)
+    tail = MetricsTail(run_dir)
+    failures: list[Failure] = []
+    clock_offset = time.time() - time.monotonic()  # heartbeats carry wall times
+    with open(log, "w") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        next_failure: float | None = None
+        stopped: list[tuple[float, int]] = []  # (SIGCONT due, pid) in stall mode
+        terminated = False
+        while proc.poll() is None:
+            time.sleep(POLL_S)
+            now = time.monotonic()
+            new_steps = tail.poll(now)
+            if new_steps and next_failure is None and chaos and not failures:
+                next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)  # first step: chaos starts
+            _follow_recovery(failures, tail, new_steps, now, proc.pid, args, run_dir, clock_offset)
+            for due, pid in [s for s in stopped if s[0] <= now]:
+                stopped.remove((due, pid))
+                _signal(pid, signal.SIGCONT)
+            recovering = failures and failures[-1].first_step is None
+            quiet = now - start > args.duration - QUIET_END_S
+            if chaos and next_failure is not None and now >= next_failure and not recovering and not quiet:
+                ranks = worker_ranks(proc.pid)
+                if len(ranks) == args.nproc:
+                    rank = rng.randrange(args.nproc)
+                    failures.append(Failure(now, rank, ranks[rank], tail.newest))
+                    if args.mode == "kill":
+                        _signal(ranks[rank], signal.SIGKILL)
+                    else:
+                        _signal(ranks[rank], signal.SIGSTOP)
+                        if args.stall_s > 0:
+                            stopped.append((now + args.stall_s, ranks[rank]))
+                    next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
+            if not terminated and now - start > args.duration:
+                # To torchrun only: it passes SIGTERM to the workers, which agree on a step,
+                # checkpoint and exit, and it waits for them (the `colossus` parent would not).
+                launchers = [pid for pid in _children(proc.pid) if b"torch.distributed.run" in _cmdline(pid)]
+                for pid in launchers or [proc.pid]:
+                    _signal(pid, signal.SIGTERM)
+                terminated = True
+            if terminated and now - start > args.duration + 90:
+                os.killpg(proc.pid, signal.SIGKILL)
+        wall = time.monotonic() - start
+    tail.poll(time.monotonic())
+    final = tail.read()  # the run is over: the file holds exactly the steps of the final model
+    return RunResult(
+        name=name,
+        wall_s=wall,
+        productive_s=sum(final.values()),
+        final_steps=len(final),
+        completions=len(tail.completions),
+        step_times=[t for _, _, t in tail.completions],
+        checkpoint_stall_s=_checkpoint_stall(tail.completions, args.ckpt_every),
+        failures=failures,
+        started=start,
+        stopped_at_duration=terminated,
+        returncode=proc.returncode,
+        log=log,
+    )
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _follow_recovery(
+    failures: list[Failure],
+    tail: MetricsTail,
+    new_steps: list[int],
+    now: float,
+    root: int,
+    args: argparse.Namespace,
+    run_dir: Path,
+    clock_offset: float,
+) -> None:
+    if not failures:
+        return
+    failure = failures[-1]
+    if failure.first_step is None:
+        workers = worker_ranks(root)
+        if failure.respawned is None and len(workers) == args.nproc and failure.pid not in workers.values():
+            failure.respawned = now
+        # The next step of the restarted group, or of the same group when a stalled rank was
+        # continued before the watchdog fired (a step the old group finishes after a kill is not it).
+        if new_steps and (failure.respawned is not None or failure.pid in workers.values()):
+            failure.first_step, failure.resumed_step = now, min(new_steps) - 1
+    if failure.first_step is not None and failure.regained is None and tail.newest > failure.step:
+        failure.regained = now
+    if failure.first_step is not None and not failure.marks:
+        failure.marks = restart_marks(run_dir, failure.at + clock_offset, clock_offset) or {}
+
+
+def _checkpoint_stall(completions: list[tuple[float, int, float]], every: int) -> float | None:
+    """Median extra time between a checkpoint step and the next one, beyond a plain step gap."""
+    gaps, after_checkpoint = [], []
+    for (t0, s0, _), (t1, s1, _) in zip(completions, completions[1:]):
+        if s1 == s0 + 1:
+            (after_checkpoint if s0 % every == 0 else gaps).append(t1 - t0)
+    if not gaps or not after_checkpoint:
+        return None
+    return max(0.0, statistics.median(after_checkpoint) - statistics.median(gaps))
+
+
+# ---------------------------------------------------------------- the table
+
+# What each stretch of a restart was spent on, named by the milestone that opens it (rank 0's
+# heartbeat; `None` folds a stretch into the previous column).
+STRETCHES = {
+    "failure": "respawn",  # torchrun notices, stops the survivors, starts new processes
+    "process start": "import",  # Python, torch and the project load
+    "rendezvous": "rendezvous",  # init_process_group
+    "setup": "setup",  # data loaders, model build, FSDP, optimizer
+    "resume": "ckpt load",  # pick, verify and load the newest checkpoint
+    "open metrics": "metrics",  # metrics.jsonl, TensorBoard writer
+    "eval": "eval",  # only on a fresh start (step 0)
+    "agree on stop": "1st step",  # the loop's first collective: waits for the slowest rank's setup
+    "train step": "1st step",
+}
+COLUMNS = list(dict.fromkeys(STRETCHES.values()))
+
+
+def restart_parts(failure: Failure) -> dict[str, float]:
+    marks = {"failure": failure.at, **failure.marks}
+    if "first step done" not in marks:
+        return {}
+    order = sorted(marks, key=marks.get)
+    parts: dict[str, float] = {}
+    for begin, end in zip(order, order[1:]):
+        label = STRETCHES.get(begin)
+        if label is not None:
+            parts[label] = parts.get(label, 0.0) + marks[end] - marks[begin]
+    return parts
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: list[RunResult], args: argparse.Namespace) -> None:
+    step_times = [t for r in results for t in r.step_times[3:]]  # after warm-up
+    step_time = statistics.median(step_times) if step_times else float("nan")
+    print(
+        f"\nchaos bench: {args.nproc} processes, HSDP 2 x {args.nproc // 2} (gloo), mode {args.mode}, one failure every "
+        f"{args.kill_every:g} s (+-25 %), seed {args.seed}, train.ckpt_every = {args.ckpt_every} "
+        f"(trainer default {TrainConfig().ckpt_every}), train.hang_timeout_s = {args.hang_timeout:g}; "
+        f"median step time {step_time:.3f} s"
+    )
+    head = (
+        f"{'run':<10} {'wall s':>7} {'productive s':>12} {'goodput':>8} {'steps':>6} {'recomputed':>10} "
+        f"{'failures':>8} {'step s':>7} {'ckpt s':>7} {'ended by':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        median = statistics.median(r.step_times[3:]) if len(r.step_times) > 3 else float("nan")
+        print(
+            f"{r.name:<10} {r.wall_s:7.1f} {r.productive_s:12.1f} {100 * r.goodput:7.1f}% {r.final_steps:6d} "
+            f"{r.recomputed:10d} {len(r.failures):8d} {median:7.3f} {fmt(r.checkpoint_stall_s, '7.2f')} "
+            f"{'duration' if r.stopped_at_duration else f'exit {r.returncode}':>10}"
+        )
+    for r in results:
+        if not r.failures:
+            continue
+        what = "kill" if args.mode == "kill" else "stop"
+        print(f"\n{r.name}: per failure (seconds from the {what}; the restart's parts from rank 0's heartbeat)")
+        head = (
+            f"{'#':>2} {'at s':>6} {'rank':>4} {'step':>5} {'resumed':>7} {what + '->step':>10} "
+            + " ".join(f"{label:>10}" for label in COLUMNS)
+            + f" {'regain':>7} {'lost steps':>10}"
+        )
+        print(head)
+        print("-" * len(head))
+        for i, f in enumerate(r.failures, 1):
+            parts = restart_parts(f)
+            to_step = f.first_step - f.at if f.first_step else None
+            regain = f.regained - f.at if f.regained else None
+            lost = f.step - f.resumed_step if f.resumed_step is not None else None
+            print(
+                f"{i:>2} {f.at - r.started:6.1f} {f.rank:>4} {f.step:>5} {fmt(f.resumed_step, 'd'):>7} "
+                f"{fmt(to_step):>10} "
+                + " ".join(f"{fmt(parts.get(label)):>10}" for label in COLUMNS)
+                + f" {fmt(regain):>7} {fmt(lost, 'd'):>10}"
+            )
+        done = [f for f in r.failures if f.first_step]
+        if done:
+            mean = statistics.fmean(f.first_step - f.at for f in done)
+            print(f"mean kill -> next step {mean:.1f} s over {len(done)} recovered failures")
+    if args.mode == "kill" and results[-1].checkpoint_stall_s:
+        cost, mtbf = results[-1].checkpoint_stall_s, args.kill_every
+        interval = (2 * cost * mtbf) ** 0.5
+        print(
+            f"\nYoung/Daly interval for this checkpoint cost ({cost:.2f} s) and MTBF ({mtbf:g} s): "
+            f"{interval:.1f} s = {interval / step_time:.0f} steps (train.ckpt_every = {args.ckpt_every})"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["kill", "stall"], default="kill")
+    parser.add_argument("--kill-every", type=float, default=60.0, metavar="K", help="seconds between failures")
+    parser.add_argument("--duration", type=float, default=180.0, help="seconds each run may last (then SIGTERM)")
+    parser.add_argument("--steps", type=int, default=0, help="train.steps (0: until --duration)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the failure schedule, the victims and the run")
+    parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--max-restarts", type=int, default=100)
+    parser.add_argument(
+        "--ckpt-every", type=int, default=TrainConfig().ckpt_every, help="train.ckpt_every (default: the trainer's)"
+    )
+    parser.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=None,
+        help="train.hang_timeout_s (default: the trainer's in kill mode, 10 s in stall mode)",
+    )
+    parser.add_argument(
+        "--stall-s", type=float, default=0.0, help="stall mode: SIGCONT after this long (0: leave it stopped)"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the failure-free run")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run directories and logs here")
+    args = parser.parse_args()
+    if args.hang_timeout is None:
+        args.hang_timeout = TrainConfig().hang_timeout_s if args.mode == "kill" else 10.0
+    if args.mode == "stall" and not args.hang_timeout:
+        print(
+            "note: train.hang_timeout_s = 0: a stalled rank is only caught by the collective timeout", file=sys.stderr
+        )
+    if args.nproc < 4 or args.nproc % 2:
+        parser.error("--nproc must be even and >= 4: the layout is 2 HSDP replicas of nproc / 2 shards")
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = []
+        if not args.no_reference:
+            results.append(run("reference", args, work, chaos=False))
+        results.append(run(args.mode, args, work, chaos=True))
+        print_table(results, args)
+        for r in results:
+            if r.returncode and not r.stopped_at_duration:
+                print(f"{r.name} failed (exit {r.returncode}); log: {r.log}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
