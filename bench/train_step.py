@@ -35,7 +35,7 @@ from colossuslm.models.presets import get_preset
 from colossuslm.models.transformer import Transformer
 from colossuslm.parallel.runner import forward_backward
 from colossuslm.train.optim import build_optimizer
-from colossuslm.train.peak import measure_cpu_bf16_peak, peak_flops
+from colossuslm.train.peak import measure_cpu_gemm_peak, peak_flops
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -169,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = measure_cpu_bf16_peak(seconds=3.0) if device.type == "cpu" else peak_flops(device)
+    peak = measure_cpu_gemm_peak(torch.bfloat16, seconds=3.0) if device.type == "cpu" else peak_flops(device)
     print(
         f"device {device}, {torch.get_num_threads()} threads, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, "
         f"batch {args.batch} x seq {args.seq}"

@@ -127,9 +127,26 @@ def test_cpu_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setenv("COLOSSUS_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(peak, "measure_cpu_bf16_peak", lambda: calls.append("peak") or 1e12)
+    fake_peaks = {torch.bfloat16: 1e12, torch.float32: 5e11}
+    monkeypatch.setattr(peak, "measure_cpu_gemm_peak", lambda dtype: calls.append(dtype) or fake_peaks[dtype])
     first = peak.device_profile(torch.device("cpu"))
-    assert calls == ["peak"] and first["peak_flops"] == 1e12
+    assert calls == [torch.bfloat16] and first["peak_flops"] == 1e12
     assert 0 < first["attention_efficiency"] < 1 and first["memory_bandwidth"] > 1e8  # real measurements
-    assert peak.device_profile(torch.device("cpu")) == first and calls == ["peak"]  # from the cache
+    assert peak.device_profile(torch.device("cpu")) == first and calls == [torch.bfloat16]  # from the cache
     assert peak.cpu_peak_flops() == 1e12
+    # An fp32 run's MFU is against the fp32 GEMM peak, measured (and cached) on its own.
+    assert peak.device_profile(torch.device("cpu"), "fp32")["peak_flops"] == 5e11
+    assert peak.cpu_peak_flops("fp32") == 5e11 and calls == [torch.bfloat16, torch.float32]
+
+
+def test_auto_dtype_is_bf16_only_where_the_device_multiplies_it_in_hardware(monkeypatch):
+    import torch
+
+    from colossuslm.train.precision import resolve_train_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_train_dtype("bf16", cpu) == "bf16" and resolve_train_dtype("fp32", cpu) == "fp32"
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert resolve_train_dtype("auto", cpu) == expected

@@ -18,7 +18,7 @@ from colossuslm.config import load_config
 from colossuslm.parallel.build import build_model
 from colossuslm.parallel.materialize import materialize_model
 from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
-from colossuslm.train.dry_run import measure_step_memory
+from colossuslm.train.dry_run import measure_step_memory, resolve_job_dtype
 from colossuslm.train.optim import build_optimizer
 
 
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     cfg = load_config([], args.overrides)
+    resolve_job_dtype(cfg)  # as the dry run it is compared with
     env = init_distributed("cpu")
     dims = ParallelDims.resolve(cfg.parallel, env.world_size)
     meshes = build_mesh(dims, "cpu")

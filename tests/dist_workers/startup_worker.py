@@ -20,6 +20,7 @@ from colossuslm.config import load_config
 from colossuslm.parallel.build import build_model
 from colossuslm.parallel.materialize import materialize_model
 from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
+from colossuslm.train.precision import resolve_train_dtype
 
 
 def peak_rss_bytes() -> int:
@@ -33,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config([], args.overrides)
     env = init_distributed("cpu")
+    cfg.train.dtype = resolve_train_dtype(cfg.train.dtype, env.device)
     torch.ones(1) + 1  # first-op allocations belong to the baseline
     before = peak_rss_bytes()
     dims = ParallelDims.resolve(cfg.parallel, env.world_size)

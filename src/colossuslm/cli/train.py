@@ -141,6 +141,8 @@ def dry_run(args: argparse.Namespace) -> int:
 
 
 def format_summary(s: dict) -> str:
+    from colossuslm.plan.units import si  # plain Python
+
     def num(value, fmt):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
@@ -148,7 +150,7 @@ def format_summary(s: dict) -> str:
         f"run {s['name']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_time_s']:.0f} s",
         f"  throughput {num(s['median_tokens_per_s'], ',.0f')} tokens/s (median), "
         f"MFU {num(100 * s['mfu'] if s['mfu'] == s['mfu'] else None, '.1f')}% of "
-        f"{s['peak_flops'] / 1e12:.2f} TFLOP/s x {s['n_devices']} on {s['device']}",
+        f"{si(s['peak_flops'], 'FLOP/s', 2)} {s.get('dtype', 'bf16')} x {s['n_devices']} on {s['device']}",
         f"  validation loss {num(s['first_val_loss'], '.3f')} -> {num(s['final_val_loss'], '.3f')}",
     ]
     plan = s.get("planner_prediction")

@@ -216,13 +216,22 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    # auto | bf16 (autocast, fp32 master weights) | fp32. auto: bf16 where the device multiplies bf16
+    # in hardware (CUDA GPUs, CPUs with AMX or AVX512-BF16), else fp32 (train/precision.py).
+    dtype: str = "auto"
     compile: bool = False
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    # lm-evaluation-harness tasks (comma-separated names, e.g. "colossus_mc,hellaswag"; "" = off)
+    # run every eval_tasks_every steps and at the end, logged as eval/TASK/METRIC in metrics.jsonl
+    # and TensorBoard. Single-process runs only; evaluate other runs' checkpoints with `colossus eval`.
+    eval_tasks: str = ""
+    eval_tasks_every: int = 500
+    eval_tasks_limit: int = 0  # items per task (0 = all of them): bounds the pause in training
+    eval_tasks_include_path: str = ""  # a directory of your own task YAML files
     ckpt_every: int = 150
     keep_last: int = 3
     # Write checkpoints in the background: a save stalls training only while the state is copied to
@@ -231,6 +240,10 @@ class TrainConfig:
     resume: bool = True  # continue from the latest checkpoint in the run directory
     init_from: str = ""  # start from these weights (a checkpoint or run directory), e.g. to fine-tune
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    # A rank that makes no progress (no step phase begins or ends) for this long is declared hung:
+    # the watchdog (train/watchdog.py) names it and its phase, and the job fails so torchrun can
+    # restart it. It must exceed the longest phase (a checkpoint save, an eval); 0 disables it.
+    hang_timeout_s: float = 300.0
     progress: bool = True
     # Float8 matmuls for the Linears (torchao; CUDA compute capability >= 8.9, or CPU for numerics):
     # tensorwise = one scale per tensor (fastest), rowwise = one scale per row (more accurate).
@@ -248,6 +261,7 @@ class TrainConfig:
             "log_every",
             "eval_every",
             "eval_batches",
+            "eval_tasks_every",
             "ckpt_every",
             "keep_last",
             "max_bad_steps",
@@ -258,7 +272,7 @@ class TrainConfig:
             self.schedule,
             "choose one of: cosine, wsd, constant",
         )
-        _require(self.dtype in ("bf16", "fp32"), "train.dtype", self.dtype, "choose bf16 or fp32")
+        _require(self.dtype in ("auto", "bf16", "fp32"), "train.dtype", self.dtype, "choose auto, bf16 or fp32")
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "choose auto, cpu or cuda")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _require(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction, "must be in (0, 1]")
@@ -268,6 +282,12 @@ class TrainConfig:
         _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "must be in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _require(
+            0 <= self.hang_timeout_s < float("inf"),
+            "train.hang_timeout_s",
+            self.hang_timeout_s,
+            "must be a finite number of seconds >= 0 (0 disables the hang watchdog)",
+        )
+        _require(
             self.float8_recipe in ("tensorwise", "rowwise"),
             "train.float8_recipe",
             self.float8_recipe,
@@ -276,6 +296,23 @@ class TrainConfig:
         _require(
             self.name != "" and "/" not in self.name, "train.name", self.name, "must be a non-empty name without '/'"
         )
+        _require(
+            all(name.strip() for name in self.eval_tasks.split(",")) or self.eval_tasks == "",
+            "train.eval_tasks",
+            self.eval_tasks,
+            'must be comma-separated task names without empty entries, e.g. "colossus_mc,colossus_gen"',
+        )
+        _require(self.eval_tasks_limit >= 0, "train.eval_tasks_limit", self.eval_tasks_limit, "must be >= 0 (0 = all)")
+        _require(
+            self.eval_tasks != "" or self.eval_tasks_include_path == "",
+            "train.eval_tasks_include_path",
+            self.eval_tasks_include_path,
+            "has no effect without train.eval_tasks: name the tasks to run",
+        )
+
+    @property
+    def eval_task_names(self) -> list[str]:
+        return [name.strip() for name in self.eval_tasks.split(",") if name.strip()]
 
 
 @dataclass

@@ -18,6 +18,8 @@ from colossuslm.parallel.parallelize import parallelize_model
 def build_model(cfg: Config, dims: ParallelDims, meshes: Meshes | None) -> tuple[Transformer, bool]:
     """This rank's model, parameters on the meta device. Returns (model, whether FSDP2 casts to
     bf16 itself, so the step must run without autocast)."""
+    if cfg.train.dtype not in ("bf16", "fp32"):
+        raise ValueError(f"train.dtype {cfg.train.dtype!r} must be resolved to bf16 or fp32 first (train/precision.py)")
     with torch.device("meta"):
         model = Transformer(cfg.model)
     if dims.pp > 1:

@@ -284,12 +284,19 @@ def measure_step_memory(
     return measured, saved
 
 
+def resolve_job_dtype(cfg: Config) -> None:
+    """`train.dtype = auto` as the job a dry run stands for resolves it: on GPUs, bf16."""
+    if cfg.train.dtype == "auto":
+        cfg.train.dtype = "bf16"
+
+
 def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
     """Build rank `rank` of a `world_size`-rank job with fake tensors and measure its memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if not 0 <= rank < world_size:
         raise ColossusError(f"--rank {rank} is outside the world of {world_size} ranks")
+    resolve_job_dtype(cfg)
     started = time.perf_counter()
     dims = ParallelDims.resolve(cfg.parallel, world_size)
     _init_fake_group(world_size, rank)

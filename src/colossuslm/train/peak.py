@@ -38,30 +38,43 @@ def gpu_peak_flops(device_name: str) -> float:
     return gpu.peak_bf16
 
 
-def measure_cpu_bf16_peak(size: int = 2048, seconds: float = 1.5) -> float:
-    """Best achieved FLOP/s of a square bf16 GEMM on the current thread count."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    for _ in range(3):
+def measure_cpu_gemm_peak(dtype: torch.dtype = torch.bfloat16, max_size: int = 2048, seconds: float = 1.5) -> float:
+    """Best achieved FLOP/s of a square GEMM in `dtype` on the current thread count.
+
+    The GEMM grows from 256 while one product takes under 20 ms: AMX or AVX512-BF16 cores reach
+    their peak at 2048, while a core without bf16 instructions (AVX2 only, about 1 GFLOP/s
+    emulated) would spend over a minute on one 2048 product."""
+    size = 256
+    while True:
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        start = time.perf_counter()
         a @ b
+        if size >= max_size or time.perf_counter() - start > 0.02:
+            break
+        size *= 2
+    a @ b  # warm at the chosen size
     best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while best == 0.0 or time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
 
-def measure_cpu_attention_efficiency(peak: float, seconds: float = 1.0) -> float:
-    """Causal bf16 SDPA, forward and backward, as a fraction of `peak`, counted the way the planner
+def measure_cpu_attention_efficiency(peak: float, dtype: torch.dtype = torch.bfloat16, seconds: float = 1.0) -> float:
+    """Causal SDPA in `dtype`, forward and backward, as a fraction of `peak`, counted the way the planner
     counts it (the forward's useful causal FLOPs, backward = FLASH_BACKWARD_RATIO forwards).
 
     CPU attention kernels run far below the GEMM peak (about 5% on a 2-core AMX Xeon), which a
     GPU-like default efficiency would miss by several times."""
     from colossuslm.plan.costmodel import FLASH_BACKWARD_RATIO  # plain Python
 
-    batch, heads, seq, head_dim = 4, 8, 512, 64
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    # About 4 GFLOP forward and backward at seq 512: a fraction of a second at an AMX core's peak,
+    # seconds on a core without bf16 instructions, where a shorter sequence measures the same.
+    batch, heads, head_dim = 4, 8, 64
+    seq = 512 if peak > 50e9 else 128
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
     forward_flops = 2.0 * batch * heads * seq * seq * (2 * head_dim) * 0.5
     best, deadline, runs = float("inf"), time.perf_counter() + seconds, 0
     while runs < 2 or time.perf_counter() < deadline:
@@ -86,21 +99,23 @@ def measure_cpu_memory_bandwidth(elements: int = 1 << 24, seconds: float = 0.5) 
     return 3 * 2 * elements / best
 
 
-def cpu_profile() -> dict[str, float]:
-    """This machine's bf16 GEMM peak (FLOP/s), attention efficiency and streaming memory
-    bandwidth (bytes/s), measured once (about 3 s) and cached per CPU model, torch version and
-    thread count."""
-    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch{torch.__version__}|threads{torch.get_num_threads()}|v2"
+def cpu_profile(dtype: str = "bf16") -> dict[str, float]:
+    """This machine's GEMM peak (FLOP/s) and attention efficiency in `dtype` ("bf16" or "fp32"),
+    and its streaming memory bandwidth (bytes/s), measured once (a few seconds) and cached per
+    CPU model, torch version, thread count and dtype."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    threads = torch.get_num_threads()
+    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch{torch.__version__}|threads{threads}|{dtype}|v3"
     path = cache_dir() / "cpu_peak.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     if not isinstance(cached.get(key), dict):
-        peak = measure_cpu_bf16_peak()
+        peak = measure_cpu_gemm_peak(torch_dtype)
         cached[key] = {
             "peak_flops": peak,
-            "attention_efficiency": measure_cpu_attention_efficiency(peak),
+            "attention_efficiency": measure_cpu_attention_efficiency(peak, torch_dtype),
             "memory_bandwidth": measure_cpu_memory_bandwidth(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,8 +123,8 @@ def cpu_profile() -> dict[str, float]:
     return {name: float(value) for name, value in cached[key].items()}
 
 
-def cpu_peak_flops() -> float:
-    return cpu_profile()["peak_flops"]
+def cpu_peak_flops(dtype: str = "bf16") -> float:
+    return cpu_profile(dtype)["peak_flops"]
 
 
 def _cpu_model() -> str:
@@ -128,13 +143,15 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def peak_flops(device: torch.device) -> float:
+def peak_flops(device: torch.device, dtype: str = "bf16") -> float:
+    """The MFU denominator. GPUs: the dense bf16 tensor-core peak whatever the run's dtype (MFU's
+    usual convention); CPUs: the measured GEMM peak of the run's dtype."""
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
-    return cpu_peak_flops()
+    return cpu_peak_flops(dtype)
 
 
-def device_profile(device: torch.device) -> dict[str, float] | None:
-    """Measured figures the planner's catalogue lacks for this device (None for GPUs: their
-    catalogue entries hold them)."""
-    return None if device.type == "cuda" else cpu_profile()
+def device_profile(device: torch.device, dtype: str = "bf16") -> dict[str, float] | None:
+    """Measured figures the planner's catalogue lacks for this device, in the run's dtype (None
+    for GPUs: their catalogue entries hold them)."""
+    return None if device.type == "cuda" else cpu_profile(dtype)

@@ -128,6 +128,7 @@ class RunReport:
             "device": device_name(self.device),
             "n_devices": d.world_size,
             "peak_flops": self.peak_flops,
+            "dtype": self.cfg.train.dtype,
             "device_profile": self.device_profile,
             "layout": {
                 "dp_replicate": d.dp_replicate,

@@ -26,24 +26,41 @@ from colossuslm.models.arithmetic import model_arithmetic
 from colossuslm.models.transformer import Transformer
 from colossuslm.parallel.build import build_model
 from colossuslm.parallel.materialize import materialize_model
-from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed
+from colossuslm.parallel.mesh import ParallelDims, build_mesh, init_distributed, set_collective_timeout
 from colossuslm.parallel.runner import PlainRunner, StepRunner
+from colossuslm.plan.units import si
 from colossuslm.train import checkpoint as ckpt
 from colossuslm.train.async_checkpoint import AsyncCheckpointer
 from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay
 from colossuslm.train.optim import build_optimizer, build_scheduler
 from colossuslm.train.peak import device_name, device_profile, peak_flops
+from colossuslm.train.precision import resolve_train_dtype
 from colossuslm.train.report import RunReport, StepResult, straggler_report
+from colossuslm.train.watchdog import HangWatchdog, collective_timeout_s, setup_timeout_s
+
+
+def _trained_model_config(model_dir: Path) -> ModelConfig:
+    from colossuslm.models.hf_import import is_hf_model_dir, model_config_from_hf, read_hf_config
+
+    if is_hf_model_dir(model_dir):
+        return model_config_from_hf(read_hf_config(model_dir))
+    return load_config([model_dir / "config.toml"]).model
 
 
 class Trainer:
     def __init__(self, cfg: Config, *, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         tc = cfg.train
-        self.env = init_distributed(tc.device)
+        # Progress marks from the first moment: hang detection, and the restart milestones that
+        # bench/chaos.py reads from the heartbeat files.
+        self.watchdog = HangWatchdog(Path(tc.run_dir) / tc.name, tc.hang_timeout_s)
+        self.watchdog.beat("rendezvous")
+        self.env = init_distributed(tc.device, timeout_s=setup_timeout_s(tc.hang_timeout_s))
         self.device = self.env.device
         self.dims = ParallelDims.resolve(cfg.parallel, self.env.world_size)
         self.meshes = build_mesh(self.dims, self.device.type) if self.env.world_size > 1 else None
+        set_collective_timeout(self.meshes, setup_timeout_s(tc.hang_timeout_s))  # the mesh's groups too
+        self.watchdog.beat("setup")
         self.world_size = self.env.world_size
         # Ranks that read different data; TP and CP ranks of one replica read the same batches.
         self.dp_rank = self.meshes.dp.get_local_rank() if self.meshes else 0
@@ -55,12 +72,18 @@ class Trainer:
         self.run_dir = Path(tc.run_dir) / tc.name
         self.ckpt_root = self.run_dir / "checkpoints"
         self._log = (log or print) if self.is_main else (lambda _message: None)
+        if tc.dtype == "auto":  # resolved once, here: the model, autocast, MFU and config.toml see the choice
+            tc.dtype = resolve_train_dtype(tc.dtype, self.device)
+            if tc.dtype == "fp32":
+                self._log(f"train.dtype auto: fp32, since {self.device.type} has no bf16 matrix instructions")
+        self._task_manager = self._check_eval_tasks() if tc.eval_tasks else None  # before the slow setup
         torch.manual_seed(tc.seed)
 
-        self.init_checkpoint = ckpt.resolve_checkpoint(tc.init_from) if tc.init_from else None
+        # A checkpoint, a run directory or a Hugging Face model directory (read in place).
+        self.init_checkpoint = ckpt.resolve_model_dir(tc.init_from) if tc.init_from else None
         if self.init_checkpoint is not None:
             # Fine-tuning keeps the architecture the weights were trained with.
-            trained = load_config([self.init_checkpoint / "config.toml"]).model
+            trained = _trained_model_config(self.init_checkpoint)
             if trained != cfg.model:
                 self._log(
                     f"train.init_from: using the architecture {self.init_checkpoint} was trained with "
@@ -83,10 +106,13 @@ class Trainer:
         bf16 = tc.dtype == "bf16"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
         self.runner = self._build_runner()
+        if not tc.compile:  # dynamo would trace the hooks' side effects into the compiled graph
+            self.watchdog.watch_model(self.model)
 
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
-        self.device_profile = device_profile(self.device)  # CPU: measured once per machine, with the peak
+        # CPU: measured once per machine in the run's dtype, with the peak
+        self.device_profile = device_profile(self.device, tc.dtype)
         self.peak_flops = self.device_profile["peak_flops"] if self.device_profile else peak_flops(self.device)
         self.report = RunReport(
             cfg,
@@ -105,6 +131,7 @@ class Trainer:
         self.bad_steps_in_row = 0
         self._stop_signal: int | None = None
         self.async_checkpointer = AsyncCheckpointer() if tc.async_checkpoint else None
+        self._task_lm = None  # the lm-eval wrapper of self.model, built at the first task evaluation
 
     def _build_model(self) -> tuple[Transformer, bool]:
         """Meta device -> this rank's pipeline stage -> TP / EP / FSDP2 (parallel/build.py) ->
@@ -160,10 +187,10 @@ class Trainer:
         )
         if cfg.data.format == "chat":
             from colossuslm.data.chat_loader import ChatLoader
-            from colossuslm.data.tokenizer import load_tokenizer
+            from colossuslm.data.chat_template import load_model_tokenizer
 
+            tokenizer = load_model_tokenizer(self.init_checkpoint)  # carries the model's own chat template
             tokenizer_json = self.init_checkpoint / "tokenizer.json"
-            tokenizer = load_tokenizer(tokenizer_json)
             path = None if cfg.data.dataset == "default" else cfg.data.dataset
             return (
                 ChatLoader(path, tokenizer, split="train", **loader_args),
@@ -185,8 +212,10 @@ class Trainer:
     def train_step(self) -> StepResult:
         tc = self.cfg.train
         start = time.perf_counter()
-        batches = (self.train_loader.next_batch() for _ in range(tc.grad_accum))
+        self.watchdog.beat("train step", self.step + 1)
+        batches = (self._next_train_batch() for _ in range(tc.grad_accum))
         loss_value, norm_value = self.runner.train_step(batches)
+        self.watchdog.mark("optimizer")
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped:  # keep the weights: one bad batch must not poison the run
@@ -201,11 +230,66 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        if not self.watchdog.armed:  # warm-up is over: hangs count from now, collectives wait less
+            set_collective_timeout(self.meshes, collective_timeout_s(tc.hang_timeout_s))
+            self.watchdog.arm()
         return StepResult(loss_value, norm_value, lr, time.perf_counter() - start, skipped)
 
+    def _next_train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.watchdog.mark("data")
+        return self.train_loader.next_batch()
+
     def evaluate(self) -> float:
+        self.watchdog.beat("eval")
         self.val_loader.reset()
         return self.runner.eval_loss(self.val_loader, self.cfg.train.eval_batches)
+
+    def _check_eval_tasks(self):
+        """Find train.eval_tasks before step 1, so a misspelt task fails now, not hours in."""
+        if self.world_size > 1:
+            raise ColossusError(
+                "train.eval_tasks runs in single-process training only (the harness drives the whole model "
+                "on one rank); leave it empty and run `colossus eval runs/NAME --tasks ...` on checkpoints"
+            )
+        from colossuslm.eval.harness import task_manager
+
+        tc = self.cfg.train
+        return task_manager(tc.eval_task_names, [tc.eval_tasks_include_path] if tc.eval_tasks_include_path else [])
+
+    def evaluate_tasks(self) -> dict[str, float]:
+        """train.eval_tasks on the current weights: {"eval/TASK/METRIC": value}."""
+        from colossuslm.eval.harness import ColossusLM, quiet_lm_eval_logs, run_tasks, task_metrics
+
+        tc = self.cfg.train
+        self.watchdog.beat("eval tasks")
+        if self._task_lm is None:
+            from colossuslm.data.tokenizer import load_tokenizer, read_special_tokens
+
+            tokenizer = load_tokenizer(self.tokenizer_json)
+            # The model's own EOS (an imported Llama's is not <|endoftext|>), as serving reads it.
+            special = read_special_tokens(self.tokenizer_json.parent, tokenizer)
+            self._task_lm = ColossusLM.from_model(
+                self.model,
+                tokenizer,
+                special.eos_id,
+                batch_size=tc.micro_batch_size,
+                autocast=self.autocast,
+                on_batch=lambda: self.watchdog.mark("eval tasks batch"),  # a long eval is not a hang
+            )
+        with quiet_lm_eval_logs():
+            results = run_tasks(
+                self._task_lm,
+                tc.eval_task_names,
+                limit=tc.eval_tasks_limit or None,
+                manager=self._task_manager,
+                bootstrap_iters=0,  # no standard errors: a training curve needs the figures, fast
+                reseed=False,  # lm-eval would otherwise reseed the global generators mid-run
+            )
+        return {
+            f"eval/{task}/{metric}": value
+            for task, metrics in task_metrics(results).items()
+            for metric, value in metrics.items()
+        }
 
     # ---------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
@@ -223,6 +307,7 @@ class Trainer:
         the checkpoint appears later; `wait_for_checkpoint` blocks until it has."""
         import tomli_w
 
+        self.watchdog.beat("checkpoint save")
         save = self.async_checkpointer.save if self.async_checkpointer else ckpt.save_checkpoint
         return save(
             self.ckpt_root,
@@ -240,6 +325,7 @@ class Trainer:
     def wait_for_checkpoint(self) -> None:
         """Collective. Returns once a background save in flight (if any) is promoted on every rank."""
         if self.async_checkpointer is not None:
+            self.watchdog.beat("checkpoint wait")
             self.async_checkpointer.wait()
 
     def _agree_on_checkpoint(self) -> Path | None:
@@ -279,6 +365,7 @@ class Trainer:
         """True once any rank got a stop signal, on every rank at the same step."""
         stop = self._stop_signal is not None
         if self.world_size > 1:
+            self.watchdog.beat("agree on stop")
             flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
@@ -299,7 +386,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.watchdog.beat("resume")
         resumed_from = self.resume() if tc.resume else None
+        self.watchdog.beat("open metrics")
         if not tc.resume and ckpt.list_checkpoints(self.ckpt_root):
             raise ColossusError(
                 f"{self.run_dir} already holds checkpoints and train.resume = false; "
@@ -317,10 +406,11 @@ class Trainer:
         self._log(
             f"model: {a.total_params / 1e6:.2f}M parameters ({a.active_params / 1e6:.2f}M active), "
             f"{a.flops_per_token / 1e6:.1f} MFLOP/token; device {device_name(self.device)} "
-            f"(peak {self.peak_flops / 1e12:.2f} TFLOP/s bf16); {self.tokens_per_step} tokens/step"
+            f"(peak {si(self.peak_flops, 'FLOP/s', 2)} {tc.dtype}); {self.tokens_per_step} tokens/step"
         )
 
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.watchdog.start()
         started, step_times, window, first_val, val_loss = time.perf_counter(), [], [], None, None
         try:
             if self.step == 0:
@@ -346,6 +436,10 @@ class Trainer:
                         val_loss = self.evaluate()
                         record = (record or {"step": self.step, "tokens": self.tokens_seen}) | {"val_loss": val_loss}
                         bar.print(f"step {self.step}: val_loss {val_loss:.4f}")
+                    if tc.eval_tasks and (self.step % tc.eval_tasks_every == 0 or self.step == tc.steps):
+                        scores = self.evaluate_tasks()
+                        record = (record or {"step": self.step, "tokens": self.tokens_seen}) | scores
+                        bar.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                     if record is not None:
                         metrics.log(record)
                         bar.update(
@@ -365,6 +459,7 @@ class Trainer:
                     self.wait_for_checkpoint()
                     bar.print(f"stopped by signal {self._stop_signal}: checkpoint saved to {path}")
         finally:
+            self.watchdog.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             metrics.close()
