@@ -24,4 +24,23 @@ else
         || $PIP install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
 fi
 $PIP install -q -e ".[test]"
+
+# tests/test_web_page.py drives the chat page in a headless Chromium through Playwright. Playwright's
+# own browser download (`playwright install chromium`) needs the open internet, so a system Chromium
+# is used where that build is absent: Debian's, from apt, when we are root. Without any Chromium
+# that test is skipped, and says why.
+if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+    || command -v google-chrome >/dev/null 2>&1 || command -v google-chrome-stable >/dev/null 2>&1 \
+    || .venv/bin/python -c "import os, sys; from playwright.sync_api import sync_playwright
+with sync_playwright() as p: sys.exit(not os.path.exists(p.chromium.executable_path))" 2>/dev/null; then
+    :
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+    echo "setup: installing chromium (apt) for the chat page's browser test"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/tmp/setup-chromium.log 2>&1; then
+        echo "setup: apt could not install chromium (see /tmp/setup-chromium.log): tests/test_web_page.py will be skipped" >&2
+    fi
+else
+    echo "setup: no Chromium found: tests/test_web_page.py will be skipped (install chromium, or run" \
+        ".venv/bin/playwright install chromium where the internet is reachable)" >&2
+fi
 echo "setup: done. Try: .venv/bin/colossus train"

@@ -28,6 +28,63 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Batching and KV-cache options of `colossus serve` (see `engine_options`)."""
+    group = parser.add_argument_group("batching and KV cache")
+    group.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing the KV blocks of prefixes seen before "
+        "(shared system prompts, earlier chat turns)",
+    )
+    group.add_argument(
+        "--no-chunked-prefill",
+        dest="enable_chunked_prefill",
+        action="store_false",
+        help="compute each prompt in one step, however long, instead of in chunks within the step's "
+        "token budget (chunks keep the streams that are decoding at their pace)",
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens computed per step, decodes first (default 512 with chunked prefill, else "
+        "max(2048, context)); lower keeps decode latency steadier, higher prefills faster",
+    )
+    group.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help=f"tokens per KV-cache block (default {PREFIX_CACHING_BLOCK_SIZE} with prefix caching, as "
+        "only full blocks are shared; without it a whole context per block when memory allows, else 16)",
+    )
+
+
+# Prefix caching shares full blocks only, so blocks as long as the context (the engine's choice
+# when memory allows) would never be shared; vLLM's default size.
+PREFIX_CACHING_BLOCK_SIZE = 16
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """EngineConfig fields from the options `add_engine_args` added."""
+    from colossuslm.errors import ColossusError
+
+    for name in ("max_num_batched_tokens", "block_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ColossusError(f"--{name.replace('_', '-')} must be at least 1")
+    block_size = args.block_size
+    if block_size is None and args.enable_prefix_caching:
+        block_size = PREFIX_CACHING_BLOCK_SIZE
+    return dict(
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=block_size,
+    )
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")

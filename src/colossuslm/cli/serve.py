@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from colossuslm.cli._serve_args import add_model_args, load_engine
+from colossuslm.cli._serve_args import add_engine_args, add_model_args, engine_options, load_engine
+
+if TYPE_CHECKING:  # the engine imports torch: not at start-up
+    from colossuslm.serve.engine import LLMEngine
 
 API_KEY_ENV = "COLOSSUS_API_KEY"
 
@@ -48,6 +52,7 @@ def register(subparsers) -> None:
         "--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted, bytes (default 1 MiB)"
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(parser)
     parser.set_defaults(handler=run)
 
 
@@ -63,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
             raise ColossusError(f"--{name.replace('_', '-')} must be at least 1")
     if args.kv_cache_gb <= 0:
         raise ColossusError("--kv-cache-gb must be > 0")
-    llm, loaded = load_engine(args, max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * 2**30))
+    llm, loaded = load_engine(
+        args, max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * 2**30), **engine_options(args)
+    )
     engine = AsyncEngine(llm).start()
     settings = ServerSettings(
         model_name=args.served_model_name or loaded.name,
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(
         f"serving {loaded.path} as '{settings.model_name}' on http://{args.host}:{args.port}/v1 "
-        f"({loaded.device}, {engine.engine.max_model_len}-token context)",
+        f"({loaded.device}, {engine.engine.max_model_len}-token context, {_describe_batching(llm)})",
         file=sys.stderr,
     )
     try:
@@ -86,3 +93,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _describe_batching(llm: LLMEngine) -> str:
+    cache, scheduler = llm.runner.cache, llm.scheduler
+    caching = "prefix caching" if scheduler.enable_prefix_caching else "no prefix caching"
+    chunking = "chunked prefill" if scheduler.enable_chunked_prefill else "whole-prompt prefill"
+    return f"{cache.block_size}-token KV blocks, {caching}, {chunking}, {scheduler.max_num_batched_tokens} tokens/step"

@@ -3,7 +3,8 @@
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (plain, or SSE
 streaming ending in `data: [DONE]`; both with logprobs, completions with echo for scoring a
 prompt), vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info (lm-evaluation-harness
-tokenizes through them), GET /health, GET /metrics (Prometheus text).
+tokenizes through them), GET /health, GET /metrics (Prometheus text), and a chat page at GET /
+(with its script and style under /web/; served from package data, no key needed to load it).
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
 """
 
@@ -14,17 +15,18 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from colossuslm.data.chat import chat_template_of, encode_chat
 from colossuslm.errors import ColossusError
 from colossuslm.serve.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from colossuslm.serve.errors import ApiError, InvalidRequestError, ModelNotFoundError, ServerBusyError
-from colossuslm.serve.http_guards import RequestGuard
+from colossuslm.serve.http_guards import WEB_ASSETS, RequestGuard
 from colossuslm.serve.metrics import ServerMetrics
 from colossuslm.serve.protocol import (
     ChatCompletionRequest,
@@ -54,7 +56,24 @@ ENDPOINTS = (
     "/tokenizer_info",
     "/health",
     "/metrics",
+    "/",
 )
+
+# The chat page's files (src/colossuslm/serve/web/, shipped as package data) and their types.
+_WEB_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+# Everything the page loads comes from this server: no CDN, no inline script, no other origin.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def _web_file(name: str) -> str:
+    return resources.files("colossuslm.serve").joinpath("web", name).read_text(encoding="utf-8")
 
 
 @dataclass
@@ -156,6 +175,21 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
     @app.exception_handler(Exception)
     async def crash(_: Request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", error_type="server_error")
+
+    # ------------------------------------------------------------------------- chat page
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse(_web_file("index.html"), headers=_PAGE_HEADERS)
+
+    def web_asset(name: str):
+        async def serve_asset():
+            return Response(_web_file(name), media_type=_WEB_TYPES[name[name.rindex(".") :]], headers=_PAGE_HEADERS)
+
+        return serve_asset
+
+    for path in WEB_ASSETS:  # a fixed list of routes, so no request path ever names a file
+        app.add_api_route(path, web_asset(path.removeprefix("/web/")), methods=["GET"], include_in_schema=False)
 
     # ------------------------------------------------------------------------- plain endpoints
 
@@ -383,7 +417,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
             finish(job, prompt_tokens, completion_tokens, first_token)
 
     def on_response(path: str, status: int) -> None:
-        metrics.requests.inc(endpoint=path if path in ENDPOINTS else "other", status=str(status))
+        metrics.requests.inc(endpoint=path if path in ENDPOINTS or path in WEB_ASSETS else "other", status=str(status))
 
     return RequestGuard(app, settings.api_key, settings.max_body_bytes, on_response)
 

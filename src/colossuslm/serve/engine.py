@@ -38,7 +38,16 @@ class EngineConfig:
     block_size: int | None = None
     kv_cache_tokens: int | None = None  # default: every sequence at full length, within kv_cache_bytes
     kv_cache_bytes: int = 2 << 30
-    max_num_batched_tokens: int | None = None  # prompt tokens prefilled per step; default max(2048, context)
+    # Tokens computed per step (decodes first, then prompts). Default: with chunked prefill 512
+    # (vLLM's first chunked-prefill default: it bounds a step, so decode latency, on small devices
+    # too), else max(2048, context), since a whole prompt must fit in one step.
+    max_num_batched_tokens: int | None = None
+    # Share the KV blocks of equal prompt prefixes between requests (system prompts, chat turns).
+    # Only full blocks are shared, so this needs blocks shorter than the prompts (block_size).
+    enable_prefix_caching: bool = True
+    # Split prompts that do not fit in what is left of a step's budget across steps, so a long
+    # prompt never stalls the requests that are decoding.
+    enable_chunked_prefill: bool = True
 
 
 @dataclass
@@ -47,6 +56,9 @@ class EngineStats:
     waiting: int
     kv_cache_usage: float
     preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache (requests at admission)
+    prefix_cache_hits: int  # of those, tokens found there and not computed again
+    prompt_tokens_computed: int  # prompt tokens actually run through the model (recomputes included)
 
 
 class LLMEngine:
@@ -74,16 +86,25 @@ class LLMEngine:
         whole_contexts = cache_tokens >= config.max_num_seqs * self.max_model_len
         block_size = config.block_size or (self.max_model_len if whole_contexts else 16)
         cache = PagedKVCache(
-            model.cfg, -(-cache_tokens // block_size), block_size, self.device, model.tok_embeddings.weight.dtype
+            model.cfg,
+            -(-cache_tokens // block_size),
+            block_size,
+            self.device,
+            model.tok_embeddings.weight.dtype,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         self.runner = ModelRunner(model, cache)
+        default_budget = 512 if config.enable_chunked_prefill else max(2048, self.max_model_len)
         self.scheduler = Scheduler(
             cache,
             config.max_num_seqs,
-            config.max_num_batched_tokens or max(2048, self.max_model_len),
+            config.max_num_batched_tokens or default_budget,
             # a whole-context block never grows, so nothing need be kept free
             watermark_blocks=0 if block_size >= self.max_model_len else None,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
+        self.prompt_tokens_computed = 0
         self._ids = itertools.count()
 
     @classmethod
@@ -158,33 +179,47 @@ class LLMEngine:
             waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.runner.cache.usage,
             preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            prompt_tokens_computed=self.prompt_tokens_computed,
         )
 
     # ----------------------------------------------------------------------------- stepping
 
     def step(self) -> list[RequestOutput]:
-        """Run the model once over the running batch; one output per request that ran."""
-        batch = self.scheduler.schedule()
-        if not batch:
+        """Run the model once over this step's work; one output per request whose prompt is now
+        fully computed (a prompt still being computed in chunks produces nothing yet)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
             return []
         items = [
             StepItem(
-                new_tokens=self._uncached_tokens(r),
-                start_pos=r.num_cached,
-                block_table=r.block_table,
-                return_hidden=r.params.prompt_logprobs is not None and r.prompt_logprobs is None,
+                new_tokens=s.request.token_range(s.request.num_cached, s.request.num_cached + s.num_new_tokens),
+                start_pos=s.request.num_cached,
+                block_table=s.request.block_table,
+                return_hidden=s.request.needs_prompt_hidden_states,
             )
-            for r in batch
+            for s in scheduled
         ]
         out = self.runner.execute_step(items)
-        next_tokens = sample(out.logits, [r.params for r in batch], [r.generator for r in batch])
-        chosen_logprobs = self._chosen_logprobs(batch, out.logits, next_tokens)
+        rows = [i for i, s in enumerate(scheduled) if s.completes_prompt]
+        for work, hidden in zip(scheduled, out.hidden):
+            request = work.request
+            if hidden is not None:
+                self._score_prompt(request, hidden, request.num_cached)
+            start = request.num_cached  # prompt tokens among [start, start + n): the rest recompute outputs
+            self.prompt_tokens_computed += max(0, min(start + work.num_new_tokens, len(request.prompt_ids)) - start)
+            self.scheduler.record_computed(request, work.num_new_tokens)
+        if not rows:
+            return []
+        ready = [scheduled[i].request for i in rows]
+        logits = out.logits if len(rows) == len(scheduled) else out.logits[torch.tensor(rows, device=out.logits.device)]
+        # Only requests that sample draw from their generators, so chunking never shifts a seed's stream.
+        next_tokens = sample(logits, [r.params for r in ready], [r.generator for r in ready])
+        chosen_logprobs = self._chosen_logprobs(ready, logits, next_tokens)
         now = time.monotonic()
         outputs = []
-        for request, token, hidden, logprob in zip(batch, next_tokens, out.hidden, chosen_logprobs):
-            if hidden is not None:
-                request.prompt_logprobs = self._prompt_logprobs(request, hidden)
-            request.num_cached = request.num_tokens
+        for request, token, logprob in zip(ready, next_tokens, chosen_logprobs):
             if request.params.max_tokens == 0:  # the prompt was only to be scored
                 outputs.append(self._finish_scored_prompt(request))
             else:
@@ -194,17 +229,20 @@ class LLMEngine:
     PROMPT_LOGPROB_ROWS = 512  # positions turned into fp32 logits at a time: bounds [rows, vocab] memory
 
     @torch.inference_mode()
-    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor) -> list[TokenLogprob | None]:
-        """Each prompt token's log-probability given the tokens before it (none for the first)."""
+    def _score_prompt(self, request: Request, hidden: torch.Tensor, start: int) -> None:
+        """Extend `request.prompt_logprobs` over the positions this step computed (`hidden`: one
+        row per position from `start`): each prompt token's log-probability given the tokens
+        before it (none for the first). A prompt computed in chunks is scored chunk by chunk."""
         prompt = request.prompt_ids
-        targets = torch.tensor(prompt[1:], dtype=torch.long, device=hidden.device)
+        scored: list[TokenLogprob | None] = [None] if start == 0 else list(request.prompt_logprobs or [])
+        end = min(start + hidden.shape[0], len(prompt) - 1)  # position i predicts prompt token i + 1
+        targets = torch.tensor(prompt[start + 1 : end + 1], dtype=torch.long, device=hidden.device)
         top_n = request.params.prompt_logprobs
-        scored: list[TokenLogprob | None] = [None]
-        for start in range(0, len(prompt) - 1, self.PROMPT_LOGPROB_ROWS):
-            end = min(start + self.PROMPT_LOGPROB_ROWS, len(prompt) - 1)
-            logits = self.runner.logits(hidden[start:end])  # position i predicts prompt token i + 1
-            scored += token_logprobs(logits, targets[start:end], [top_n] * (end - start))
-        return scored
+        for first in range(0, end - start, self.PROMPT_LOGPROB_ROWS):
+            last = min(first + self.PROMPT_LOGPROB_ROWS, end - start)
+            logits = self.runner.logits(hidden[first:last])
+            scored += token_logprobs(logits, targets[first:last], [top_n] * (last - first))
+        request.prompt_logprobs = scored
 
     @staticmethod
     def _chosen_logprobs(batch: list[Request], logits: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
@@ -233,13 +271,6 @@ class LLMEngine:
             logprobs=[] if request.params.logprobs is not None else None,
             prompt_logprobs=request.prompt_logprobs,
         )
-
-    @staticmethod
-    def _uncached_tokens(request: Request) -> list[int]:
-        start, prompt = request.num_cached, request.prompt_ids
-        if start >= len(prompt):
-            return request.output_ids[start - len(prompt) :]
-        return prompt[start:] + request.output_ids
 
     def _append_token(
         self, request: Request, token: int, now: float, logprob: TokenLogprob | None = None
@@ -336,6 +367,8 @@ class LLMEngine:
     def _cache_tokens(self, config: EngineConfig) -> int:
         if config.max_num_seqs < 1 or (config.block_size is not None and config.block_size < 1):
             raise ColossusError("max_num_seqs and block_size must be at least 1")
+        if config.max_num_batched_tokens is not None and config.max_num_batched_tokens < 1:
+            raise ColossusError("max_num_batched_tokens must be at least 1")
         per_token = PagedKVCache.bytes_per_token(self.model.cfg, self.model.tok_embeddings.weight.dtype)
         tokens = config.kv_cache_tokens
         if tokens is None:

@@ -12,6 +12,20 @@ from collections.abc import Callable
 
 from colossuslm.serve.protocol import error_body
 
+# The chat page's script and style (api.py serves exactly these paths).
+WEB_ASSETS = ("/web/chat.js", "/web/chat.css")
+# Paths that never need the API key, even on a server that has one: the chat page and its assets
+# (the page itself asks for the key and sends it on its /v1 calls), /health for load balancers and
+# /metrics for Prometheus.
+PUBLIC_PATHS = frozenset({"/", *WEB_ASSETS, "/health", "/metrics"})
+
+
+def needs_api_key(path: str) -> bool:
+    """Whether a request to `path` must carry the key (when the server has one): everything but the
+    chat page, its assets, the health check and the metrics — /tokenize and /detokenize included,
+    since they run the model's tokenizer for whoever asks."""
+    return path not in PUBLIC_PATHS
+
 
 async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
@@ -42,8 +56,7 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = self._recording(scope["path"], send)
-        # /health and /metrics stay open for load balancers and Prometheus; the model API does not.
-        if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorized(scope):
+        if self.api_key is not None and needs_api_key(scope["path"]) and not self._authorized(scope):
             return await send_json(
                 send,
                 401,
@@ -119,4 +132,4 @@ def _replay(body: bytes, receive):
     return replay_receive
 
 
-__all__ = ["RequestGuard", "send_json"]
+__all__ = ["PUBLIC_PATHS", "WEB_ASSETS", "RequestGuard", "needs_api_key", "send_json"]

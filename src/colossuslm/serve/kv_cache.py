@@ -10,12 +10,22 @@ Blocks come first so that a block is one contiguous `[kv_heads, block_size, head
 head. When blocks are as long as the context (the engine picks that whenever memory allows a full
 context per sequence), each sequence's keys are one block, and a decode batch whose blocks form a
 range of ids is a plain view of the cache: attention reads it in place, with no gather copy.
+
+Prefix caching (as vLLM's automatic prefix caching): a full block is named by a hash of its
+tokens chained with its parent block's hash, blocks are reference-counted, and a block released
+by its last sequence keeps its contents and its name until the space is needed. A request whose
+prompt starts with named blocks (a shared system prompt, the earlier turns of a chat) references
+them and computes only the rest. Only full blocks are shared, so no sequence ever writes into a
+block another one reads; with blocks as long as the context nothing is shared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
+from array import array
+from collections import OrderedDict
 
 import torch
 
@@ -23,37 +33,114 @@ from colossuslm.config import ModelConfig
 
 
 class BlockAllocator:
-    """Free list of block ids, lowest id first. Pure bookkeeping, no tensors.
+    """Block ids with reference counts, and (with prefix caching) a content-addressed index of
+    computed blocks. Pure bookkeeping, no tensors.
 
-    Handing out the lowest free ids keeps the blocks in use packed at the front of the cache, so a
-    batch's blocks usually form a short range (see the module docstring)."""
+    A block is in use (referenced by one or more sequences), cached (no references, but its
+    contents are known by hash, so a later request with the same prefix can take it back) or free.
+    Cached blocks count as free: they are evicted, least recently released first, only when a new
+    block is needed and no never-used one is left. Never-used blocks go out lowest id first, which
+    keeps the blocks in use packed at the front of the cache, so a batch's blocks usually form a
+    short range (see the module docstring)."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, enable_caching: bool = False):
         self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
         self._free = list(range(num_blocks))  # a sorted list is a valid heap
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self._ref_counts = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}  # block -> hash of the prefix it ends
+        self._block_with: dict[bytes, int] = {}  # hash -> block
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"KV cache: asked for {count} blocks, {len(self._free)} free")
-        return [heapq.heappop(self._free) for _ in range(count)]
+        if count > self.num_free:
+            raise RuntimeError(f"KV cache: asked for {count} blocks, {self.num_free} free")
+        blocks = []
+        for _ in range(count):
+            block = heapq.heappop(self._free) if self._free else self._evict()
+            self._ref_counts[block] = 1
+            blocks.append(block)
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block. Pass a sequence's blocks in order: they are released
+        last block first, so the ends of prefixes are evicted before their beginnings (a beginning
+        is worth more: every longer prefix needs it)."""
+        for block in reversed(blocks):
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] > 0:
+                continue
+            if block in self._hash_of:
+                self._evictable[block] = None
+            else:
+                heapq.heappush(self._free, block)
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        del self._block_with[self._hash_of.pop(block)]
+        return block
+
+    # ----------------------------------------------------------------------------- prefix caching
+
+    def lookup(self, block_hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `block_hashes` (no references taken)."""
+        blocks = []
+        for block_hash in block_hashes:
+            block = self._block_with.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def num_unreferenced(self, blocks: list[int]) -> int:
+        """How many of `blocks` are cached but unreferenced (taking them uses up free blocks)."""
+        return sum(1 for block in blocks if self._ref_counts[block] == 0)
+
+    def take(self, blocks: list[int]) -> None:
+        """Add a reference to each of these cached blocks (found by `lookup`)."""
         for block in blocks:
-            heapq.heappush(self._free, block)
+            if self._ref_counts[block] == 0:
+                del self._evictable[block]
+            self._ref_counts[block] += 1
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Record that `block` now holds the full block of tokens `block_hash` names. If another
+        block already holds it (two requests computed one prefix at the same time), the first one
+        stays the cached copy and this one is freed normally when released."""
+        if self.enable_caching and block_hash not in self._block_with and block not in self._hash_of:
+            self._block_with[block_hash] = block
+            self._hash_of[block] = block_hash
+
+
+def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
+    """Content address of a full block: its tokens and, through the parent's hash, every token
+    before it, so equal hashes mean equal whole prefixes. A cryptographic digest, not Python's
+    64-bit `hash`, because a collision would silently serve another prompt's keys and values."""
+    digest = hashlib.blake2b(parent or b"", digest_size=16)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
 
 
 class PagedKVCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        enable_prefix_caching: bool = False,
+    ):
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, cfg.n_kv_heads, block_size, cfg.resolved_head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, enable_prefix_caching)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -69,4 +156,4 @@ class PagedKVCache:
         return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.resolved_head_dim * element
 
 
-__all__ = ["BlockAllocator", "PagedKVCache"]
+__all__ = ["BlockAllocator", "PagedKVCache", "block_hash"]

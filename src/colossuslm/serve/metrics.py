@@ -89,6 +89,31 @@ class ServerMetrics:
                 lambda: engine_stats().preemptions,
                 kind="counter",
             ),
+            # As vLLM's prefix_cache_queries / prefix_cache_hits: the hit rate over any window is
+            # rate(hits) / rate(queries); the gauge below is the rate since the server started.
+            Gauge(
+                "colossus_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+                lambda: engine_stats().prefix_cache_queries,
+                kind="counter",
+            ),
+            Gauge(
+                "colossus_prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (not computed again).",
+                lambda: engine_stats().prefix_cache_hits,
+                kind="counter",
+            ),
+            Gauge(
+                "colossus_prefix_cache_hit_rate",
+                "Prefix-cache hits over queries, in tokens, since the start (0 before any query).",
+                lambda: _hit_rate(engine_stats()),
+            ),
+            Gauge(
+                "colossus_prompt_tokens_computed_total",
+                "Prompt tokens run through the model (prompt tokens minus cache hits, plus recomputes).",
+                lambda: engine_stats().prompt_tokens_computed,
+                kind="counter",
+            ),
         ]
 
     def render(self) -> str:
@@ -103,6 +128,10 @@ class ServerMetrics:
         ):
             lines += metric.render()
         return "\n".join(lines) + "\n"
+
+
+def _hit_rate(stats) -> float:
+    return stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
 
 
 __all__ = ["Counter", "Gauge", "Histogram", "ServerMetrics"]

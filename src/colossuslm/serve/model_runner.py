@@ -8,9 +8,12 @@ Tests check its logits against `Transformer.forward`.
 One step's batch is flat: every sequence contributes its new tokens to a `[T, d]` activation, so
 every linear layer (and the MoE dispatch) runs once for the whole batch however the tokens are
 split among requests. Two kinds of sequences share a step:
-  - prefill: a sequence seen for the first time (start position 0); it attends causally to its own
-    tokens, and its keys/values are written to the cache for later steps;
-  - decode: one new token that attends to everything the sequence has cached plus itself.
+  - prefill: several new tokens of one sequence; they attend causally to each other and, when they
+    do not start at position 0 (a chunk of a long prompt, or the rest of a prompt whose beginning
+    was found in the prefix cache), to the history already cached before them. Their keys/values
+    are written to the cache for later steps;
+  - decode: one new token that attends to everything the sequence has cached plus itself (a single
+    prompt token after a cached history is one too: the same computation).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from colossuslm.serve.kv_cache import PagedKVCache
 class StepItem:
     """What the runner needs about one sequence for one step."""
 
-    new_tokens: list[int]  # the whole prompt for a prefill; the last sampled token for a decode
-    start_pos: int  # position of new_tokens[0]: 0 for a prefill
+    new_tokens: list[int]  # a prompt or a chunk of one; the last sampled token for a decode
+    start_pos: int  # position of new_tokens[0]; positions before it are in the cache already
     block_table: list[int]  # cache blocks holding positions [0, start_pos + len(new_tokens))
     # Also return the final (normed) hidden state of every new token, not just the last one's
     # logits: scoring a whole prompt (prompt log-probabilities) needs the logits at each position.
@@ -37,7 +40,18 @@ class StepItem:
 
     @property
     def is_prefill(self) -> bool:
-        return self.start_pos == 0
+        return self.start_pos == 0 or len(self.new_tokens) > 1
+
+
+@dataclass
+class _PrefillSpan:
+    """One prefill's rows of the flat batch, and for one that continues a cached history, where
+    that history is."""
+
+    length: int
+    start_pos: int
+    table: torch.Tensor | None = None  # [W] blocks holding positions [0, start_pos + length); None at start 0
+    allowed: torch.Tensor | None = None  # [length, start_pos + length]: history, then causal over itself
 
 
 @dataclass
@@ -65,7 +79,7 @@ class _BatchTensors:
     positions: torch.Tensor  # [T]
     write_blocks: torch.Tensor  # [T] cache block each new token's key/value goes to
     write_offsets: torch.Tensor  # [T] and its offset in that block
-    prefill_lens: list[int]  # prefills come first in the flat batch, in this order
+    prefills: list[_PrefillSpan]  # prefills come first in the flat batch, in this order
     decode: _DecodeLayout | None
     last_token_index: torch.Tensor  # [B] row of each sequence's last token (the one we sample from)
     hidden_ranges: list[tuple[int, int] | None]  # [B] rows of the sequences that asked for hidden states
@@ -143,11 +157,13 @@ class ModelRunner:
 
         outputs = []
         start = 0
-        for length in batch.prefill_lens:
-            outputs.append(
-                self._prefill_attention(q[start : start + length], k[start : start + length], v[start : start + length])
-            )
-            start += length
+        for span in batch.prefills:
+            rows = slice(start, start + span.length)
+            if span.table is None:
+                outputs.append(self._prefill_attention(q[rows], k[rows], v[rows]))
+            else:
+                outputs.append(self._continued_prefill_attention(q[rows], keys, values, span))
+            start += span.length
         if batch.decode is not None:
             outputs.append(self._decode_attention(q[start:], keys, values, batch.decode))
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
@@ -164,6 +180,25 @@ class ModelRunner:
             return softcapped_attention(q, k, v, causal, self.softcap).transpose(0, 1)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True, enable_gqa=q.shape[0] != k.shape[0]
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+    def _continued_prefill_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, span: _PrefillSpan
+    ) -> torch.Tensor:
+        """New tokens after a cached history: each attends to the history and causally to the new
+        tokens before it, all read back from the cache (this step wrote them). q: [S, H, hd]."""
+        kv_heads, total = keys.shape[1], span.start_pos + span.length
+        # [W, KVH, block, hd] -> [KVH, W * block, hd]: the sequence's positions in order, one copy
+        k = keys.index_select(0, span.table).transpose(0, 1).reshape(kv_heads, -1, self.head_dim)[:, :total]
+        v = values.index_select(0, span.table).transpose(0, 1).reshape(kv_heads, -1, self.head_dim)[:, :total]
+        q = q.transpose(0, 1).to(keys.dtype)  # [H, S, hd]
+        if self.softcap > 0:
+            groups = q.shape[0] // kv_heads
+            k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+            return softcapped_attention(q, k, v, span.allowed, self.softcap).transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=span.allowed, enable_gqa=q.shape[0] != kv_heads
         )
         return out.squeeze(0).transpose(0, 1)
 
@@ -213,18 +248,18 @@ class ModelRunner:
         positions: list[int] = []
         write_blocks: list[int] = []
         write_offsets: list[int] = []
-        prefill_lens: list[int] = []
+        prefills: list[_PrefillSpan] = []
         last_index: list[int] = []
         hidden_ranges: list[tuple[int, int] | None] = []
         decodes: list[StepItem] = []
         for item in items:
             hidden_ranges.append((len(tokens), len(tokens) + len(item.new_tokens)) if item.return_hidden else None)
-            if not item.is_prefill:
-                if len(item.new_tokens) != 1:
-                    raise ValueError("a decode step takes exactly one new token per sequence")
-                decodes.append(item)
+            if not item.new_tokens:
+                raise ValueError("every sequence in a step needs at least one new token")
+            if item.is_prefill:
+                prefills.append(self._prefill_span(item))
             else:
-                prefill_lens.append(len(item.new_tokens))
+                decodes.append(item)
             for offset, token in enumerate(item.new_tokens):
                 pos = item.start_pos + offset
                 tokens.append(token)
@@ -241,11 +276,21 @@ class ModelRunner:
             positions=on_device(positions),
             write_blocks=on_device(write_blocks),
             write_offsets=on_device(write_offsets),
-            prefill_lens=prefill_lens,
+            prefills=prefills,
             decode=self._decode_layout(decodes) if decodes else None,
             last_token_index=on_device(last_index),
             hidden_ranges=hidden_ranges,
         )
+
+    def _prefill_span(self, item: StepItem) -> _PrefillSpan:
+        length = len(item.new_tokens)
+        if item.start_pos == 0:
+            return _PrefillSpan(length, 0)
+        total = item.start_pos + length
+        blocks = item.block_table[: self.cache.blocks_for(total)]
+        allowed = torch.arange(total).unsqueeze(0) <= torch.arange(item.start_pos, total).unsqueeze(1)
+        table = torch.tensor(blocks, dtype=torch.long)
+        return _PrefillSpan(length, item.start_pos, table.to(self.device), allowed.to(self.device))
 
     def _decode_layout(self, decodes: list[StepItem]) -> _DecodeLayout:
         lengths = torch.tensor([d.start_pos + 1 for d in decodes])

@@ -14,7 +14,7 @@ from colossuslm.serve.sampling import SamplingParams, TokenLogprob
 
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
-    RUNNING = "running"  # holds KV-cache blocks and is decoded every step
+    RUNNING = "running"  # holds KV-cache blocks; its prompt is being computed (maybe in chunks), or it decodes
     FINISHED = "finished"
 
 
@@ -32,6 +32,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens (from the start) whose keys/values are in the cache
+    # Content hashes of the full blocks of prompt + output so far (kv_cache.block_hash), kept as
+    # tokens come so that each block is hashed once.
+    block_hashes: list[bytes] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     first_token_time: float | None = None
@@ -43,6 +46,22 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without joining the two lists."""
+        prompt_len = len(self.prompt_ids)
+        if end <= prompt_len:
+            return self.prompt_ids[start:end]
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len : end - prompt_len]
+        return self.prompt_ids[start:] + self.output_ids[: end - prompt_len]
+
+    @property
+    def needs_prompt_hidden_states(self) -> bool:
+        """Its prompt log-probabilities are still to be computed, which takes the hidden state at
+        every prompt position: such a prompt is computed in full, never taken from the cache."""
+        wanted = self.params.prompt_logprobs is not None
+        return wanted and (self.prompt_logprobs is None or len(self.prompt_logprobs) < len(self.prompt_ids))
 
 
 @dataclass
