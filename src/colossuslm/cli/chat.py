@@ -8,7 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from colossuslm.cli._serve_args import add_model_args, add_sampling_args, load_engine, sampling_params
+from colossuslm.cli._serve_args import (
+    PREFIX_CACHING_BLOCK_SIZE,
+    add_model_args,
+    add_sampling_args,
+    load_engine,
+    sampling_params,
+)
 
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops a reply"
 
@@ -30,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from colossuslm.errors import ColossusError
     from colossuslm.serve.chat_session import ChatSession
 
-    engine, _ = load_engine(args, max_num_seqs=1)
+    # Blocks short enough to share: each turn re-sends the conversation, and its prefix is cached.
+    engine, _ = load_engine(args, max_num_seqs=1, block_size=PREFIX_CACHING_BLOCK_SIZE)
     session = ChatSession(engine, sampling_params(args), system=args.system)
     interactive = sys.stdin.isatty()
     print(f"chatting with {args.checkpoint} in {session.template.description} ({HELP})")
