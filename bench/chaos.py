@@ -21,6 +21,17 @@ its own.
     python bench/chaos.py --kill-every 30 --duration 150 --ckpt-every 20 --no-reference
     python bench/chaos.py --mode stall --hang-timeout 10 --kill-every 40 --duration 150
 
+`--recovery ft` (or `both`: the restart baseline first, then this) runs the same model and global batch
+as replica-group fault tolerance instead (train/fault_tolerance.py, `colossus launch ft`): 2 torchft
+replica groups of nproc / 2 FSDP ranks, each its own torchrun job, coordinated by a lighthouse. A
+kill restarts only the victim's group; the other keeps committing steps alone and the restarted
+group copies its state over HTTP and rejoins. A step committed by any quorum is productive; its
+time is the slowest group's time for it. recomputed = step attempts dropped by a failed commit
+(redone with the same data); kill -> step = to the next committed step of the job; rejoin = to the
+first step the victim's group commits in a full quorum again.
+
+    python bench/chaos.py --recovery both --kill-every 60 --duration 180 --no-reference
+
 Columns: wall = launch to exit; productive = the summed step times of the steps in the final model;
 goodput = productive / wall; recomputed = steps done more than once (rolled back by a restart);
 per failure, kill -> step = from the kill (or stop) to the next completed step, split into its
@@ -57,6 +68,7 @@ MODEL = [
 ]
 LAYOUT = ["parallel.dp_replicate=2", "parallel.dp_shard=-1"]  # HSDP: 2 replicas of nproc / 2 FSDP shards
 POLL_S = 0.05
+SEQ_LEN = int(dict(o.split("=") for o in MODEL)["data.seq_len"])
 UNTIL_DURATION = 1_000_000  # train.steps when only --duration ends the run
 QUIET_END_S = 30.0  # no failure this close to --duration: its recovery would not be seen
 
@@ -186,12 +198,10 @@ def restart_marks(run_dir: Path, after_wall: float, clock_offset: float) -> dict
 # ---------------------------------------------------------------- one run
 
 
-def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResult:
-    run_dir = work / name
+def train_overrides(name: str, args: argparse.Namespace, work: Path) -> list[str]:
     steps = args.steps or UNTIL_DURATION
-    overrides = [
+    return [
         *MODEL,
-        *LAYOUT,
         f"train.run_dir={work}",
         f"train.name={name}",
         f"train.steps={steps}",
@@ -202,6 +212,11 @@ def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResu
         f"train.hang_timeout_s={args.hang_timeout}",
         f"train.seed={args.seed}",
     ]
+
+
+def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResult:
+    run_dir = work / name
+    overrides = [*train_overrides(name, args, work), *LAYOUT]
     cmd = [sys.executable, "-m", "colossuslm.cli.main", "train", "--nproc", str(args.nproc)]
     cmd += ["--max-restarts", str(args.max_restarts), *[a for o in overrides for a in ("--set", o)]]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -266,6 +281,212 @@ def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResu
         returncode=proc.returncode,
         log=log,
     )
+
+
+# ---------------------------------------------------------------- one run with replica-group fault tolerance
+FT_GROUPS = 2
+
+
+@dataclass
+class FtFailure:
+    at: float
+    group: int
+    rank: int
+    step: int  # the job's newest committed step when it hit
+    next_step: float | None = None  # the job's next committed step (any group)
+    rejoined: float | None = None  # the victim's group commits in a full quorum again
+    rejoin_step: int | None = None
+
+
+@dataclass
+class FtResult:
+    name: str
+    wall_s: float
+    productive_s: float
+    final_steps: int
+    recomputed: int
+    alone_steps: int  # steps committed by a quorum missing a group
+    step_times: list[float]
+    failures: list[FtFailure]
+    started: float
+    stopped_at_duration: bool
+    returncode: int
+    log: Path
+
+    @property
+    def goodput(self) -> float:
+        return self.productive_s / self.wall_s if self.wall_s else float("nan")
+
+
+class GroupTail:
+    """One replica group's committed steps as they appear in its metrics.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.steps: dict[int, dict] = {}  # every step record seen, including ones a resume truncated
+
+    def poll(self) -> list[dict]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return []
+        new = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in record and "ft_replicas" in record:
+                key = record["step"]
+                if key not in self.steps or self.steps[key]["step_time_s"] != record["step_time_s"]:
+                    new.append(record)
+                self.steps[key] = record
+        return new
+
+
+def ft_workers(root: int) -> dict[tuple[int, int], int]:
+    """(replica group, rank in it) -> pid of the training workers below `root`."""
+    todo, found = [root], {}
+    while todo:
+        pid = todo.pop()
+        for child in _children(pid):
+            todo.append(child)
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"colossuslm.train" not in cmdline or b"torch.distributed.run" in cmdline:
+                continue
+            group = next((int(a.split(b"=")[1]) for a in cmdline if a.startswith(b"train.ft_replica_group=")), None)
+            rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+            if group is not None and rank is not None:
+                found[(group, rank)] = child
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtResult:
+    per_group = args.nproc // FT_GROUPS
+    overrides = [*train_overrides(name, args, work), "parallel.dp_shard=-1"]
+    cmd = [sys.executable, "-m", "colossuslm.cli.main", "launch", "ft", f"--groups={FT_GROUPS}"]
+    cmd += [f"--nproc-per-group={per_group}", f"--max-restarts={args.max_restarts}", "--min-replicas=1"]
+    cmd += [f"--lighthouse-port={_free_port()}", *[a for o in overrides for a in ("--set", o)]]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RUST_LOG": "warn"}
+    log = work / f"{name}.log"
+    rng = random.Random(args.seed)
+    tails = [GroupTail(work / name / f"replica_group_{g}") for g in range(FT_GROUPS)]
+    failures: list[FtFailure] = []
+    newest = 0
+    with open(log, "w") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        next_failure: float | None = None
+        terminated = False
+        while proc.poll() is None:
+            time.sleep(POLL_S)
+            now = time.monotonic()
+            new = [(g, r) for g, tail in enumerate(tails) for r in tail.poll()]
+            if new:
+                newest = max(newest, *(r["step"] for _, r in new))
+                if next_failure is None and chaos and not failures:
+                    next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
+            for failure in failures:
+                if failure.next_step is None and any(r["step"] > failure.step for _, r in new):
+                    failure.next_step = now
+                if failure.rejoined is None:
+                    back = [r for g, r in new if g == failure.group and r["ft_replicas"] == FT_GROUPS]
+                    if back:
+                        failure.rejoined, failure.rejoin_step = now, back[0]["step"]
+            recovering = failures and failures[-1].rejoined is None
+            quiet = now - start > args.duration - QUIET_END_S
+            if chaos and next_failure is not None and now >= next_failure and not recovering and not quiet:
+                workers = ft_workers(proc.pid)
+                if len(workers) == args.nproc:
+                    group, rank = sorted(workers)[rng.randrange(args.nproc)]
+                    failures.append(FtFailure(now, group, rank, newest))
+                    _signal(workers[(group, rank)], signal.SIGKILL)
+                    next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
+            if not terminated and now - start > args.duration:
+                # To each group's torchrun: it passes SIGTERM to its workers, which checkpoint and exit.
+                launchers = [pid for pid in _children(proc.pid) if b"torch.distributed.run" in _cmdline(pid)]
+                for pid in launchers or [proc.pid]:
+                    _signal(pid, signal.SIGTERM)
+                terminated = True
+            if terminated and now - start > args.duration + 90:
+                os.killpg(proc.pid, signal.SIGKILL)
+        wall = time.monotonic() - start
+    for tail in tails:
+        tail.poll()
+    committed: dict[int, list[dict]] = {}
+    for tail in tails:
+        for step, record in tail.steps.items():
+            committed.setdefault(step, []).append(record)
+    return FtResult(
+        name=name,
+        wall_s=wall,
+        productive_s=sum(max(r["step_time_s"] for r in rs) for rs in committed.values()),
+        final_steps=len(committed),
+        recomputed=sum(max(r["ft_retries"] for r in rs) for rs in committed.values()),
+        alone_steps=sum(1 for rs in committed.values() if max(r["ft_replicas"] for r in rs) < FT_GROUPS),
+        step_times=[max(r["step_time_s"] for r in rs) for _, rs in sorted(committed.items())],
+        failures=failures,
+        started=start,
+        stopped_at_duration=terminated,
+        returncode=proc.returncode,
+        log=log,
+    )
+
+
+def print_ft_table(results: list[RunResult | FtResult], args: argparse.Namespace) -> None:
+    """Every run side by side (restart baseline and torchft), then the torchft failures."""
+    print(
+        f"\nrecovery compared: {args.nproc} processes, global batch {4 * args.nproc} x {SEQ_LEN} "
+        f"tokens; restart = HSDP 2 x {args.nproc // 2} under one torchrun; ft = {FT_GROUPS} torchft replica "
+        f"groups x {args.nproc // FT_GROUPS} FSDP ranks; one kill every {args.kill_every:g} s (+-25 %)"
+    )
+    head = (
+        f"{'run':<14} {'wall s':>7} {'productive s':>12} {'goodput':>8} {'steps':>6} {'recomputed':>10} "
+        f"{'kills':>6} {'step s':>7} {'kill->step':>10} {'rejoin s':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        median = statistics.median(r.step_times[3:]) if len(r.step_times) > 3 else float("nan")
+        if isinstance(r, FtResult):
+            to_step = [f.next_step - f.at for f in r.failures if f.next_step]
+            rejoin = [f.rejoined - f.at for f in r.failures if f.rejoined]
+        else:
+            to_step = [f.first_step - f.at for f in r.failures if f.first_step]
+            rejoin = to_step  # the whole group comes back at once
+        print(
+            f"{r.name:<14} {r.wall_s:7.1f} {r.productive_s:12.1f} {100 * r.goodput:7.1f}% {r.final_steps:6d} "
+            f"{r.recomputed:10d} {len(r.failures):6d} {median:7.3f} "
+            f"{fmt(statistics.fmean(to_step) if to_step else None):>10} "
+            f"{fmt(statistics.fmean(rejoin) if rejoin else None):>9}"
+        )
+    for r in results:
+        if not isinstance(r, FtResult) or not r.failures:
+            continue
+        print(f"\n{r.name}: per kill (seconds from the kill); steps committed without a group: {r.alone_steps}")
+        head = (
+            f"{'#':>2} {'at s':>6} {'group':>5} {'rank':>4} {'step':>5} {'kill->step':>10} {'rejoin':>7} {'at step':>7}"
+        )
+        print(head)
+        print("-" * len(head))
+        for i, f in enumerate(r.failures, 1):
+            print(
+                f"{i:>2} {f.at - r.started:6.1f} {f.group:>5} {f.rank:>4} {f.step:>5} "
+                f"{fmt(f.next_step - f.at if f.next_step else None):>10} "
+                f"{fmt(f.rejoined - f.at if f.rejoined else None):>7} {fmt(f.rejoin_step, 'd'):>7}"
+            )
 
 
 def _cmdline(pid: int) -> bytes:
@@ -416,6 +637,12 @@ def print_table(results: list[RunResult], args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["kill", "stall"], default="kill")
+    parser.add_argument(
+        "--recovery",
+        choices=["restart", "ft", "both"],
+        default="restart",
+        help="restart: torchrun restarts the whole job (HSDP); ft: torchft replica groups; both: one after the other",
+    )
     parser.add_argument("--kill-every", type=float, default=60.0, metavar="K", help="seconds between failures")
     parser.add_argument("--duration", type=float, default=180.0, help="seconds each run may last (then SIGTERM)")
     parser.add_argument("--steps", type=int, default=0, help="train.steps (0: until --duration)")
@@ -443,17 +670,25 @@ def main() -> int:
         print(
             "note: train.hang_timeout_s = 0: a stalled rank is only caught by the collective timeout", file=sys.stderr
         )
+    if args.recovery != "restart" and args.mode != "kill":
+        parser.error("--recovery ft / both measures kills only (--mode kill)")
     if args.nproc < 4 or args.nproc % 2:
         parser.error("--nproc must be even and >= 4: the layout is 2 HSDP replicas of nproc / 2 shards")
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = []
-        if not args.no_reference:
-            results.append(run("reference", args, work, chaos=False))
-        results.append(run(args.mode, args, work, chaos=True))
-        print_table(results, args)
-        for r in results:
+        results, ft_results = [], []
+        if args.recovery in ("restart", "both"):
+            if not args.no_reference:
+                results.append(run("reference", args, work, chaos=False))
+            results.append(run(args.mode, args, work, chaos=True))
+            print_table(results, args)
+        if args.recovery in ("ft", "both"):
+            if not args.no_reference:
+                ft_results.append(run_ft("ft-reference", args, work, chaos=False))
+            ft_results.append(run_ft("ft-kill", args, work, chaos=True))
+            print_ft_table([*results, *ft_results], args)
+        for r in [*results, *ft_results]:
             if r.returncode and not r.stopped_at_duration:
                 print(f"{r.name} failed (exit {r.returncode}); log: {r.log}", file=sys.stderr)
     return 0

@@ -1,4 +1,6 @@
-"""`colossus launch slurm`: write an sbatch script that runs torchrun on every node via srun."""
+"""`colossus launch slurm`: write an sbatch script that runs torchrun on every node via srun.
+`colossus launch ft`: replica-group fault tolerance on this machine: a torchft lighthouse and one
+torchrun job per replica group (train/fault_tolerance.py)."""
 
 from __future__ import annotations
 
@@ -53,6 +55,129 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--python", default=sys.executable, help="python on the compute nodes")
     slurm.add_argument("--out", type=Path, default=Path("colossus.sbatch"))
     slurm.set_defaults(handler=run_slurm)
+    register_ft(schedulers)
+
+
+def register_ft(schedulers: argparse._SubParsersAction) -> None:
+    ft = schedulers.add_parser(
+        "ft",
+        help="replica-group fault tolerance (torchft): a lighthouse and one torchrun job per replica group",
+        description=(
+            "Start a torchft lighthouse and one `torchrun --max-restarts R` job per replica group (each an FSDP "
+            "group of --nproc-per-group ranks). A dead rank restarts only its group, which copies the weights "
+            "from a live group while the others keep training. The same on several machines: run "
+            "`torchft_lighthouse --min_replicas M --join_timeout_ms 100` on one, then on each group's node "
+            "`colossus train --nproc N --max-restarts R CONFIG --set train.ft_enabled=true "
+            "--set train.ft_num_groups=G --set train.ft_replica_group=g --set train.ft_lighthouse=http://HOST:PORT`."
+        ),
+    )
+    ft.add_argument("configs", nargs="*", metavar="CONFIG", help="training config files")
+    ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ft.add_argument("--groups", type=int, default=2, help="replica groups (torchrun jobs)")
+    ft.add_argument("--nproc-per-group", type=int, default=1, help="ranks of each group (its FSDP group)")
+    ft.add_argument("--max-restarts", type=int, default=3, help="restarts of each group by its torchrun")
+    ft.add_argument("--min-replicas", type=int, default=1, help="groups a step needs to commit")
+    ft.add_argument("--lighthouse", default="", help="use this running lighthouse (URL) instead of starting one")
+    ft.add_argument("--lighthouse-port", type=int, default=29510)
+    ft.add_argument(
+        "--join-timeout-ms", type=int, default=100, help="how long a quorum waits for a live group that has not joined"
+    )
+    ft.add_argument(
+        "--heartbeat-timeout-ms", type=int, default=2000, help="silence after which the lighthouse drops a group"
+    )
+    ft.add_argument("--quorum-tick-ms", type=int, default=10, help="how often the lighthouse re-checks the quorum")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ft.set_defaults(handler=run_ft)
+
+
+def ft_group_command(args: argparse.Namespace, group: int, lighthouse: str) -> list[str]:
+    """The torchrun job of one replica group (standalone rendezvous: each group has its own store)."""
+    overrides = [
+        *args.overrides,
+        "train.ft_enabled=true",
+        f"train.ft_num_groups={args.groups}",
+        f"train.ft_replica_group={group}",
+        f"train.ft_min_replicas={args.min_replicas}",
+        f"train.ft_lighthouse={lighthouse}",
+    ]
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc_per_group}",
+        f"--max-restarts={args.max_restarts}",
+        "-m",
+        "colossuslm.train",
+        *args.configs,
+        *[a for o in overrides for a in ("--set", o)],
+    ]
+
+
+def run_ft(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import subprocess
+
+    from colossuslm.config import load_config
+    from colossuslm.errors import ColossusError
+
+    if args.groups < 1 or args.nproc_per_group < 1 or args.max_restarts < 0:
+        raise ColossusError("--groups and --nproc-per-group must be >= 1 and --max-restarts >= 0")
+    if not 1 <= args.min_replicas <= args.groups:
+        raise ColossusError(f"--min-replicas must be in [1, --groups = {args.groups}]")
+    if "RANK" in os.environ:
+        raise ColossusError("`colossus launch ft` starts torchrun itself; run it outside torchrun")
+    cfg = load_config(args.configs, [*args.overrides, *ft_group_command_overrides(args)])  # mistakes first
+    server = None
+    lighthouse = args.lighthouse
+    if not lighthouse:
+        from torchft.coordination import LighthouseServer
+
+        server = LighthouseServer(
+            bind=f"[::]:{args.lighthouse_port}",
+            min_replicas=args.min_replicas,
+            join_timeout_ms=args.join_timeout_ms,
+            quorum_tick_ms=args.quorum_tick_ms,
+            heartbeat_timeout_ms=args.heartbeat_timeout_ms,
+        )
+        lighthouse = server.address()
+    print(
+        f"lighthouse {lighthouse}; {args.groups} replica groups x {args.nproc_per_group} ranks of run "
+        f"{cfg.train.name!r} (runs in {cfg.train.run_dir}/{cfg.train.name}/replica_group_G)",
+        flush=True,
+    )
+    jobs = [subprocess.Popen(ft_group_command(args, g, lighthouse)) for g in range(args.groups)]
+
+    def forward(signum: int, _frame: object) -> None:  # each group checkpoints and stops on its own
+        for job in jobs:
+            if job.poll() is None:
+                job.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [job.wait() for job in jobs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.shutdown()
+    failed = {g: c for g, c in enumerate(codes) if c}
+    if failed:
+        print(f"replica groups failed (group: exit code): {failed}", file=sys.stderr)
+    return max(codes, default=0) and 1
+
+
+def ft_group_command_overrides(args: argparse.Namespace) -> list[str]:
+    """The train.ft_* settings of group 0, to validate the config once before anything starts."""
+    return [
+        "train.ft_enabled=true",
+        f"train.ft_num_groups={args.groups}",
+        "train.ft_replica_group=0",
+        f"train.ft_min_replicas={args.min_replicas}",
+    ]
 
 
 def render_sbatch(args: argparse.Namespace) -> str:

@@ -249,6 +249,16 @@ class TrainConfig:
     # tensorwise = one scale per tensor (fastest), rowwise = one scale per row (more accurate).
     float8: bool = False
     float8_recipe: str = "tensorwise"
+    # Replica-group fault tolerance (torchft; train/fault_tolerance.py): the data-parallel replicas
+    # are ft_num_groups separate torchrun jobs, each an FSDP group over parallel.dp_shard, that agree
+    # on every step through a lighthouse; when one dies the others go on with their own data and the
+    # restarted group copies the weights and optimizer state from a live peer (`colossus launch ft`).
+    ft_enabled: bool = False
+    ft_replica_group: int = 0  # this job's group, 0 .. ft_num_groups - 1 (its share of the data)
+    ft_num_groups: int = 1  # replica groups of the whole run (the data is split over all of them)
+    ft_min_replicas: int = 1  # a step commits only with at least this many groups in the quorum
+    ft_lighthouse: str = ""  # e.g. http://host:29510; "" = the TORCHFT_LIGHTHOUSE environment variable
+    ft_timeout_s: float = 30.0  # quorum, cross-group all-reduce and checkpoint-transfer timeout
 
     def validate(self) -> None:
         _positive(
@@ -302,12 +312,48 @@ class TrainConfig:
             self.eval_tasks,
             'must be comma-separated task names without empty entries, e.g. "colossus_mc,colossus_gen"',
         )
+        self._validate_fault_tolerance()
         _require(self.eval_tasks_limit >= 0, "train.eval_tasks_limit", self.eval_tasks_limit, "must be >= 0 (0 = all)")
         _require(
             self.eval_tasks != "" or self.eval_tasks_include_path == "",
             "train.eval_tasks_include_path",
             self.eval_tasks_include_path,
             "has no effect without train.eval_tasks: name the tasks to run",
+        )
+
+    def _validate_fault_tolerance(self) -> None:
+        if not self.ft_enabled:
+            defaults = TrainConfig()
+            for name in ("ft_replica_group", "ft_num_groups", "ft_min_replicas", "ft_lighthouse", "ft_timeout_s"):
+                _require(
+                    getattr(self, name) == getattr(defaults, name),
+                    f"train.{name}",
+                    getattr(self, name),
+                    "has no effect without train.ft_enabled = true: enable replica-group fault tolerance "
+                    "(`colossus launch ft` does), or leave it at its default",
+                )
+            return
+        _require(self.ft_num_groups >= 1, "train.ft_num_groups", self.ft_num_groups, "must be >= 1")
+        _require(
+            0 <= self.ft_replica_group < self.ft_num_groups,
+            "train.ft_replica_group",
+            self.ft_replica_group,
+            f"must be in [0, train.ft_num_groups - 1 = {self.ft_num_groups - 1}]",
+        )
+        _require(
+            1 <= self.ft_min_replicas <= self.ft_num_groups,
+            "train.ft_min_replicas",
+            self.ft_min_replicas,
+            f"must be in [1, train.ft_num_groups = {self.ft_num_groups}]",
+        )
+        _require(
+            self.ft_lighthouse == "" or self.ft_lighthouse.startswith(("http://", "https://")),
+            "train.ft_lighthouse",
+            self.ft_lighthouse,
+            "must be the lighthouse's URL, e.g. http://host:29510 (or empty for $TORCHFT_LIGHTHOUSE)",
+        )
+        _require(
+            0 < self.ft_timeout_s < float("inf"), "train.ft_timeout_s", self.ft_timeout_s, "must be a finite time > 0"
         )
 
     @property
@@ -425,6 +471,8 @@ class Config:
                 f"must be a multiple of parallel.tp = {self.parallel.tp} with sequence parallelism "
                 f"(or set parallel.sequence_parallel = false)",
             )
+        if self.train.ft_enabled:
+            self._validate_fault_tolerance()
         if self.parallel.cp > 1:
             self._validate_context_parallel()
         if self.parallel.pp > 1:
@@ -437,6 +485,34 @@ class Config:
                 f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)",
             )
         return self
+
+    def _validate_fault_tolerance(self) -> None:
+        _require(
+            self.parallel.dp_replicate == 1,
+            "parallel.dp_replicate",
+            self.parallel.dp_replicate,
+            "must be 1 with train.ft_enabled: the replicas are the train.ft_num_groups replica groups, each "
+            "its own torchrun job (set train.ft_num_groups instead)",
+        )
+        _require(
+            self.parallel.pp == 1,
+            "parallel.pp",
+            self.parallel.pp,
+            "must be 1 with train.ft_enabled: replica-group fault tolerance does not drive pipeline schedules yet",
+        )
+        _require(
+            not self.train.async_checkpoint,
+            "train.async_checkpoint",
+            True,
+            "must be false with train.ft_enabled: a background save could still be reading the weights when a "
+            "peer's state is copied into them",
+        )
+        _require(
+            self.train.eval_tasks == "",
+            "train.eval_tasks",
+            self.train.eval_tasks,
+            "must be empty with train.ft_enabled (task evaluation runs in single-process training only)",
+        )
 
     def _validate_context_parallel(self) -> None:
         cp, tp = self.parallel.cp, self.parallel.tp

@@ -31,6 +31,14 @@ from colossuslm.parallel.runner import PlainRunner, StepRunner
 from colossuslm.plan.units import si
 from colossuslm.train import checkpoint as ckpt
 from colossuslm.train.async_checkpoint import AsyncCheckpointer
+from colossuslm.train.fault_tolerance import (
+    ReplicaGroup,
+    ReplicaGroupRunner,
+    group_run_dir_name,
+    load_local_model_state,
+    local_state,
+    optimizer_state_from_local,
+)
 from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay
 from colossuslm.train.optim import build_optimizer, build_scheduler
 from colossuslm.train.peak import device_name, device_profile, peak_flops
@@ -51,9 +59,13 @@ class Trainer:
     def __init__(self, cfg: Config, *, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         tc = cfg.train
+        # A replica group of a fault-tolerant run keeps its own directory (train/fault_tolerance.py).
+        self.run_dir = Path(tc.run_dir) / tc.name
+        if tc.ft_enabled:
+            self.run_dir = self.run_dir / group_run_dir_name(tc.ft_replica_group)
         # Progress marks from the first moment: hang detection, and the restart milestones that
         # bench/chaos.py reads from the heartbeat files.
-        self.watchdog = HangWatchdog(Path(tc.run_dir) / tc.name, tc.hang_timeout_s)
+        self.watchdog = HangWatchdog(self.run_dir, tc.hang_timeout_s)
         self.watchdog.beat("rendezvous")
         self.env = init_distributed(tc.device, timeout_s=setup_timeout_s(tc.hang_timeout_s))
         self.device = self.env.device
@@ -69,7 +81,6 @@ class Trainer:
         # share of every sequence's loss: parallel/context.py).
         self.dp_group = self.meshes.dp_cp.get_group() if self.meshes and self.dims.dp_cp_size > 1 else None
         self.is_main = self.env.is_main
-        self.run_dir = Path(tc.run_dir) / tc.name
         self.ckpt_root = self.run_dir / "checkpoints"
         self._log = (log or print) if self.is_main else (lambda _message: None)
         if tc.dtype == "auto":  # resolved once, here: the model, autocast, MFU and config.toml see the choice
@@ -106,11 +117,19 @@ class Trainer:
         bf16 = tc.dtype == "bf16"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
         self.runner = self._build_runner()
+        # With replica-group fault tolerance a torchft Manager runs every step's quorum and the
+        # cross-group gradient average; the step function is chosen once, here.
+        self.replicas: ReplicaGroup | None = None
+        self._step_fn = self._plain_train_step
+        if tc.ft_enabled:
+            self.replicas = ReplicaGroup(tc, self.device, self._replica_state, self._load_replica_state)
+            self.runner = ReplicaGroupRunner(self.runner, self.replicas)
+            self._step_fn = self._replica_train_step
         if not tc.compile:  # dynamo would trace the hooks' side effects into the compiled graph
             self.watchdog.watch_model(self.model)
 
         self.arithmetic = model_arithmetic(cfg.model, cfg.data.seq_len)
-        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size
+        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.data.seq_len * self.dp_size  # per group
         # CPU: measured once per machine in the run's dtype, with the peak
         self.device_profile = device_profile(self.device, tc.dtype)
         self.peak_flops = self.device_profile["peak_flops"] if self.device_profile else peak_flops(self.device)
@@ -178,12 +197,14 @@ class Trainer:
 
     def _build_loaders(self):
         cfg, tc = self.cfg, self.cfg.train
+        # Replica group g of a fault-tolerant run reads the g-th share of every global batch.
+        groups, group = (tc.ft_num_groups, tc.ft_replica_group) if tc.ft_enabled else (1, 0)
         loader_args = dict(
             seq_len=cfg.data.seq_len,
             batch_size=tc.micro_batch_size,
             seed=tc.seed,
-            rank=self.dp_rank,
-            world_size=self.dp_size,
+            rank=group * self.dp_size + self.dp_rank,
+            world_size=groups * self.dp_size,
         )
         if cfg.data.format == "chat":
             from colossuslm.data.chat_loader import ChatLoader
@@ -210,12 +231,53 @@ class Trainer:
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self) -> StepResult:
+        return self._step_fn()
+
+    def _plain_train_step(self) -> StepResult:
         tc = self.cfg.train
         start = time.perf_counter()
         self.watchdog.beat("train step", self.step + 1)
         batches = (self._next_train_batch() for _ in range(tc.grad_accum))
         loss_value, norm_value = self.runner.train_step(batches)
         self.watchdog.mark("optimizer")
+        return self._apply_step(start, loss_value, norm_value)
+
+    def _replica_train_step(self) -> StepResult:
+        """One step of a replica group: quorum (healing from a peer if behind), forward and backward,
+        the average over the groups, and the optimizer only if every group's step succeeded; a
+        failed attempt is redone with the same data by the next quorum."""
+        tc = self.cfg.train
+        replicas = self.replicas
+        replicas.retries = 0
+        while True:
+            start = time.perf_counter()
+            self.watchdog.beat("quorum", self.step + 1)
+            replicas.start_quorum()  # may load a peer's state: self.step and the loader move with it
+            data_position = self.train_loader.state_dict()
+            self.watchdog.beat("train step", self.step + 1)
+            batches = (self._next_train_batch() for _ in range(tc.grad_accum))
+            loss_value, norm_value = self.runner.train_step(batches)
+            self.watchdog.mark("commit")
+            if replicas.should_commit():
+                break
+            replicas.retries += 1
+            self._log(
+                f"step {self.step + 1} failed in replica group {replicas.group} (quorum {replicas.quorum_id}, "
+                f"{replicas.manager.errored() or 'a peer failed'}); redoing it with the next quorum"
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.train_loader.load_state_dict(data_position)
+        self.watchdog.mark("optimizer")
+        result = self._apply_step(start, loss_value, norm_value, groups=replicas.participants)
+        if self.step != replicas.manager.current_step():
+            raise ColossusError(
+                f"replica group {replicas.group} is at step {self.step} but its torchft manager at "
+                f"{replicas.manager.current_step()}: the step counts diverged"
+            )
+        return result
+
+    def _apply_step(self, start: float, loss_value: float, norm_value: float, groups: int = 1) -> StepResult:
+        tc = self.cfg.train
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped:  # keep the weights: one bad batch must not poison the run
@@ -227,13 +289,37 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
+        self.tokens_seen += self.tokens_per_step * groups
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if not self.watchdog.armed:  # warm-up is over: hangs count from now, collectives wait less
             set_collective_timeout(self.meshes, collective_timeout_s(tc.hang_timeout_s))
             self.watchdog.arm()
         return StepResult(loss_value, norm_value, lr, time.perf_counter() - start, skipped)
+
+    def _replica_state(self) -> dict[str, Any]:
+        """What a healing peer copies from this group (this rank's shards; called by torchft)."""
+        return {
+            "model": local_state(self.model.state_dict()),
+            "optimizer": local_state(self.optimizer.state_dict()),
+            "trainer": self.trainer_state(),
+        }
+
+    def _load_replica_state(self, state: dict[str, Any]) -> None:
+        """Take a live peer's state in place of this group's (called by torchft before the step)."""
+        trainer = state["trainer"]
+        if not _same_model_config(trainer["model_config"], self.cfg.model):
+            raise ColossusError("a peer replica group trains a different model configuration than this group")
+        load_local_model_state(self.model, state["model"])
+        self.optimizer.load_state_dict(optimizer_state_from_local(self.optimizer, state["optimizer"]))
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.train_loader.load_state_dict(trainer["train_loader"])
+        self._log(
+            f"replica group {self.cfg.train.ft_replica_group}: healed from a peer, step {self.step} -> "
+            f"{trainer['step']}"
+        )
+        self.step, self.tokens_seen = trainer["step"], trainer["tokens"]
+        self.skipped_steps = trainer["skipped_steps"]
 
     def _next_train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.watchdog.mark("data")
@@ -376,6 +462,8 @@ class Trainer:
     def close(self, clean: bool = True) -> None:
         """Leave the process group. After a failure (`clean` False) no barrier: the peers may be
         waiting in another collective, and the failing rank must exit so torchrun sees it."""
+        if self.replicas is not None:
+            self.replicas.shutdown()
         if self.world_size > 1 and dist.is_initialized():
             # Rank 0 still writes the summary after the last collective; tearing the group down
             # while a peer is busy has aborted gloo at exit, so every rank arrives first.
@@ -396,6 +484,8 @@ class Trainer:
             )
         if resumed_from is not None:
             self._log(f"resumed from {resumed_from} (step {self.step})")
+        if self.replicas is not None:  # the step this group offers the quorum (a peer further on heals it)
+            self.replicas.set_step(self.step)
         if self.step >= tc.steps:
             self._log(f"run {tc.name!r} is already complete at step {self.step}; raise train.steps to go on")
             return self._read_summary()
@@ -440,6 +530,8 @@ class Trainer:
                         scores = self.evaluate_tasks()
                         record = (record or {"step": self.step, "tokens": self.tokens_seen}) | scores
                         bar.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                    if record is not None and self.replicas is not None:
+                        record |= self._replica_record()
                     if record is not None:
                         metrics.log(record)
                         bar.update(
@@ -479,6 +571,11 @@ class Trainer:
         summary |= stragglers
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _replica_record(self) -> dict[str, Any]:
+        """The quorum of the step just taken: groups in it, its id, and attempts redone."""
+        r = self.replicas
+        return {"ft_group": r.group, "ft_replicas": r.participants, "ft_quorum": r.quorum_id, "ft_retries": r.retries}
 
     def _record(self, window: list[StepResult]) -> dict[str, Any]:
         return self.report.window_record(self.step, self.tokens_seen, window, self.skipped_steps)
