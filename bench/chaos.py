@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,9 +121,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def worker_ranks(root: int) -> dict[int, int]:
-    """rank -> pid of the training workers below `root` (torchrun's children)."""
-    todo, ranks = [root], {}
+def _training_workers(root: int) -> Iterator[tuple[int, list[bytes], int]]:
+    """(pid, argv, RANK) of each training worker below `root` (torchrun's children, not torchrun)."""
+    todo = [root]
     while todo:
         pid = todo.pop()
         for child in _children(pid):
@@ -132,11 +133,16 @@ def worker_ranks(root: int) -> dict[int, int]:
                 environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"colossuslm.train" in cmdline and b"torch.distributed.run" not in cmdline:
-                rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
-                if rank is not None:
-                    ranks[rank] = child
-    return ranks
+            if b"colossuslm.train" not in cmdline or b"torch.distributed.run" in cmdline:
+                continue
+            rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                yield child, cmdline, rank
+
+
+def worker_ranks(root: int) -> dict[int, int]:
+    """rank -> pid of the training workers below `root`."""
+    return {rank: pid for pid, _argv, rank in _training_workers(root)}
 
 
 class MetricsTail:
@@ -256,11 +262,7 @@ def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResu
                             stopped.append((now + args.stall_s, ranks[rank]))
                     next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
             if not terminated and now - start > args.duration:
-                # To torchrun only: it passes SIGTERM to the workers, which agree on a step,
-                # checkpoint and exit, and it waits for them (the `colossus` parent would not).
-                launchers = [pid for pid in _children(proc.pid) if b"torch.distributed.run" in _cmdline(pid)]
-                for pid in launchers or [proc.pid]:
-                    _signal(pid, signal.SIGTERM)
+                _stop_launchers(proc.pid)
                 terminated = True
             if terminated and now - start > args.duration + 90:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -346,22 +348,11 @@ class GroupTail:
 
 def ft_workers(root: int) -> dict[tuple[int, int], int]:
     """(replica group, rank in it) -> pid of the training workers below `root`."""
-    todo, found = [root], {}
-    while todo:
-        pid = todo.pop()
-        for child in _children(pid):
-            todo.append(child)
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"colossuslm.train" not in cmdline or b"torch.distributed.run" in cmdline:
-                continue
-            group = next((int(a.split(b"=")[1]) for a in cmdline if a.startswith(b"train.ft_replica_group=")), None)
-            rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
-            if group is not None and rank is not None:
-                found[(group, rank)] = child
+    found = {}
+    for pid, argv, rank in _training_workers(root):
+        group = next((int(a.split(b"=")[1]) for a in argv if a.startswith(b"train.ft_replica_group=")), None)
+        if group is not None:
+            found[(group, rank)] = pid
     return found
 
 
@@ -415,10 +406,7 @@ def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtRe
                     _signal(workers[(group, rank)], signal.SIGKILL)
                     next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
             if not terminated and now - start > args.duration:
-                # To each group's torchrun: it passes SIGTERM to its workers, which checkpoint and exit.
-                launchers = [pid for pid in _children(proc.pid) if b"torch.distributed.run" in _cmdline(pid)]
-                for pid in launchers or [proc.pid]:
-                    _signal(pid, signal.SIGTERM)
+                _stop_launchers(proc.pid)
                 terminated = True
             if terminated and now - start > args.duration + 90:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -487,6 +475,15 @@ def print_ft_table(results: list[RunResult | FtResult], args: argparse.Namespace
                 f"{fmt(f.next_step - f.at if f.next_step else None):>10} "
                 f"{fmt(f.rejoined - f.at if f.rejoined else None):>7} {fmt(f.rejoin_step, 'd'):>7}"
             )
+
+
+def _stop_launchers(root: int) -> None:
+    """SIGTERM to the torchrun launchers below `root` (one per replica group under ft): each passes
+    it to its workers, which agree on a step, checkpoint and exit, and waits for them (the
+    `colossus` parent would not)."""
+    launchers = [pid for pid in _children(root) if b"torch.distributed.run" in _cmdline(pid)]
+    for pid in launchers or [root]:
+        _signal(pid, signal.SIGTERM)
 
 
 def _cmdline(pid: int) -> bytes:

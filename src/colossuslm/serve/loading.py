@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from colossuslm.config import Config, load_config
 from colossuslm.data.chat import ChatTemplate, chat_template_of
 from colossuslm.data.chat_template import load_model_tokenizer
-from colossuslm.data.tokenizer import EOS_TOKEN, IM_END, SpecialTokens, has_hf_tokenizer_files
+from colossuslm.data.tokenizer import EOS_TOKEN, SpecialTokens, has_hf_tokenizer_files
 from colossuslm.errors import ColossusError
 from colossuslm.models.hf_import import is_hf_model_dir, load_hf, run_config_from_hf
 from colossuslm.models.transformer import Transformer, rope_tables
@@ -33,10 +33,13 @@ class LoadedModel:
     model: Transformer  # eval mode, on `device`, in `dtype`
     tokenizer: Tokenizer  # carries `chat_template` (chat_template_of(tokenizer) returns it)
     name: str  # default name to serve the model under
-    eos_token_id: int  # the model's EOS: `special.eos_ids[0]`
-    im_end_token_id: int | None
     chat_template: ChatTemplate
     special: SpecialTokens
+
+    @property
+    def eos_token_id(self) -> int:
+        """The model's EOS token (the first of `special.eos_ids`; load_for_inference checks there is one)."""
+        return self.special.eos_ids[0]
 
     @property
     def device(self) -> torch.device:
@@ -119,8 +122,6 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
         model=model,
         tokenizer=tokenizer,
         name=default_model_name(model_dir),
-        eos_token_id=template.special.eos_id,
-        im_end_token_id=tokenizer.token_to_id(IM_END),
         chat_template=template,
         special=template.special,
     )
