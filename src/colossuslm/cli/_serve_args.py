@@ -26,6 +26,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for PyTorch (default: its own choice, one per core); on a busy or "
         "small machine 1 is often fastest for small models",
     )
+    add_quantization_arg(parser)
+
+
+# Not argparse choices: `--quantization int4` then gets the reason it is refused (serve/quantize.py).
+QUANTIZATION_HELP = (
+    "weight-only quantization applied at load time (the checkpoint is unchanged): none (default) or "
+    "int8 = int8 weights with one scale per output channel in the blocks' Linear layers, activations in "
+    "--dtype; the embedding, output head, MoE router and routed MoE experts stay in --dtype"
+)
+
+
+def add_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", default="none", metavar="{none,int8}", help=QUANTIZATION_HELP)
+
+
+def report_quantization(loaded) -> None:
+    """One stderr line saying what --quantization did (nothing when it is none)."""
+    import sys
+
+    if loaded.quantization.method != "none":
+        print(f"quantization: {loaded.quantization.describe()}", file=sys.stderr)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +80,39 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help=f"tokens per KV-cache block (default {PREFIX_CACHING_BLOCK_SIZE} with prefix caching, as "
         "only full blocks are shared; without it a whole context per block when memory allows, else 16)",
     )
+    add_speculative_args(parser)
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding")
+    group.add_argument(
+        "--speculative",
+        choices=["ngram"],
+        default=None,
+        help="draft tokens and verify them in one step, outputs unchanged (default off); ngram = "
+        "prompt lookup: copy what followed the last tokens where they occurred before (pays on "
+        "repetitive text: code edits, quoting, summaries)",
+    )
+    group.add_argument("--num-speculative-tokens", type=int, help="draft tokens per request per step (default 4)")
+    group.add_argument("--prompt-lookup-max", type=int, help="longest n-gram matched (default 4)")
+    group.add_argument("--prompt-lookup-min", type=int, help="shortest n-gram matched (default 1)")
+
+
+SPECULATIVE_TUNING = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def speculative_options(args: argparse.Namespace) -> dict:
+    """EngineConfig fields of speculative decoding: none unless --speculative is given, and its
+    tuning flags only with it (never accepted and silently ignored)."""
+    from colossuslm.errors import ColossusError
+
+    given = {name: getattr(args, name) for name in SPECULATIVE_TUNING if getattr(args, name) is not None}
+    if args.speculative is None:
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise ColossusError(f"{flags} tune speculative decoding: add --speculative ngram, or drop them")
+        return {}
+    return {"speculative": args.speculative, **given}
 
 
 # Prefix caching shares full blocks only, so blocks as long as the context (the engine's choice
@@ -82,6 +136,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         enable_chunked_prefill=args.enable_chunked_prefill,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=block_size,
+        **speculative_options(args),
     )
 
 
@@ -119,6 +174,7 @@ def load_engine(args: argparse.Namespace, **engine_config):
         if args.threads < 1:
             raise ColossusError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    loaded = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype)
+    loaded = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    report_quantization(loaded)
     engine = LLMEngine.from_loaded(loaded, EngineConfig(max_model_len=args.max_model_len, **engine_config))
     return engine, loaded

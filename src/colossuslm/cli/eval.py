@@ -8,6 +8,8 @@ import json
 import math
 import sys
 
+from colossuslm.cli._serve_args import add_quantization_arg, report_quantization
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -64,6 +66,7 @@ def register(subparsers) -> None:
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = bf16 on GPU, fp32 on CPU"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
+    add_quantization_arg(parser)  # the same as serve's, so its quality cost is measured here
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.set_defaults(handler=run)
 
@@ -83,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
             raise ColossusError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    loaded = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype)
-    report: dict = {"checkpoint": str(loaded.path)}
+    loaded = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    report_quantization(loaded)
+    report: dict = {"checkpoint": str(loaded.path), "quantization": args.quantization}
     if args.data:
         report["data"] = _score_data(args, loaded)
     if tasks:

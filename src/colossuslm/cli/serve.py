@@ -99,4 +99,6 @@ def _describe_batching(llm: LLMEngine) -> str:
     cache, scheduler = llm.runner.cache, llm.scheduler
     caching = "prefix caching" if scheduler.enable_prefix_caching else "no prefix caching"
     chunking = "chunked prefill" if scheduler.enable_chunked_prefill else "whole-prompt prefill"
-    return f"{cache.block_size}-token KV blocks, {caching}, {chunking}, {scheduler.max_num_batched_tokens} tokens/step"
+    speculation = f", {llm.config.speculative} speculation" if llm.proposer is not None else ""
+    tokens = scheduler.max_num_batched_tokens
+    return f"{cache.block_size}-token KV blocks, {caching}, {chunking}, {tokens} tokens/step{speculation}"

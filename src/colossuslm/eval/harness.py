@@ -43,7 +43,7 @@ class ColossusLM(TemplateLM):
     """A Colossus checkpoint (or an in-memory model) as an lm-eval model.
 
     From lm-eval: `--model colossus --model_args path=RUN_OR_CKPT,device=cpu,dtype=fp32,
-    max_length=N,max_gen_toks=N` and `--batch_size N`. In code: `ColossusLM.from_model(...)`.
+    quantization=int8,max_length=N,max_gen_toks=N` and `--batch_size N`. In code: `ColossusLM.from_model(...)`.
     """
 
     def __init__(
@@ -55,6 +55,7 @@ class ColossusLM(TemplateLM):
         max_length: int | str | None = None,
         max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
         max_batch_size: int | None = None,
+        quantization: str = "none",
     ):
         super().__init__()
         if path is None:
@@ -68,7 +69,7 @@ class ColossusLM(TemplateLM):
             # Face model falls back to the CPU then, and so does this one, saying so.
             log.warning("device %s was asked for but CUDA is not available; running on the CPU", device)
             device = "cpu"
-        loaded = load_for_inference(path, device=device, dtype=dtype)
+        loaded = load_for_inference(path, device=device, dtype=dtype, quantization=quantization)
         self._setup(loaded.model, loaded.tokenizer, loaded.eos_token_id, batch_size, max_length, max_gen_toks)
 
     @classmethod

@@ -19,13 +19,12 @@ not speed). On CUDA it needs compute capability >= 8.9 (Ada/Hopper); older GPUs 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from colossuslm.config.schema import TrainConfig
 from colossuslm.errors import ColossusError
+from colossuslm.torchao_import import quiet_torchao_import
 
 FLOAT8_MIN_CAPABILITY = (8, 9)
 _MATMUL_MULTIPLE = 16
@@ -34,24 +33,16 @@ _HIGH_PRECISION_NAMES = ("router", "output")
 
 
 def _import_float8():
-    """torchao's float8 API. Its first import logs warnings about CUDA extensions it cannot load on
-    a CPU build and about a deprecated pytree registration; float8 training needs neither (it runs
-    on torch._scaled_mm), so they are silenced for the import only."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    previous = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
+    """torchao's float8 API, imported without its CUDA-extension warnings (see torchao_import)."""
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.float8_linear import Float8Linear
+        with quiet_torchao_import():
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            from torchao.float8.float8_linear import Float8Linear
     except ImportError as exc:
         raise ColossusError(
             "config: train.float8 = true needs the torchao package (a dependency of colossuslm): "
             f"pip install 'torchao>=0.18'; importing it failed with: {exc}"
         ) from exc
-    finally:
-        for log, level in zip(loggers, previous):
-            log.setLevel(level)
     return Float8LinearConfig, convert_to_float8_training, Float8Linear
 
 

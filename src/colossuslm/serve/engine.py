@@ -26,7 +26,8 @@ from colossuslm.serve.loading import LoadedModel, load_for_inference
 from colossuslm.serve.model_runner import ModelRunner, StepItem
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
 from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
-from colossuslm.serve.scheduler import Scheduler
+from colossuslm.serve.scheduler import ScheduledRequest, Scheduler
+from colossuslm.serve.speculative import NgramProposer, SpeculativeStats, verify
 
 
 @dataclass
@@ -48,6 +49,12 @@ class EngineConfig:
     # Split prompts that do not fit in what is left of a step's budget across steps, so a long
     # prompt never stalls the requests that are decoding.
     enable_chunked_prefill: bool = True
+    # Speculative decoding: None (off) or "ngram" (prompt lookup: drafts copied from where the
+    # last tokens occurred before, verified exactly by the model; pays on repetitive text).
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # drafts per decoding request per step
+    prompt_lookup_max: int = 4  # longest n-gram matched (vLLM's names)
+    prompt_lookup_min: int = 1
 
 
 @dataclass
@@ -59,6 +66,9 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache (requests at admission)
     prefix_cache_hits: int  # of those, tokens found there and not computed again
     prompt_tokens_computed: int  # prompt tokens actually run through the model (recomputes included)
+    spec_num_drafts: int = 0  # speculative verification spans
+    spec_draft_tokens: int = 0  # draft tokens proposed (and verified)
+    spec_accepted_tokens: int = 0  # of those, accepted
 
 
 class LLMEngine:
@@ -105,6 +115,8 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.prompt_tokens_computed = 0
+        self.proposer = self._make_proposer(config)
+        self.spec_stats = SpeculativeStats()
         self._ids = itertools.count()
 
     @classmethod
@@ -182,6 +194,9 @@ class LLMEngine:
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
             prompt_tokens_computed=self.prompt_tokens_computed,
+            spec_num_drafts=self.spec_stats.num_drafts,
+            spec_draft_tokens=self.spec_stats.num_draft_tokens,
+            spec_accepted_tokens=self.spec_stats.num_accepted_tokens,
         )
 
     # ----------------------------------------------------------------------------- stepping
@@ -189,42 +204,104 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run the model once over this step's work; one output per request whose prompt is now
         fully computed (a prompt still being computed in chunks produces nothing yet)."""
+        if self.proposer is not None:
+            self._propose_drafts()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        items = [
-            StepItem(
-                new_tokens=s.request.token_range(s.request.num_cached, s.request.num_cached + s.num_new_tokens),
-                start_pos=s.request.num_cached,
-                block_table=s.request.block_table,
-                return_hidden=s.request.needs_prompt_hidden_states,
-            )
-            for s in scheduled
-        ]
-        out = self.runner.execute_step(items)
-        rows = [i for i, s in enumerate(scheduled) if s.completes_prompt]
+        out = self.runner.execute_step([self._step_item(s) for s in scheduled])
+        now = time.monotonic()
+        outputs = []
+        rows = [i for i, s in enumerate(scheduled) if s.completes_prompt and not s.num_draft]
         for work, hidden in zip(scheduled, out.hidden):
             request = work.request
+            if work.num_draft:  # verified after every other request's bookkeeping below
+                continue
             if hidden is not None:
                 self._score_prompt(request, hidden, request.num_cached)
             start = request.num_cached  # prompt tokens among [start, start + n): the rest recompute outputs
             self.prompt_tokens_computed += max(0, min(start + work.num_new_tokens, len(request.prompt_ids)) - start)
             self.scheduler.record_computed(request, work.num_new_tokens)
+        for work, hidden in zip(scheduled, out.hidden):
+            if work.num_draft:
+                outputs.append(self._verify_drafts(work, hidden, now))
         if not rows:
-            return []
+            return outputs
         ready = [scheduled[i].request for i in rows]
         logits = out.logits if len(rows) == len(scheduled) else out.logits[torch.tensor(rows, device=out.logits.device)]
         # Only requests that sample draw from their generators, so chunking never shifts a seed's stream.
         next_tokens = sample(logits, [r.params for r in ready], [r.generator for r in ready])
         chosen_logprobs = self._chosen_logprobs(ready, logits, next_tokens)
-        now = time.monotonic()
-        outputs = []
         for request, token, logprob in zip(ready, next_tokens, chosen_logprobs):
             if request.params.max_tokens == 0:  # the prompt was only to be scored
                 outputs.append(self._finish_scored_prompt(request))
             else:
                 outputs.append(self._append_token(request, token, now, logprob))
         return outputs
+
+    @staticmethod
+    def _step_item(work: ScheduledRequest) -> StepItem:
+        request, start = work.request, work.request.num_cached
+        computed = work.num_new_tokens - work.num_draft
+        return StepItem(
+            new_tokens=request.token_range(start, start + computed) + request.draft_ids,
+            start_pos=start,
+            block_table=request.block_table,
+            # a verification span needs the logits at every position, not just the last
+            return_hidden=request.needs_prompt_hidden_states or work.num_draft > 0,
+        )
+
+    # ----------------------------------------------------------------------------- speculation
+
+    @staticmethod
+    def _make_proposer(config: EngineConfig) -> NgramProposer | None:
+        """The draft strategy, chosen once; None when speculation is off."""
+        if config.speculative is None:
+            return None
+        if config.speculative != "ngram":
+            raise ColossusError(f"speculative = {config.speculative!r} is unknown: use 'ngram' (or leave it off)")
+        k, low, high = config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
+        if k < 1 or low < 1 or high < low:
+            raise ColossusError(
+                f"speculative decoding needs num_speculative_tokens >= 1 (got {k}) and "
+                f"1 <= prompt_lookup_min <= prompt_lookup_max (got {low}, {high})"
+            )
+        return NgramProposer(k, high, low)
+
+    def _propose_drafts(self) -> None:
+        """Drafts for every request that is decoding (prompt computed, one token to go), never more
+        than it may still generate, so every verified position lies inside its context."""
+        for request in self.scheduler.running:
+            if request.output_ids and request.num_tokens - request.num_cached == 1:
+                limit = request.max_total_tokens - request.num_tokens
+                request.draft_ids = self.proposer.propose(request.token_range(0, request.num_tokens), limit)
+
+    @torch.inference_mode()
+    def _verify_drafts(self, work: ScheduledRequest, hidden: torch.Tensor, now: float) -> RequestOutput:
+        """Accept drafts against the model's logits at each position, emit up to the first stop,
+        and count as computed only the tokens kept (rejected ones' KV slots are overwritten later)."""
+        request, drafts = work.request, work.request.draft_ids
+        logits = self.runner.logits(hidden)  # [1 + k, vocab]
+        tokens, accepted = verify(logits, drafts, request.params, request.generator)
+        request.draft_ids = []
+        self.spec_stats.record(len(drafts), accepted)
+        emitted, reason = [], None
+        for token in tokens:
+            emitted.append(token)
+            reason = self._push_token(request, token, now)
+            if reason is not None:
+                break
+        # KV now holds the last token and the accepted drafts; the final emitted token is new.
+        self.scheduler.record_computed(request, 1 + min(accepted, len(emitted)))
+        if reason is not None:
+            self._finish(request, reason)
+        else:
+            self.scheduler.release_unused_blocks(request)
+        logprobs = None
+        if request.params.logprobs is not None:
+            chosen = torch.tensor(emitted, device=logits.device)
+            logprobs = token_logprobs(logits[: len(emitted)], chosen, [request.params.logprobs] * len(emitted))
+        return self._output(request, emitted, reason, logprobs)
 
     PROMPT_LOGPROB_ROWS = 512  # positions turned into fp32 logits at a time: bounds [rows, vocab] memory
 
@@ -275,33 +352,45 @@ class LLMEngine:
     def _append_token(
         self, request: Request, token: int, now: float, logprob: TokenLogprob | None = None
     ) -> RequestOutput:
+        reason = self._push_token(request, token, now)
+        if reason is not None:
+            self._finish(request, reason)
+        return self._output(request, [token], reason, None if logprob is None else [logprob])
+
+    @staticmethod
+    def _push_token(request: Request, token: int, now: float) -> str | None:
+        """Append a generated token; the finish reason if it ends the request."""
         request.output_ids.append(token)
         if request.first_token_time is None:
             request.first_token_time = now
-        matcher = request.stop_matcher
-        reason = None
         if token in request.stop_token_ids:
-            reason = "stop"
-        else:
-            matcher.add(request.detokenizer.push(token))
-            if matcher.stopped:
-                reason = "stop"
-            elif request.num_tokens >= request.max_total_tokens:
-                reason = "length"
-        if reason is not None:
-            matcher.add(request.detokenizer.flush())
-            self.scheduler.running.remove(request)
-            self.scheduler.finish(request, reason)
+            return "stop"
+        matcher = request.stop_matcher
+        matcher.add(request.detokenizer.push(token))
+        if matcher.stopped:
+            return "stop"
+        return "length" if request.num_tokens >= request.max_total_tokens else None
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.stop_matcher.add(request.detokenizer.flush())
+        self.scheduler.running.remove(request)
+        self.scheduler.finish(request, reason)
+
+    @staticmethod
+    def _output(
+        request: Request, tokens: list[int], reason: str | None, logprobs: list[TokenLogprob] | None
+    ) -> RequestOutput:
+        """The delta for the tokens just appended (the first output also carries prompt logprobs)."""
         return RequestOutput(
             request_id=request.request_id,
-            text=matcher.take(final=reason is not None),
-            token_ids=[token],
+            text=request.stop_matcher.take(final=reason is not None),
+            token_ids=tokens,
             finished=reason is not None,
             finish_reason=reason,
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(request.output_ids),
-            logprobs=None if logprob is None else [logprob],
-            prompt_logprobs=request.prompt_logprobs if len(request.output_ids) == 1 else None,
+            logprobs=logprobs,
+            prompt_logprobs=request.prompt_logprobs if len(request.output_ids) == len(tokens) else None,
         )
 
     # ----------------------------------------------------------------------------- conveniences

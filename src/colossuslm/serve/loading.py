@@ -7,7 +7,7 @@ own <|eot_id|> and chats in its own template, and a project model at <|endoftext
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from colossuslm.data.tokenizer import EOS_TOKEN, SpecialTokens, has_hf_tokenizer
 from colossuslm.errors import ColossusError
 from colossuslm.models.hf_import import is_hf_model_dir, load_hf, run_config_from_hf
 from colossuslm.models.transformer import Transformer, rope_tables
+from colossuslm.serve.quantize import QuantizationSummary, check_method, quantize_for_serving
 from colossuslm.train.checkpoint import resolve_model_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,6 +36,8 @@ class LoadedModel:
     name: str  # default name to serve the model under
     chat_template: ChatTemplate
     special: SpecialTokens
+    # --quantization: which weights are int8 in memory (the checkpoint on disk is unchanged).
+    quantization: QuantizationSummary = field(default_factory=lambda: QuantizationSummary("none"))
 
     @property
     def eos_token_id(self) -> int:
@@ -92,9 +95,15 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_for_inference(
+    path: str | Path, device: str = "auto", dtype: str = "auto", quantization: str = "none"
+) -> LoadedModel:
     """A checkpoint directory, a run directory (its newest valid checkpoint), or a Hugging Face
-    model directory (config.json + safetensors, read through models/hf_import.py, nothing written)."""
+    model directory (config.json + safetensors, read through models/hf_import.py, nothing written).
+
+    `quantization` ("none", "int8": serve/quantize.py) is applied after the weights are loaded and
+    cast to `dtype`, so int8 weights serve fp32, bf16 or fp16 activations alike."""
+    check_method(quantization)  # before minutes of loading, not after
     model_dir = resolve_model_dir(path)
     if is_hf_model_dir(model_dir):
         model_cfg, state = load_hf(model_dir)
@@ -107,6 +116,8 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
         state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
     torch_device = resolve_device(device)
     model = build_model(config, state, torch_device, resolve_dtype(dtype, torch_device))
+    del state  # after a dtype cast, the file's copies: freed before quantizing lowers the peak memory
+    summary = quantize_for_serving(model, quantization)
     tokenizer = load_model_tokenizer(model_dir)
     template = chat_template_of(tokenizer)
     if template.special.eos_id is None:
@@ -124,6 +135,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "aut
         name=default_model_name(model_dir),
         chat_template=template,
         special=template.special,
+        quantization=summary,
     )
 
 

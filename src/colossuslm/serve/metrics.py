@@ -114,6 +114,7 @@ class ServerMetrics:
                 lambda: engine_stats().prompt_tokens_computed,
                 kind="counter",
             ),
+            *_speculative_gauges(engine_stats),
         ]
 
     def render(self) -> str:
@@ -132,6 +133,48 @@ class ServerMetrics:
 
 def _hit_rate(stats) -> float:
     return stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
+
+
+def _speculative_gauges(engine_stats: Callable[[], object]) -> list[Gauge]:
+    """Speculative decoding, as vLLM's spec_decode_* metrics (all 0 while it is off)."""
+
+    def ratio(num: str, den: str) -> Callable[[], float]:
+        def read() -> float:
+            stats = engine_stats()
+            return getattr(stats, num) / getattr(stats, den) if getattr(stats, den) else 0.0
+
+        return read
+
+    return [
+        Gauge(
+            "colossus_spec_decode_num_drafts_total",
+            "Draft spans verified (one per speculating request per step).",
+            lambda: engine_stats().spec_num_drafts,
+            kind="counter",
+        ),
+        Gauge(
+            "colossus_spec_decode_num_draft_tokens_total",
+            "Draft tokens proposed and verified.",
+            lambda: engine_stats().spec_draft_tokens,
+            kind="counter",
+        ),
+        Gauge(
+            "colossus_spec_decode_num_accepted_tokens_total",
+            "Draft tokens accepted.",
+            lambda: engine_stats().spec_accepted_tokens,
+            kind="counter",
+        ),
+        Gauge(
+            "colossus_spec_decode_acceptance_rate",
+            "Accepted over proposed draft tokens since the start (0 before any).",
+            ratio("spec_accepted_tokens", "spec_draft_tokens"),
+        ),
+        Gauge(
+            "colossus_spec_decode_mean_accepted_length",
+            "Draft tokens accepted per verification span, on average since the start.",
+            ratio("spec_accepted_tokens", "spec_num_drafts"),
+        ),
+    ]
 
 
 __all__ = ["Counter", "Gauge", "Histogram", "ServerMetrics"]

@@ -35,6 +35,9 @@ class Request:
     # Content hashes of the full blocks of prompt + output so far (kv_cache.block_hash), kept as
     # tokens come so that each block is hashed once.
     block_hashes: list[bytes] = field(default_factory=list)
+    # Speculative decoding: tokens proposed to follow this one, verified in the next step (their
+    # keys and values are written there, but only accepted ones count as computed).
+    draft_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     first_token_time: float | None = None

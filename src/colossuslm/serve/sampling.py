@@ -131,6 +131,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return chosen.tolist()
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from for one request, over the whole vocabulary: rows of
+    fp32 `logits` [N, V] after temperature, top-k and top-p (what speculative verification needs)."""
+    scaled = logits / params.temperature
+    vocab = logits.shape[-1]
+    top_k = params.top_k if 0 < params.top_k < vocab else vocab
+    if top_k < vocab or params.top_p < 1.0:
+        rows = logits.shape[0]
+        kept, ids = _truncate(scaled, [top_k] * rows, [params.top_p] * rows)
+        scaled = torch.full_like(scaled, float("-inf")).scatter(1, ids, kept)
+    return scaled.softmax(dim=-1)
+
+
 def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row once and mask, in sorted order, what top-k and top-p exclude.
 
@@ -147,4 +160,12 @@ def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tup
     return sorted_logits, sorted_ids
 
 
-__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob", "make_generator", "sample", "token_logprobs"]
+__all__ = [
+    "MAX_LOGPROBS",
+    "SamplingParams",
+    "TokenLogprob",
+    "make_generator",
+    "sample",
+    "sampling_probs",
+    "token_logprobs",
+]

@@ -33,12 +33,13 @@ from colossuslm.serve.request import Request, Status
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # computed this step, from position request.num_cached on
+    num_new_tokens: int  # computed this step, from position request.num_cached on (drafts included)
+    num_draft: int = 0  # of those, speculative draft tokens after the request's last one
 
     @property
     def completes_prompt(self) -> bool:
         """After this step every token of the request is computed, so it samples its next one."""
-        return self.request.num_cached + self.num_new_tokens == self.request.num_tokens
+        return self.request.num_cached + self.num_new_tokens - self.num_draft == self.request.num_tokens
 
 
 class Scheduler:
@@ -100,6 +101,15 @@ class Scheduler:
         for index in range(start // block_size, request.num_cached // block_size):
             self.allocator.register(request.block_table[index], request.block_hashes[index])
 
+    def release_unused_blocks(self, request: Request) -> None:
+        """After rejected drafts: give back the blocks past the request's tokens. They were never
+        named (only blocks of computed, accepted tokens are), and the slots of rejected tokens that
+        remain are overwritten by the next step, which writes from position num_cached on."""
+        keep = self.cache.blocks_for(request.num_tokens)
+        if len(request.block_table) > keep:
+            self.allocator.free(request.block_table[keep:])
+            del request.block_table[keep:]
+
     # ----------------------------------------------------------------------------- scheduling
 
     def schedule(self) -> list[ScheduledRequest]:
@@ -116,8 +126,11 @@ class Scheduler:
                 if budget <= 0:
                     continue
                 count = min(count, budget)
-            if self._make_room(request, request.num_cached + count, scheduled):
-                scheduled[request.request_id] = ScheduledRequest(request, count)
+            # a decode's drafts (speculative decoding) ride along while the budget lasts
+            request.draft_ids = request.draft_ids[: max(0, budget - 1)] if count == 1 else []
+            drafts = len(request.draft_ids)
+            if self._make_room(request, request.num_cached + count + drafts, scheduled):
+                scheduled[request.request_id] = ScheduledRequest(request, count + drafts, drafts)
             # recounted: a preemption may have taken back tokens scheduled earlier in this loop
             budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled.values())
         self._admit(scheduled, budget)
@@ -198,6 +211,7 @@ class Scheduler:
         self.allocator.free(request.block_table)
         request.block_table = []
         request.num_cached = 0
+        request.draft_ids = []
         request.status = Status.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1

@@ -1,0 +1,118 @@
+"""Speculative decoding benchmark: plain decoding vs n-gram prompt lookup, same engine settings,
+same model, same prompts, one run.
+
+Workload: --requests "repeat this code" prompts (a snippet of Python followed by its first lines
+again), greedy, --max-tokens each, batched --batch at a time. Prompt lookup pays exactly when
+the output repeats the input; greedy keeps the two modes' outputs identical (checked), so only
+the work per token differs. Reported per mode: output tokens/s (median of --repeats), steps,
+acceptance rate, mean accepted drafts per verification span, and the ratio to plain.
+
+With --checkpoint a trained model is used (what the figures mean in practice); without, a
+random-weight model (the serve tests' size, or --preset; weights scaled up so it is decisive), which tends to repeat
+itself and so over-states acceptance: read that as the mechanism's ceiling, not a forecast.
+
+    OMP_NUM_THREADS=1 python bench/serve_speculative.py                 # ~1 minute on 2 CPU cores
+    python bench/serve_speculative.py --checkpoint runs/NAME --device cuda --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from colossuslm.config import ModelConfig
+from colossuslm.data.tokenizer import train_tokenizer
+from colossuslm.models.presets import get_preset
+from colossuslm.models.transformer import Transformer
+from colossuslm.serve.engine import EngineConfig, LLMEngine
+from colossuslm.serve.loading import load_for_inference
+from colossuslm.serve.sampling import SamplingParams
+
+SNIPPETS = [
+    "def add(a, b):\n    return a + b\n\ndef mul(a, b):\n    return a * b\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n    else:\n        continue\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nimport sys\n\npaths = [p for p in sys.path if os.path.isdir(p)]\nprint(paths)\n",
+]
+
+
+def random_model(args: argparse.Namespace) -> tuple[Transformer, object, int]:
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(SNIPPETS * 20, vocab_size=512)
+    if args.preset:
+        cfg = dataclasses.replace(get_preset(args.preset), vocab_size=512, max_seq_len=512)
+    else:  # the serve tests' model size: a step costs little beyond the engine's own overhead
+        cfg = ModelConfig(
+            vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=512
+        )
+    model = Transformer(cfg).to(args.device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    return model, tokenizer, tokenizer.token_to_id("<|endoftext|>") or 0
+
+
+def prompts_for(tokenizer, count: int) -> list[list[int]]:
+    texts = [f"Repeat this code:\n{s}\nAgain:\n{s[: len(s) // 3]}" for s in SNIPPETS]
+    return [tokenizer.encode(texts[i % len(texts)]).ids for i in range(count)]
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], args: argparse.Namespace) -> tuple[float, int, list]:
+    """(output tokens/s, steps, results) over every prompt, --batch requests in flight at a time."""
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    steps, results, started = 0, [], time.perf_counter()
+    for first in range(0, len(prompts), args.batch):
+        batch = prompts[first : first + args.batch]
+        ids = [engine.add_request(p, params) for p in batch]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens[out.request_id] += out.token_ids
+            steps += 1
+        results += [tokens[i] for i in ids]
+    elapsed = time.perf_counter() - started
+    return sum(len(r) for r in results) / elapsed, steps, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: random tiny model)")
+    parser.add_argument("--preset", default=None, help="random model of this preset (default: 2 x 64, tiny)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.checkpoint:
+        loaded = load_for_inference(args.checkpoint, device=args.device)
+        model, tokenizer, eos = loaded.model, loaded.tokenizer, loaded.special.eos_ids
+    else:
+        model, tokenizer, eos = random_model(args)
+    prompts = prompts_for(tokenizer, args.requests)
+    modes = {"plain": {}, "ngram": dict(speculative="ngram", num_speculative_tokens=args.num_speculative_tokens)}
+    rows, outputs = {}, {}
+    for mode, extra in modes.items():
+        speeds = []
+        for _ in range(args.repeats):
+            engine = LLMEngine(model, tokenizer, eos, EngineConfig(max_num_seqs=args.batch, block_size=16, **extra))
+            speed, steps, outputs[mode] = run(engine, prompts, args)
+            speeds.append(speed)
+        stats = engine.stats()
+        rate = stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0
+        per_span = stats.spec_accepted_tokens / stats.spec_num_drafts if stats.spec_num_drafts else 0.0
+        rows[mode] = (statistics.median(speeds), steps, rate, per_span)
+    assert outputs["plain"] == outputs["ngram"], "greedy outputs differ between modes"
+    plain_speed = rows["plain"][0]
+    print(f"{'mode':<8}{'tokens/s':>10}{'steps':>8}{'accept':>9}{'acc/span':>10}{'speed-up':>10}")
+    for mode, (speed, steps, rate, per_span) in rows.items():
+        print(f"{mode:<8}{speed:>10.1f}{steps:>8}{rate:>9.2f}{per_span:>10.2f}{speed / plain_speed:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
