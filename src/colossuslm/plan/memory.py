@@ -76,20 +76,22 @@ def params_per_gpu(work: Workload, lay: Layout, layers: int) -> tuple[float, flo
 def gathered_params(work: Workload, lay: Layout, dense: float, expert: float, layers: int) -> float:
     """Parameters FSDP2 holds gathered (in bf16) at the memory peak, the end of the forward pass:
     the root's (embedding, final norm, head: gathered for the whole step) and the last block's
-    (kept gathered for the backward pass that starts with it); the other blocks are resharded."""
-    vocab = vocab_matrices(work, lay.pp) * work.embedding_params / (1 if lay.software.colossus_trainer else lay.tp)
-    if lay.software.colossus_trainer and lay.recompute == "full":
-        # Measured (`colossus train --dry-run`, grok-1): with whole blocks recomputed, the peak is
-        # the loss's, after the last block has been resharded, so only the root is gathered.
-        return vocab
-    gathered = vocab + (dense + expert - vocab) / max(1, layers)
+    (kept gathered for the backward pass that starts with it); the other blocks are resharded.
+    (The trainer with whole blocks recomputed peaks elsewhere: `recomputing_trainer_peak`.)"""
+    gathered = root_params(work, lay) + (dense + expert - root_params(work, lay)) / max(1, layers)
     if lay.software.colossus_trainer:
-        gathered += fsdp_padding_per_block(work, lay)
+        gathered += sum(fsdp_padding_per_block(work, lay))
     return gathered
 
 
-def fsdp_padding_per_block(work: Workload, lay: Layout) -> float:
-    """Elements FSDP2's padding adds to one gathered block of the trainer. FSDP2 shards each
+def root_params(work: Workload, lay: Layout) -> float:
+    """The vocabulary matrices FSDP2's root unit holds gathered for the whole step."""
+    return vocab_matrices(work, lay.pp) * work.embedding_params / (1 if lay.software.colossus_trainer else lay.tp)
+
+
+def fsdp_padding_per_block(work: Workload, lay: Layout) -> tuple[float, float]:
+    """Elements FSDP2's padding adds to one gathered block of the trainer: (the block's own
+    unit, its routed experts' unit). FSDP2 shards each
     parameter's dimension 0 into equal pieces, padding it to a multiple of the shard group, and
     gathers the padded tensor: a [768, 6144] projection over 12,288 ranks is gathered as
     [12288, 6144]. Expert weights take another dimension when dimension 0 is short
@@ -97,7 +99,7 @@ def fsdp_padding_per_block(work: Workload, lay: Layout) -> float:
     from colossuslm.parallel.dims import fsdp_shard_dim
 
     if lay.zero < 3:
-        return 0.0
+        return 0.0, 0.0
     cfg, tp = work.cfg, lay.tp
     group, expert_group = lay.dp * lay.cp, max(1, lay.dp * lay.cp // lay.ep)
     d, hd = cfg.d_model, cfg.resolved_head_dim
@@ -106,6 +108,7 @@ def fsdp_padding_per_block(work: Workload, lay: Layout) -> float:
     moe_share = work.n_moe_layers / cfg.n_layers
     dense_ffn = [(cfg.ffn_hidden // tp, d), (cfg.ffn_hidden // tp, d), (d, cfg.ffn_hidden // tp)]
     padding = _padding(shapes, group) + (1 - moe_share) * _padding(dense_ffn, group)
+    expert_padding = 0.0
     if cfg.is_moe:
         shared = cfg.n_shared_experts * cfg.expert_hidden // tp
         moe = [(cfg.n_experts, d)] + ([(shared, d), (shared, d), (d, shared)] if shared else [])
@@ -113,8 +116,9 @@ def fsdp_padding_per_block(work: Workload, lay: Layout) -> float:
         experts = [(n_local, d * hidden)] * 3
         if fsdp_shard_dim((n_local, d, hidden), expert_group) != 0:
             experts = []  # an evenly split later dimension: no padding
-        padding += moe_share * (_padding(moe, group) + _padding(experts, expert_group))
-    return padding
+        padding += moe_share * _padding(moe, group)
+        expert_padding = moe_share * _padding(experts, expert_group)
+    return padding, expert_padding
 
 
 def _padding(shapes: list[tuple[int, int]], group: int) -> float:
@@ -190,6 +194,56 @@ def ring_attention_bytes_per_token(work: Workload, cp: int, bytes_per_value: int
     return (cp - 1) * (bytes_per_value * (2 * kv + 2 * q) + 2 * 4 * cfg.n_heads)
 
 
+# A block's backward holds its recomputed activations and, at its worst, gradients as large
+# (measured by `colossus train --dry-run`, grok-1: 2.2x the block's saved activations).
+BACKWARD_WORKING_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class PeakMoment:
+    """What a rank holds beyond its sharded states at one moment of the step."""
+
+    name: str
+    gathered: float  # parameters FSDP2 holds gathered, in bf16
+    activations: float  # bytes
+    logits: float  # bytes
+
+    def bytes(self) -> float:
+        return WEIGHT_BYTES * self.gathered + self.activations + self.logits
+
+
+def recomputes_blocks_under_fsdp(lay: Layout) -> bool:
+    """The trainer with whole blocks recomputed under FSDP2 and no pipeline: each block keeps only
+    its input, so the step's peak is not the end of the forward pass (`recomputing_trainer_peak`)."""
+    return lay.software.colossus_trainer and lay.zero >= 3 and lay.pp == 1 and lay.recompute == "full"
+
+
+def recomputing_trainer_peak(
+    work: Workload, lay: Layout, dense: float, expert: float, layers: int, kept: float, working: float, loss: float
+) -> PeakMoment:
+    """The largest of three moments (read off the dry run's memory tracker, grok-1):
+    the loss, with every block's input `kept` and the last block left gathered for backward (its
+    routed experts resharded); a block's backward after the first, recomputing it (`working`: its
+    activations without recomputation), with the head's whole gradient alive and the previous
+    block's fp32 gradient in its reduce-scatter; and the root's backward, where the embedding's
+    gradient joins the head's (summed into a third when tied) beside that reduce-scatter."""
+    root = root_params(work, lay)
+    dense_padding, expert_padding = fsdp_padding_per_block(work, lay)
+    block = (dense - root) / layers + dense_padding
+    block_experts = expert / layers + expert_padding
+    head_grad = WEIGHT_BYTES * work.embedding_params  # replicated head: whole, in the weights' dtype
+    reducing = GRAD_BYTES * block  # the unsharded fp32 gradient of the block reduced last
+    vocab_grads = (3 if work.cfg.tie_embeddings else 2) * head_grad
+    moments = [
+        PeakMoment("loss", root + block, layers * kept, loss),
+        PeakMoment("root backward", root, vocab_grads + reducing, 0.0),
+    ]
+    if layers > 1:
+        held = (layers - 1) * kept + BACKWARD_WORKING_FACTOR * working + head_grad + reducing
+        moments.append(PeakMoment("block backward", root + block + block_experts, held, 0.0))
+    return max(moments, key=PeakMoment.bytes)
+
+
 def memory_per_gpu(
     work: Workload,
     lay: Layout,
@@ -216,7 +270,8 @@ def memory_per_gpu(
             return w, g, o
         if lay.zero >= 3:
             w = _sharded(FSDP_WEIGHT_BYTES, dense, expert, dense_group, expert_group)
-            w += WEIGHT_BYTES * gathered_params(work, lay, dense, expert, layers)
+            gathered = peak.gathered if peak else gathered_params(work, lay, dense, expert, layers)
+            w += WEIGHT_BYTES * gathered
             g = _sharded(FSDP_GRAD_BYTES, dense, expert, dense_group, expert_group)
             o = _sharded(FSDP_OPTIMIZER_BYTES, dense, expert, dense_group, expert_group)
             return w, g, o
@@ -248,7 +303,11 @@ def memory_per_gpu(
         logits = logits_bytes_per_token(cfg) * tokens / lay.tp
 
     # First stage: most activations in flight, plus the input embedding.
-    w1, g1, o1 = states(*(params or params_per_gpu(work, lay, layers)))
+    dense, expert = params or params_per_gpu(work, lay, layers)
+    peak = None
+    if recomputes_blocks_under_fsdp(lay):
+        peak = recomputing_trainer_peak(work, lay, dense, expert, layers, per_layer, working_layer, logits)
+    w1, g1, o1 = states(dense, expert)
     # The trainer's pipeline keeps each stage's received input and its output (gathered to the
     # whole sequence for sending) until that micro-batch's backward: two per stage the rank
     # holds, less the token ids the first stage starts from (measured by the dry run).
@@ -259,6 +318,8 @@ def memory_per_gpu(
         # before FSDP adds it into the fp32 accumulator; all micro-batches in flight are alive.
         act1 += WEIGHT_BYTES * work.embedding_params
     first = (w1, g1, o1, act1, logits if lay.pp == 1 else 0.0)
+    if peak:
+        first = (w1, g1, o1, peak.activations, peak.logits)
     # Last stage: as many weights (the head instead of the embedding), one micro-batch in
     # flight, and the output logits.
     last = first

@@ -200,17 +200,27 @@ def _unsharded_gradient_bytes(model: torch.nn.Module) -> float:
 
 
 @contextlib.contextmanager
-def _head_tracked_as_weights(model: torch.nn.Module, tracker: Any) -> Iterator[None]:
-    """The tracker files a module's parameters as weights when the module is called, but the
-    output head is never called: the fused loss reads its weight. Without this its gathered copy
-    (FSDP2 gathers it with the root) would count as an activation."""
-    heads = [m for m in pipeline_stage_modules(model) or [model] if getattr(m, "output", None) is not None]
-    # Registered after FSDP2's own pre-forward hook, so the gathered weight exists when it runs.
+def _gathered_tracked_as_weights(model: torch.nn.Module, tracker: Any) -> Iterator[None]:
+    """The tracker files a module's parameters as weights in its own pre-forward hook, which runs
+    before FSDP2's has gathered them: a unit gathered on the spot (the routed experts, a block
+    recomputed in backward) would count its gathered copy as a temporary. So each FSDP2 unit's
+    parameters are filed again once gathered, and the output head's too: it is never called (the
+    fused loss reads its weight) and FSDP2 gathers it with the root."""
+    from torch.distributed.fsdp import FSDPModule
 
-    def track_head(module: torch.nn.Module, _args: Any) -> None:  # (a returned value would replace the inputs)
+    heads = [m for m in pipeline_stage_modules(model) or [model] if getattr(m, "output", None) is not None]
+    units = [m for m in [*model.modules(), *pipeline_stage_modules(model)] if isinstance(m, FSDPModule)]
+
+    # Registered after FSDP2's own pre-forward hook, so the gathered weights exist when these run.
+    # (A returned value would replace the inputs.)
+    def track_head(module: torch.nn.Module, _args: Any) -> None:
         tracker._track_module_params_and_buffers(module.output, install_grad_hooks=False)
 
+    def track_unit(module: torch.nn.Module, _args: Any) -> None:
+        tracker._track_module_params_and_buffers(module, install_grad_hooks=False)
+
     handles = [m.register_forward_pre_hook(track_head) for m in heads]
+    handles += [m.register_forward_pre_hook(track_unit) for m in units]
     try:
         yield
     finally:
@@ -263,7 +273,7 @@ def measure_step_memory(
         accumulators = _unsharded_gradients(model)
         tracker.track_external(model, optimizer, *accumulators)
         external = float(sum(_nbytes(grad) for grad in accumulators))
-        with tracker, _head_tracked_as_weights(model, tracker):
+        with tracker, _gathered_tracked_as_weights(model, tracker):
             out = forward()
             kept = _categories(tracker.get_tracker_snapshot("current"))["activations"] - external
             backward(out)
