@@ -7,6 +7,7 @@ names follow the Llama/torchtitan layout so tensor-parallel plans and exports ca
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +88,22 @@ class AttentionCore(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
+class KVCacheAttention(Protocol):
+    """Attention over a KV cache for one serving step (as vLLM's `attn_metadata`): the engine
+    passes one through `Transformer.forward(..., kv_cache=...)` and every layer's attention hands
+    it its rotated q, k, v instead of attending to its own keys only. `serve/paged_attention.py`
+    implements it over the paged cache; the model knows nothing of blocks or batching."""
+
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store layer `layer_id`'s new keys/values and attend the new queries to everything their
+        sequences have cached. q: [B, H, S, hd]; k, v: [B, KVH, S, hd] -> [B, H, S, hd]."""
+        ...
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # which layer's cache it reads when serving
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.softcap = cfg.attn_logit_softcap
@@ -113,11 +127,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheAttention | None = None
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, heads, S, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v)
+        out = self.core(q, k, v) if kv_cache is None else kv_cache.attend(self.layer_id, q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -125,7 +141,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe and layer_id >= cfg.first_dense_layers
         if self.is_moe:
@@ -133,8 +149,10 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheAttention | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache=kv_cache)
         if self.is_moe:
             ffn_out, aux = self.moe(self.ffn_norm(x))
         else:
@@ -198,7 +216,11 @@ class Transformer(nn.Module):
         return cos, sin
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCacheAttention | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: [B, S] int64 -> (logits [B, S, vocab], summed MoE auxiliary loss scalar).
 
@@ -206,19 +228,21 @@ class Transformer(nn.Module):
         cross-entropy, computed without materialising the full logits (models/loss.py).
         `positions` ([S] or [B, S] int64) are the tokens' positions in their sequences, for RoPE:
         by default 0..S-1; a context-parallel rank holding chunks of longer sequences passes their
-        global positions (colossuslm.parallel.context).
+        global positions (colossuslm.parallel.context). With `kv_cache` the same modules run one
+        serving step: attention reads and extends the cache (`KVCacheAttention`); the engine then
+        asks for hidden states and applies `logits` to the rows it samples from.
         """
-        h, aux_total = self.hidden_states(tokens, positions)
+        h, aux_total = self.hidden_states(tokens, positions, kv_cache)
         if self.norm is None:  # a pipeline stage before the last hands its hidden states on
             return h, aux_total
         return (self.loss(h, targets) if targets is not None else self.logits(h)), aux_total
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, kv_cache: KVCacheAttention | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks (after the embedding, when this model or stage has it) and the final norm
         (when it has it): ([B, S, d], summed MoE auxiliary loss). A pipeline stage after the
-        first passes hidden states instead of token ids."""
+        first passes hidden states instead of token ids. `kv_cache`: as in `forward`."""
         seq = tokens.shape[1]
         if positions is None and seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
@@ -226,7 +250,8 @@ class Transformer(nn.Module):
         cos, sin = self._rope(positions, seq, h)
         aux_total = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
-            h, aux = block(h, cos, sin)
+            # Training calls a block as before (its wrappers and TP hooks see three inputs).
+            h, aux = block(h, cos, sin) if kv_cache is None else block(h, cos, sin, kv_cache=kv_cache)
             aux_total = aux_total + aux
         return (h if self.norm is None else self.norm(h)), aux_total
 
