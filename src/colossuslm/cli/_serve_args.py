@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from colossuslm.serve.settings import EngineConfig
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -70,8 +72,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens",
         type=int,
         default=None,
-        help="tokens computed per step, decodes first (default 512 with chunked prefill, else "
-        "max(2048, context)); lower keeps decode latency steadier, higher prefills faster",
+        help=f"tokens computed per step, decodes first (default {EngineConfig.CHUNKED_PREFILL_BUDGET} with chunked "
+        "prefill, else max(2048, context)); lower keeps decode latency steadier, higher prefills faster",
     )
     group.add_argument(
         "--block-size",
@@ -93,9 +95,18 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
         "prompt lookup: copy what followed the last tokens where they occurred before (pays on "
         "repetitive text: code edits, quoting, summaries)",
     )
-    group.add_argument("--num-speculative-tokens", type=int, help="draft tokens per request per step (default 4)")
-    group.add_argument("--prompt-lookup-max", type=int, help="longest n-gram matched (default 4)")
-    group.add_argument("--prompt-lookup-min", type=int, help="shortest n-gram matched (default 1)")
+    defaults = EngineConfig()
+    group.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        help=f"draft tokens per request per step (default {defaults.num_speculative_tokens})",
+    )
+    group.add_argument(
+        "--prompt-lookup-max", type=int, help=f"longest n-gram matched (default {defaults.prompt_lookup_max})"
+    )
+    group.add_argument(
+        "--prompt-lookup-min", type=int, help=f"shortest n-gram matched (default {defaults.prompt_lookup_min})"
+    )
 
 
 SPECULATIVE_TUNING = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")

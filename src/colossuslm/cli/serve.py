@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from colossuslm.cli._serve_args import add_engine_args, add_model_args, engine_options, load_engine
+from colossuslm.serve.settings import EngineConfig, ServerSettings
 
 if TYPE_CHECKING:  # the engine imports torch: not at start-up
     from colossuslm.serve.engine import LLMEngine
@@ -35,21 +36,29 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--served-model-name", default=None, help="model id clients must send (default: the run directory's name)"
     )
-    parser.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=EngineConfig.max_num_seqs,
+        help="requests decoded together (default %(default)s)",
+    )
     parser.add_argument(
         "--kv-cache-gb",
         type=float,
-        default=2.0,
-        help="memory for the paged KV cache, GiB (default 2; less is used if enough)",
+        default=EngineConfig.kv_cache_bytes / 2**30,
+        help="memory for the paged KV cache, GiB (default %(default)g; less is used if enough)",
     )
     parser.add_argument(
         "--max-concurrent-requests",
         type=int,
-        default=256,
-        help="requests in flight (running + queued) before answering 429 (default 256)",
+        default=ServerSettings.max_concurrent_requests,
+        help="requests in flight (running + queued) before answering 429 (default %(default)s)",
     )
     parser.add_argument(
-        "--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted, bytes (default 1 MiB)"
+        "--max-body-bytes",
+        type=int,
+        default=ServerSettings.max_body_bytes,
+        help="largest request body accepted, bytes (default %(default)s)",
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(parser)
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from colossuslm.errors import ColossusError
-    from colossuslm.serve.api import ServerSettings, create_app
+    from colossuslm.serve.api import create_app
     from colossuslm.serve.async_engine import AsyncEngine
 
     for name in ("max_num_seqs", "max_concurrent_requests", "max_body_bytes", "port"):
@@ -99,6 +108,6 @@ def _describe_batching(llm: LLMEngine) -> str:
     cache, scheduler = llm.runner.cache, llm.scheduler
     caching = "prefix caching" if scheduler.enable_prefix_caching else "no prefix caching"
     chunking = "chunked prefill" if scheduler.enable_chunked_prefill else "whole-prompt prefill"
-    speculation = f", {llm.config.speculative} speculation" if llm.proposer is not None else ""
+    speculation = f", {llm.config.speculative} speculation" if llm.config.speculative else ""
     tokens = scheduler.max_num_batched_tokens
     return f"{cache.block_size}-token KV blocks, {caching}, {chunking}, {tokens} tokens/step{speculation}"

@@ -127,9 +127,7 @@ class AsyncEngine:
                 pass  # that event loop has closed; nobody is listening
 
     def _reset_after_failure(self, exc: Exception) -> None:
-        engine = self.engine
-        for request in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-            engine.abort_request(request.request_id)
+        self.engine.abort_all()
         self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -9,7 +9,6 @@ HTTP server; the CLI uses it directly.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,34 +26,8 @@ from colossuslm.serve.model_runner import ModelRunner, StepItem
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
 from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from colossuslm.serve.scheduler import ScheduledRequest, Scheduler
+from colossuslm.serve.settings import EngineConfig
 from colossuslm.serve.speculative import NgramProposer, SpeculativeStats, verify
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 32  # requests decoded together in one step
-    max_model_len: int | None = None  # context window served; default and maximum: model.max_seq_len
-    # Tokens per KV-cache block. None: a whole context when memory holds one per sequence (then
-    # decode attention reads the cache in place), else 16.
-    block_size: int | None = None
-    kv_cache_tokens: int | None = None  # default: every sequence at full length, within kv_cache_bytes
-    kv_cache_bytes: int = 2 << 30
-    # Tokens computed per step (decodes first, then prompts). Default: with chunked prefill 512
-    # (vLLM's first chunked-prefill default: it bounds a step, so decode latency, on small devices
-    # too), else max(2048, context), since a whole prompt must fit in one step.
-    max_num_batched_tokens: int | None = None
-    # Share the KV blocks of equal prompt prefixes between requests (system prompts, chat turns).
-    # Only full blocks are shared, so this needs blocks shorter than the prompts (block_size).
-    enable_prefix_caching: bool = True
-    # Split prompts that do not fit in what is left of a step's budget across steps, so a long
-    # prompt never stalls the requests that are decoding.
-    enable_chunked_prefill: bool = True
-    # Speculative decoding: None (off) or "ngram" (prompt lookup: drafts copied from where the
-    # last tokens occurred before, verified exactly by the model; pays on repetitive text).
-    speculative: str | None = None
-    num_speculative_tokens: int = 4  # drafts per decoding request per step
-    prompt_lookup_max: int = 4  # longest n-gram matched (vLLM's names)
-    prompt_lookup_min: int = 1
 
 
 @dataclass
@@ -104,7 +77,9 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.runner = ModelRunner(model, cache)
-        default_budget = 512 if config.enable_chunked_prefill else max(2048, self.max_model_len)
+        default_budget = (
+            config.CHUNKED_PREFILL_BUDGET if config.enable_chunked_prefill else max(2048, self.max_model_len)
+        )
         self.scheduler = Scheduler(
             cache,
             config.max_num_seqs,
@@ -171,7 +146,7 @@ class LLMEngine:
         )
 
     def add(self, request: Request) -> None:
-        self.scheduler.add(request)
+        self.scheduler.add_request(request)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         request = self.make_request(prompt_ids, params, request_id)
@@ -180,15 +155,19 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its cache blocks. False if it was not there (already finished)."""
-        return self.scheduler.abort(request_id) is not None
+        return bool(self.scheduler.finish_requests(request_id, "abort"))
+
+    def abort_all(self) -> None:
+        """Drop every unfinished request (after a failed step: their state is unknown)."""
+        self.scheduler.finish_requests(list(self.scheduler.requests), "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.runner.cache.usage,
             preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
@@ -210,7 +189,6 @@ class LLMEngine:
         if not scheduled:
             return []
         out = self.runner.execute_step([self._step_item(s) for s in scheduled])
-        now = time.monotonic()
         outputs = []
         rows = [i for i, s in enumerate(scheduled) if s.completes_prompt and not s.num_draft]
         for work, hidden in zip(scheduled, out.hidden):
@@ -224,7 +202,7 @@ class LLMEngine:
             self.scheduler.record_computed(request, work.num_new_tokens)
         for work, hidden in zip(scheduled, out.hidden):
             if work.num_draft:
-                outputs.append(self._verify_drafts(work, hidden, now))
+                outputs.append(self._verify_drafts(work, hidden))
         if not rows:
             return outputs
         ready = [scheduled[i].request for i in rows]
@@ -236,7 +214,7 @@ class LLMEngine:
             if request.params.max_tokens == 0:  # the prompt was only to be scored
                 outputs.append(self._finish_scored_prompt(request))
             else:
-                outputs.append(self._append_token(request, token, now, logprob))
+                outputs.append(self._append_token(request, token, logprob))
         return outputs
 
     @staticmethod
@@ -271,13 +249,12 @@ class LLMEngine:
     def _propose_drafts(self) -> None:
         """Drafts for every request that is decoding (prompt computed, one token to go), never more
         than it may still generate, so every verified position lies inside its context."""
-        for request in self.scheduler.running:
-            if request.output_ids and request.num_tokens - request.num_cached == 1:
-                limit = request.max_total_tokens - request.num_tokens
-                request.draft_ids = self.proposer.propose(request.token_range(0, request.num_tokens), limit)
+        for request in self.scheduler.decoding():
+            limit = request.max_total_tokens - request.num_tokens
+            request.draft_ids = self.proposer.propose(request.token_range(0, request.num_tokens), limit)
 
     @torch.inference_mode()
-    def _verify_drafts(self, work: ScheduledRequest, hidden: torch.Tensor, now: float) -> RequestOutput:
+    def _verify_drafts(self, work: ScheduledRequest, hidden: torch.Tensor) -> RequestOutput:
         """Accept drafts against the model's logits at each position, emit up to the first stop,
         and count as computed only the tokens kept (rejected ones' KV slots are overwritten later)."""
         request, drafts = work.request, work.request.draft_ids
@@ -288,7 +265,7 @@ class LLMEngine:
         emitted, reason = [], None
         for token in tokens:
             emitted.append(token)
-            reason = self._push_token(request, token, now)
+            reason = self._push_token(request, token)
             if reason is not None:
                 break
         # KV now holds the last token and the accepted drafts; the final emitted token is new.
@@ -335,8 +312,7 @@ class LLMEngine:
         return result
 
     def _finish_scored_prompt(self, request: Request) -> RequestOutput:
-        self.scheduler.running.remove(request)
-        self.scheduler.finish(request, "length")
+        self.scheduler.finish_requests(request.request_id, "length")
         return RequestOutput(
             request_id=request.request_id,
             text="",
@@ -349,20 +325,16 @@ class LLMEngine:
             prompt_logprobs=request.prompt_logprobs,
         )
 
-    def _append_token(
-        self, request: Request, token: int, now: float, logprob: TokenLogprob | None = None
-    ) -> RequestOutput:
-        reason = self._push_token(request, token, now)
+    def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
+        reason = self._push_token(request, token)
         if reason is not None:
             self._finish(request, reason)
         return self._output(request, [token], reason, None if logprob is None else [logprob])
 
     @staticmethod
-    def _push_token(request: Request, token: int, now: float) -> str | None:
+    def _push_token(request: Request, token: int) -> str | None:
         """Append a generated token; the finish reason if it ends the request."""
         request.output_ids.append(token)
-        if request.first_token_time is None:
-            request.first_token_time = now
         if token in request.stop_token_ids:
             return "stop"
         matcher = request.stop_matcher
@@ -373,8 +345,7 @@ class LLMEngine:
 
     def _finish(self, request: Request, reason: str) -> None:
         request.stop_matcher.add(request.detokenizer.flush())
-        self.scheduler.running.remove(request)
-        self.scheduler.finish(request, reason)
+        self.scheduler.finish_requests(request.request_id, reason)
 
     @staticmethod
     def _output(

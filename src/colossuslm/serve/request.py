@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +17,11 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+# Why a request ended: EOS, a stop token or a stop string; its token limit or the context window;
+# taken out by the caller (a client that went away, a failed step). OpenAI's names for the first two.
+FINISH_REASONS = ("stop", "length", "abort")
+
+
 @dataclass
 class Request:
     request_id: str
@@ -28,7 +32,6 @@ class Request:
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
-    arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens (from the start) whose keys/values are in the cache
@@ -39,9 +42,7 @@ class Request:
     # keys and values are written there, but only accepted ones count as computed).
     draft_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None
-    first_token_time: float | None = None
-    num_preemptions: int = 0
+    finish_reason: str | None = None  # one of FINISH_REASONS once finished
     # Computed at the first prefill when params.prompt_logprobs asks (None for the first token,
     # which has no context); a preempted request keeps them instead of scoring its prompt again.
     prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -93,4 +94,4 @@ class GenerationResult:
     completion_tokens: int
 
 
-__all__ = ["GenerationResult", "Request", "RequestOutput", "Status"]
+__all__ = ["FINISH_REASONS", "GenerationResult", "Request", "RequestOutput", "Status"]

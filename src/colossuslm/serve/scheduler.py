@@ -19,15 +19,29 @@ When the cache runs out, the most recently admitted request is preempted: its bl
 goes back to the head of the queue, to be recomputed (prompt + what it already generated, as one
 prefill) when room returns. Recomputing is cheaper than swapping for the short sequences a CPU
 serves, and it needs no second memory pool.
+
+The scheduler owns request state (as vLLM's v1/core/sched/interface.py): the waiting queue, the
+running batch and every request's blocks change only through the methods below, never from
+outside. The contract:
+
+- `add_request(request)`: queue a new request.
+- `schedule()`: this step's work (which requests, how many tokens each, drafts included).
+- `record_computed(request, n)`, `release_unused_blocks(request)`: what the step computed, and
+  the blocks rejected drafts no longer need.
+- `finish_requests(ids, reason)`: take requests out (reason "stop", "length" or "abort"), free
+  their blocks, mark them finished with the reason; unknown or finished ids are skipped.
+- `has_unfinished()`, `num_running`, `num_waiting`, `decoding()`: what is left, for the engine's
+  loop, its metrics and its draft proposer (read-only views).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from colossuslm.serve.kv_cache import PagedKVCache, block_hash
-from colossuslm.serve.request import Request, Status
+from colossuslm.serve.request import FINISH_REASONS, Request, Status
 
 
 @dataclass
@@ -64,31 +78,58 @@ class Scheduler:
         # Blocks kept free at admission so the requests already running can grow for a while
         # without preempting the one just admitted.
         self.watermark_blocks = max(1, cache.num_blocks // 100) if watermark_blocks is None else watermark_blocks
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running, by id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the prefix cache
         self.prefix_cache_hits = 0  # of those, tokens found there (not computed again)
 
-    def add(self, request: Request) -> None:
+    # ----------------------------------------------------------------------------- the contract
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         request.status = Status.WAITING
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort(self, request_id: str) -> Request | None:
-        for queue in (self.running, self.waiting):
-            for request in queue:
-                if request.request_id == request_id:
-                    queue.remove(request)
-                    self.finish(request, "abort")
-                    return request
-        return None
+    def finish_requests(self, request_ids: str | Iterable[str], reason: str) -> list[Request]:
+        """Take these requests out of the queues, free their blocks and mark them finished with
+        `reason`. Returns those finished here (ids not found, or already finished, are skipped)."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish reason {reason!r} is not one of {FINISH_REASONS}")
+        finished = []
+        for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status is Status.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = Status.FINISHED
+            request.finish_reason = reason
+            self.allocator.free(request.block_table)
+            request.block_table = []
+            finished.append(request)
+        return finished
 
-    def finish(self, request: Request, reason: str) -> None:
-        """Mark finished and release its blocks (the caller has taken it out of the queues)."""
-        request.status = Status.FINISHED
-        request.finish_reason = reason
-        self.allocator.free(request.block_table)
-        request.block_table = []
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def decoding(self) -> list[Request]:
+        """Running requests that decode: prompt computed, one generated token still to compute
+        (the ones that may speculate)."""
+        return [r for r in self.running if r.output_ids and r.num_tokens - r.num_cached == 1]
 
     def record_computed(self, request: Request, num_new_tokens: int) -> None:
         """The step computed `num_new_tokens` more of the request's tokens: advance it, and name the
@@ -213,7 +254,6 @@ class Scheduler:
         request.num_cached = 0
         request.draft_ids = []
         request.status = Status.WAITING
-        request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 

@@ -1,0 +1,361 @@
+"""What the OpenAI-compatible endpoints do, behind the thin router in api.py (as vLLM's
+OpenAIServingChat / OpenAIServingCompletion behind entrypoints/openai/*/api_router.py).
+
+`OpenAIServing` holds the server's state (the engine, settings, metrics, the tokenizer and its
+chat template, the requests in flight) and answers each endpoint with one method: model cards,
+tokenize / detokenize / tokenizer info, and generation (completions and chat, plain or streamed
+as server-sent events). It raises `ApiError`s; the router turns them into OpenAI's error bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from colossuslm.data.chat import chat_template_of, encode_chat
+from colossuslm.errors import ColossusError
+from colossuslm.serve.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from colossuslm.serve.errors import InvalidRequestError, ModelNotFoundError, ServerBusyError
+from colossuslm.serve.metrics import ServerMetrics
+from colossuslm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    TokenStrings,
+    chat_body,
+    chat_chunk,
+    chat_logprobs,
+    completion_body,
+    completion_logprobs,
+    error_body,
+    new_id,
+    usage,
+    usage_chunk,
+)
+from colossuslm.serve.request import RequestOutput
+from colossuslm.serve.sampling import SamplingParams, TokenLogprob
+from colossuslm.serve.settings import ServerSettings
+
+
+@dataclass
+class _Job:
+    """One admitted generation request, for the streaming and the plain paths alike."""
+
+    kind: str  # "chat" | "completion"
+    id: str
+    stream: RequestStream
+    include_usage: bool
+    started: float
+    prompt_ids: list[int]
+    echo_text: str | None = None  # completions with echo: the prompt, returned before the completion
+    logprobs: bool = False  # the reply carries logprobs
+    tokens_as_ids: bool = False  # ... naming tokens "token_id:N"
+    text_offset: int = 0  # streamed completion logprobs: characters of the tokens already sent
+    closed: bool = False
+
+
+@dataclass
+class _Collected:
+    """A whole request's outputs, put together."""
+
+    text: str
+    last: RequestOutput
+    first_token: float
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]  # of token_ids, where the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None
+
+
+# A chunk of a streamed reply: (text, finish reason, the outputs it covers) -> the event's payload.
+ChunkFn = Callable[[str, str | None, list[RequestOutput]], dict]
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizer = tokenizer = engine.tokenizer
+        self.token_strings = TokenStrings(tokenizer)
+        self.tokenizer_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template_of(tokenizer)
+        # A reply ends at the template's end of turn (<|im_end|>, <|eot_id|>, ...) or any EOS id.
+        self.chat_stop_ids = list(self.chat_template.stop_token_ids)
+        self.in_flight = 0  # admitted generation requests not yet finished (streams included)
+
+    # ------------------------------------------------------------------------- models
+
+    def model_card(self) -> dict:
+        return {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "colossuslm",
+        }
+
+    def list_models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def check_model(self, name: str | None) -> None:
+        """Refuse a model this server does not serve (None: the request named none, which is fine)."""
+        if name is not None and name != self.settings.model_name:
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist; this server serves '{self.settings.model_name}' "
+                "(see GET /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
+
+    # ------------------------------------------------------------------------- tokenizer
+
+    def encode_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            return encode_chat(self.tokenizer, messages, add_generation_prompt)
+        except ColossusError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from None
+
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        self.check_model(body.model)
+        body.check_supported()
+        if body.messages is not None:
+            ids = self.encode_messages(body.messages, body.add_generation_prompt)
+        else:
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        strs = [self.token_strings.text_of(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        if any(not 0 <= t < self.tokenizer_size for t in body.tokens):
+            raise InvalidRequestError(f"token ids must be in [0, {self.tokenizer_size})", param="tokens")
+        # Special tokens are kept: a client decoding the EOS id wants "<|endoftext|>", not "".
+        return {"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    def tokenizer_info(self) -> dict:
+        names = self.chat_template.special.names  # the model's own special tokens (none: this project's have no BOS)
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": names.get("eos_token", self.tokenizer.id_to_token(self.engine.eos_token_id)),
+            "bos_token": names.get("bos_token"),
+            "pad_token": names.get("pad_token"),
+            "model_max_length": self.engine.max_model_len,
+            # A model's own Jinja template as it ships; None for ChatML, which is rendered in code.
+            "chat_template": getattr(self.chat_template, "source", None),
+        }
+
+    # ------------------------------------------------------------------------- generation
+
+    async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        params = body.sampling_params(body.max_tokens, stop_token_ids=[])
+        prompt = body.single_prompt()
+        prompt_ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
+        job = self._admit("completion", new_id("cmpl"), prompt_ids, params, body.include_usage)
+        job.logprobs, job.tokens_as_ids = body.logprobs is not None, body.return_tokens_as_token_ids
+        if body.echo:
+            job.echo_text = (
+                prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)
+            )
+        if body.stream:
+            return self._streaming(job, self._completion_events(job))
+        return await self._plain(job, request)
+
+    async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        params = body.sampling_params(body.max_reply_tokens, stop_token_ids=self.chat_stop_ids)
+        prompt_ids = self.encode_messages(body.messages)
+        job = self._admit("chat", new_id("chatcmpl"), prompt_ids, params, body.include_usage)
+        job.logprobs, job.tokens_as_ids = bool(body.logprobs), body.return_tokens_as_token_ids
+        if body.stream:
+            return self._streaming(job, self._chat_events(job))
+        return await self._plain(job, request)
+
+    def _admit(
+        self, kind: str, request_id: str, prompt_ids: list[int], params: SamplingParams, include_usage: bool
+    ) -> _Job:
+        limit = self.settings.max_concurrent_requests
+        if self.in_flight >= limit:
+            raise ServerBusyError(
+                f"The server is handling {limit} requests, its limit; retry shortly.", code="server_busy"
+            )
+        stream = self.engine.add_request(prompt_ids, params, request_id)  # validates: 400 before any output
+        self.in_flight += 1
+        return _Job(kind, request_id, stream, include_usage, time.monotonic(), list(prompt_ids))
+
+    def _finish(
+        self, job: _Job, prompt_tokens: int = 0, completion_tokens: int = 0, first_token: float | None = None
+    ) -> None:
+        """Release the job's admission and engine slot, and record it; idempotent."""
+        if job.closed:
+            return
+        job.closed = True
+        self.in_flight -= 1
+        job.stream.abort()  # no-op if it finished; frees the slot if the client left early
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.generation_tokens.inc(completion_tokens)
+        if first_token is not None:
+            self.metrics.ttft.observe(first_token - job.started)
+            self.metrics.latency.observe(time.monotonic() - job.started)
+
+    def _completion_reply_logprobs(
+        self,
+        job: _Job,
+        token_ids: list[int],
+        entries: list[TokenLogprob],
+        prompt_logprobs: list[TokenLogprob | None] | None,
+    ) -> dict | None:
+        """The legacy logprobs object of (part of) a completion; an echoed prompt's tokens come first."""
+        if not job.logprobs:
+            return None
+        if prompt_logprobs is not None:
+            token_ids, entries = job.prompt_ids + token_ids, prompt_logprobs + entries
+        body = completion_logprobs(token_ids, entries, self.token_strings, job.text_offset, job.tokens_as_ids)
+        job.text_offset += sum(len(self.token_strings.text_of(t)) for t in token_ids)
+        return body
+
+    # ------------------------------------------------------------------------- a whole reply
+
+    async def _plain(self, job: _Job, request: Request) -> Response:
+        """Collect the whole reply; give up (and free the slot) if the client disconnects meanwhile."""
+        collected = asyncio.ensure_future(collect(job.stream))
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        result: _Collected | None = None
+        try:
+            await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if collected.done():
+                result = collected.result()  # raises EngineDeadError if the engine failed
+        finally:
+            gone.cancel()
+            collected.cancel()
+            if result is None:
+                self._finish(job)
+            else:
+                self._finish(job, result.last.prompt_tokens, result.last.completion_tokens, result.first_token)
+        if result is None:
+            return Response(status_code=499)  # nginx's "client closed request": nobody will read it
+        return JSONResponse(self._reply_body(job, result))
+
+    def _reply_body(self, job: _Job, result: _Collected) -> dict:
+        last, model = result.last, self.settings.model_name
+        counts = usage(last.prompt_tokens, last.completion_tokens)
+        if job.kind == "chat":
+            logprobs = None
+            if job.logprobs:
+                logprobs = chat_logprobs(result.token_ids, result.logprobs, self.token_strings, job.tokens_as_ids)
+            return chat_body(job.id, model, result.text, last.finish_reason, counts, logprobs)
+        logprobs = self._completion_reply_logprobs(job, result.token_ids, result.logprobs, result.prompt_logprobs)
+        text = (job.echo_text or "") + result.text
+        return completion_body(job.id, model, text, last.finish_reason, counts, logprobs=logprobs)
+
+    # ------------------------------------------------------------------------- streaming
+
+    def _streaming(self, job: _Job, events: AsyncIterator[str]) -> StreamingResponse:
+        return _ClosingStreamingResponse(
+            events,
+            on_close=lambda: self._finish(job),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _completion_events(self, job: _Job) -> AsyncIterator[str]:
+        def chunk(text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
+            prompt_logprobs = None
+            if job.echo_text is not None:  # the first chunk carries the echoed prompt, and its logprobs
+                text, prompt_logprobs = job.echo_text + text, outs[0].prompt_logprobs
+                job.echo_text = None
+            logprobs = self._completion_reply_logprobs(job, *_tokens_and_logprobs(outs), prompt_logprobs)
+            return completion_body(job.id, self.settings.model_name, text, reason, None, chunk=True, logprobs=logprobs)
+
+        async for event in self._events(job, chunk):
+            yield event
+
+    async def _chat_events(self, job: _Job) -> AsyncIterator[str]:
+        model = self.settings.model_name
+        yield _sse(chat_chunk(job.id, model, {"role": "assistant", "content": ""}, None))
+
+        def chunk(text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
+            logprobs = None
+            if job.logprobs:
+                logprobs = chat_logprobs(*_tokens_and_logprobs(outs), self.token_strings, job.tokens_as_ids)
+            return chat_chunk(job.id, model, {"content": text} if text else {}, reason, logprobs)
+
+        async for event in self._events(job, chunk):
+            yield event
+
+    async def _events(self, job: _Job, chunk: ChunkFn) -> AsyncIterator[str]:
+        prompt_tokens = completion_tokens = 0
+        first_token = None
+        pending: list[RequestOutput] = []  # outputs whose text is still held back, logprobs and all
+        try:
+            async for out in job.stream:
+                if first_token is None:
+                    first_token = time.monotonic()
+                prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
+                pending.append(out)
+                if out.text or out.finished:
+                    yield _sse(chunk(out.text, out.finish_reason, pending))
+                    pending = []
+            if job.include_usage:
+                counts = usage(prompt_tokens, completion_tokens)
+                yield _sse(usage_chunk(job.id, self.settings.model_name, job.kind, counts))
+            yield "data: [DONE]\n\n"
+        except EngineDeadError as exc:
+            yield _sse(error_body(str(exc), "server_error"))
+        finally:
+            self._finish(job, prompt_tokens, completion_tokens, first_token)
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Runs `on_close` however the response ends. A client that disconnects before the first
+    chunk cancels the response before our event generator has even started, so the generator's
+    own `finally` cannot be relied on to release the request."""
+
+    def __init__(self, *args, on_close, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def collect(stream: RequestStream) -> _Collected:
+    """Text, token ids, logprobs, last output and time of first token of a whole request."""
+    parts, token_ids, logprobs, prompt_logprobs = [], [], [], None
+    last, first_token = None, None
+    async for out in stream:
+        if first_token is None:
+            first_token = time.monotonic()
+        parts.append(out.text)
+        token_ids += out.token_ids
+        logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            prompt_logprobs = out.prompt_logprobs
+        last = out
+    return _Collected("".join(parts), last, first_token, token_ids, logprobs, prompt_logprobs)
+
+
+def _tokens_and_logprobs(outs: list[RequestOutput]) -> tuple[list[int], list[TokenLogprob]]:
+    return [t for out in outs for t in out.token_ids], [e for out in outs for e in out.logprobs or []]
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message on this connection is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+__all__ = ["OpenAIServing", "collect"]
