@@ -14,6 +14,7 @@ import pytest
 
 from colossuslm.cli.main import main
 from colossuslm.config import load_config
+from colossuslm.plan.calibrate import calibrate_dry_run
 from colossuslm.train.dry_run import dry_run
 
 WORKER = Path(__file__).parent / "dist_workers" / "memory_worker.py"
@@ -116,6 +117,38 @@ def test_pipeline_stage_dry_run_matches_the_real_run_and_the_planner(tmp_path):
         # planner's per-layer terms approximate; the states are exact.
         tolerance = 0.15 if key == "activations" else 0.10
         assert planned == pytest.approx(fake, rel=tolerance), f"{key}: planner {planned:.4g} vs dry run {fake:.4g}"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "zbv"])
+def test_a_schedules_dry_run_report_calibrates_the_planner(schedule, tmp_path, capsys):
+    """GPipe keeps every micro-batch in flight; ZBV puts both ends of the model on rank 0 (the
+    embedding, the head and its loss). `colossus plan calibrate REPORT.json` costs the report's
+    own config again and sets the planner beside the dry run, per category."""
+    virtual = 2 if schedule == "zbv" else 1
+    overrides = [*PIPELINE, "train.grad_accum=4", f"parallel.pp_schedule={schedule}"]
+    overrides.append(f"parallel.pp_virtual_stages={virtual}")
+    assert (
+        main(["train", "--dry-run", "--world-size", "4", "--json", *[a for o in overrides for a in ("--set", o)]]) == 0
+    )
+    report_file = tmp_path / "report.json"
+    report_file.write_text(capsys.readouterr().out)
+    report = json.loads(report_file.read_text())
+    assert report["layout"]["pp_role"] == ("both" if schedule == "zbv" else "first")
+    assert report["config"]["parallel"]["pp_schedule"] == schedule
+    assert main(["plan", "calibrate", str(report_file)]) == 0
+    text = capsys.readouterr().out
+    assert "rank 0 of 4" in text and all(key in text for key in CATEGORIES)
+    cal = calibrate_dry_run(report_file)
+    for key in CATEGORIES:
+        tolerance = 0.15 if key == "activations" else 0.10
+        assert cal.predicted[key] == pytest.approx(cal.measured[key], rel=tolerance), f"{key}: {cal.error(key):+.1%}"
+
+
+def test_calibrate_refuses_a_file_that_is_not_a_dry_run_report(tmp_path, capsys):
+    bad = tmp_path / "metrics.json"
+    bad.write_text('{"step": 3}')
+    assert main(["plan", "calibrate", str(bad)]) == 2
+    assert "not a dry-run report (missing world_size" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from colossuslm.plan.calibrate import calibrate
 from colossuslm.train.metrics import read_metrics
 
 MICRO = [
@@ -194,6 +195,21 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     for step, (a, b) in enumerate(zip(got, expected), start=1):
         assert a == pytest.approx(b, rel=2e-5), f"{layout} step {step}: {a} vs single-process {b}"
     assert got[-1] < got[0]
+    assert_planner_calibrates(tmp_path / layout, nproc, overrides)
+
+
+def assert_planner_calibrates(run: Path, nproc: int, overrides: list[str]) -> None:
+    """`colossus plan calibrate` reads the multi-process run: the planner costs the run's own
+    layout (degrees, virtual stages, schedule, recomputation) beside its measured speed."""
+    fields = dict(o.removeprefix("parallel.").split("=") for o in overrides if o.startswith("parallel."))
+    cal = calibrate(run)
+    lay = cal.layout
+    expected = [int(fields.get(k, 1)) for k in ("tp", "pp", "cp", "ep", "pp_virtual_stages")]
+    assert [lay.tp, lay.pp, lay.cp, lay.ep, lay.vp] == expected and cal.n_devices == nproc
+    assert lay.recompute == fields.get("activation_checkpoint", "none")
+    if lay.pp > 1:
+        assert lay.pp_schedule == fields.get("pp_schedule", "1f1b")
+    assert cal.measured["step_time_s"] > 0 and cal.predicted["step_time_s"] > 0
 
 
 def test_pipeline_checkpoint_consolidates_and_resumes_at_another_depth(reference, tmp_path):

@@ -103,6 +103,9 @@ def test_fix_parsing():
     assert parse_fixed(["tp=8,pp=16", "recompute=full"]) == {"tp": 8, "pp": 16, "recompute": "full"}
     with pytest.raises(ColossusError):
         parse_fixed(["tensor=8"])
+    assert parse_fixed(["pp=4,schedule=zbv"]) == {"pp": 4, "schedule": "zbv"}
+    with pytest.raises(ColossusError, match="choose one of 1f1b"):
+        parse_fixed(["schedule=zigzag"])
 
 
 def test_user_errors_exit_cleanly(capsys):

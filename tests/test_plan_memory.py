@@ -1,10 +1,12 @@
 """Memory per GPU on hand-computed cases: sharding stages, activations, margins."""
 
+from dataclasses import replace
+
 import pytest
 
 from colossuslm.plan import memory
 from colossuslm.plan.hardware import load_catalogue
-from colossuslm.plan.layout import Layout
+from colossuslm.plan.layout import Layout, Software
 from colossuslm.plan.workload import resolve_model
 
 
@@ -80,7 +82,24 @@ def test_margins(work, gpu):
     assert m.total == pytest.approx(raw * (1 + memory.FRAGMENTATION) + memory.RESERVED_BYTES)
 
 
-def test_untied_head_counts_twice_without_pipeline(gpu):
+def test_untied_head_counts_twice_without_pipeline_or_on_a_v_shaped_rank_0(gpu):
     work = resolve_model("llama3-8b", 2048)
-    assert memory.vocab_matrices(work, pp=1) == 2
-    assert memory.vocab_matrices(work, pp=2) == 1
+    assert memory.vocab_matrices(work, Layout(pp=1)) == 2
+    assert memory.vocab_matrices(work, Layout(pp=2)) == 1
+    assert memory.vocab_matrices(work, Layout(pp=2, vp=2)) == 1
+    assert memory.vocab_matrices(work, Layout(pp=2, vp=2, schedule="zbv")) == 2
+
+
+def test_gpipe_keeps_every_micro_batch_and_zbv_rank_0_holds_the_loss(gpu):
+    work = resolve_model("llama3-8b", 2048)
+    trainer = Software(colossus_trainer=True)
+    base = Layout(pp=4, dp=2, grad_accum=16, zero=3, software=trainer)
+    one_f_one_b = memory.memory_per_gpu(work, base, gpu, stage="first")
+    gpipe = memory.memory_per_gpu(work, replace(base, schedule="gpipe"), gpu, stage="first")
+    assert memory.microbatches_in_flight("gpipe", 4, 1, 16) == 16
+    assert memory.microbatches_in_flight("1f1b", 4, 1, 16) == 4
+    assert gpipe.activations > 3.5 * one_f_one_b.activations
+    zbv = memory.memory_per_gpu(work, replace(base, vp=2, schedule="zbv"), gpu)
+    interleaved = memory.memory_per_gpu(work, replace(base, vp=2), gpu, stage="first")
+    assert zbv.logits > 0 and interleaved.logits == 0
+    assert zbv.weights > interleaved.weights  # the head beside the embedding

@@ -65,6 +65,25 @@ def test_cli_writes_a_config_the_trainer_loads(tmp_path, capsys):
     assert cfg.train.grad_accum >= 16 and cfg.data.seq_len == cfg.model.max_seq_len
 
 
+def test_a_fixed_schedule_is_searched_costed_written_and_read_back(tmp_path):
+    from colossuslm.plan.calibrate import run_layout
+    from colossuslm.plan.costmodel import CostModel
+    from colossuslm.plan.hardware import load_catalogue
+
+    out = tmp_path / "zbv.toml"
+    args = ["plan", "--model", "llama3-8b", "--cluster", "h100", "--gpus", "64", "--fix", "pp=4,schedule=zbv"]
+    assert main([*args, "--write-config", str(out)]) == 0
+    cfg = load_config([out])
+    assert (cfg.parallel.pp, cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages) == (4, "zbv", 2)
+    lay = run_layout(cfg, 64)
+    assert (lay.pp, lay.vp, lay.pp_schedule) == (4, 2, "zbv") and lay.short().startswith("TP1 PP4x2/zbv")
+    # The zero-bubble schedule's idle time is a third of interleaved 1F1B's on the same layout.
+    model = CostModel(resolve_model("llama3-8b", 8192), load_catalogue().gpu("h100"))
+    zbv, interleaved = model.estimate(lay), model.estimate(dataclasses.replace(lay, schedule=""))
+    assert zbv.breakdown["bubble"] == pytest.approx(interleaved.breakdown["bubble"] / 3)
+    assert zbv.step_time < interleaved.step_time
+
+
 def test_pick_needs_write_config(capsys):
     assert main(["plan", "--model", "llama3-8b", "--pick", "2"]) == 2
     assert "add --write-config" in capsys.readouterr().err

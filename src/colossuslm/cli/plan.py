@@ -5,6 +5,7 @@ real one, and `colossus plan hardware` to list the catalogue. Never imports torc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -55,8 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="pin a layout field: tp, pp, cp, ep, vp, micro_batch, recompute, zero "
-        "(repeatable, or comma-separated: --fix tp=8,pp=16)",
+        help="pin a layout field: tp, pp, cp, ep, vp, micro_batch, recompute, zero, schedule (a pipeline "
+        "schedule: 1f1b, gpipe, interleaved_1f1b, interleaved_zero_bubble, zbv, dualpipev; default "
+        "(interleaved) 1f1b) (repeatable, or comma-separated: --fix tp=8,pp=16)",
     )
     parser.add_argument("--fp8", action="store_true", help="GEMMs in fp8 (Hopper and later)")
     parser.add_argument("--tp-overlap", action="store_true", help="assume TP collectives overlap GEMMs")
@@ -129,11 +131,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     calibrate = actions.add_parser(
         "calibrate",
-        help="compare the planner with a finished training run",
+        help="compare the planner with a finished training run or a dry run",
         description="Read RUN_DIR's config.toml, metrics.jsonl and summary.json and "
-        "report the planner's error on step time, tokens/s and MFU.",
+        "report the planner's error on step time, tokens/s and MFU (any layout: FSDP, TP, PP with "
+        "virtual stages and its schedule, CP, EP); or read a dry-run report (`colossus train CONFIG "
+        "--dry-run --world-size N --json > REPORT.json`) and report the planner's error on that "
+        "rank's memory per category.",
     )
-    calibrate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `colossus train`")
+    calibrate.add_argument(
+        "run_dir", metavar="RUN_DIR|REPORT", help="a run directory written by `colossus train`, or a dry-run report"
+    )
     calibrate.add_argument("--json", action="store_true", help="print JSON instead of text")
     calibrate.set_defaults(handler=_calibrate)
 
@@ -144,19 +151,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def parse_fixed(items: list[str]) -> dict:
     """["tp=8,pp=16", "recompute=full"] -> {"tp": 8, "pp": 16, "recompute": "full"}."""
+    from colossuslm.config.schema import PP_SCHEDULES
+
     ints = {"tp", "pp", "cp", "ep", "vp", "micro_batch", "zero"}
+    words = {"recompute", "schedule"}
     fixed: dict = {}
     for item in items:
         for pair in filter(None, (p.strip() for p in item.split(","))):
             key, sep, value = pair.partition("=")
             key = key.strip().replace("-", "_")
-            if not sep or key not in ints | {"recompute"}:
-                raise ColossusError(
-                    f"--fix {pair!r}: use KEY=VALUE with KEY one of {', '.join(sorted(ints | {'recompute'}))}"
-                )
+            if not sep or key not in ints | words:
+                raise ColossusError(f"--fix {pair!r}: use KEY=VALUE with KEY one of {', '.join(sorted(ints | words))}")
             if key == "recompute":
                 if value not in ("none", "selective", "full"):
                     raise ColossusError(f"--fix recompute={value}: choose none, selective or full")
+                fixed[key] = value
+            elif key == "schedule":
+                if value not in PP_SCHEDULES:
+                    raise ColossusError(f"--fix schedule={value}: choose one of {', '.join(PP_SCHEDULES)}")
                 fixed[key] = value
             else:
                 try:
@@ -344,8 +356,29 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from colossuslm.plan.calibrate import calibrate, calibration_text
+    from pathlib import Path
 
+    from colossuslm.plan.calibrate import (
+        MEMORY_CATEGORIES,
+        calibrate,
+        calibrate_dry_run,
+        calibration_text,
+        memory_calibration_text,
+    )
+
+    if Path(args.run_dir).is_file():  # a dry-run report: memory per category
+        mem = calibrate_dry_run(args.run_dir)
+        out = {
+            "report": mem.report,
+            "world_size": mem.world_size,
+            "rank": mem.rank,
+            "layout": mem.layout,
+            "measured": mem.measured,
+            "predicted": mem.predicted,
+            "error": {k: mem.error(k) for k in MEMORY_CATEGORIES},
+        }
+        print(json.dumps(out, indent=1) if args.json else memory_calibration_text(mem))
+        return 0
     cal = calibrate(args.run_dir)
     if args.json:
         print(
@@ -354,6 +387,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                     "run_dir": cal.run_dir,
                     "device": cal.device,
                     "n_devices": cal.n_devices,
+                    "layout": dataclasses.asdict(cal.layout),
                     "measured": cal.measured,
                     "predicted": cal.predicted,
                     "error": {k: cal.error(k) for k in ("step_time_s", "tokens_per_s", "mfu")},

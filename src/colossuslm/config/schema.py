@@ -423,13 +423,8 @@ class ParallelConfig:
             v,
             "has no effect without parallel.pp > 1: set parallel.pp, or leave it at 1",
         )
-        if schedule in ("1f1b", "gpipe"):
-            rule, why = v == 1, f"must be 1 with parallel.pp_schedule = {schedule} (one stage per rank)"
-        elif schedule in PP_V_SHAPED_SCHEDULES:
-            rule, why = v == 2, f"must be 2 with parallel.pp_schedule = {schedule} (two stages per rank, in a V)"
-        else:
-            rule, why = v >= 2, f"must be >= 2 with parallel.pp_schedule = {schedule} (or use 1f1b)"
-        _require(rule, "parallel.pp_virtual_stages", v, why)
+        ok, why = virtual_stages_rule(schedule, v)
+        _require(ok, "parallel.pp_virtual_stages", v, why)
 
 
 # Pipeline schedules (torch.distributed.pipelining); zero-bubble ones split backward into input and
@@ -437,6 +432,16 @@ class ParallelConfig:
 PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev")
 PP_ZERO_BUBBLE_SCHEDULES = ("interleaved_zero_bubble", "zbv", "dualpipev")
 PP_V_SHAPED_SCHEDULES = ("zbv", "dualpipev")
+
+
+def virtual_stages_rule(schedule: str, virtual_stages: int) -> tuple[bool, str]:
+    """Whether a pipeline schedule runs with this many stages per rank, and the rule it follows
+    (the planner's search applies the same rule to its PPnxV layouts)."""
+    if schedule in ("1f1b", "gpipe"):
+        return virtual_stages == 1, f"must be 1 with parallel.pp_schedule = {schedule} (one stage per rank)"
+    if schedule in PP_V_SHAPED_SCHEDULES:
+        return virtual_stages == 2, f"must be 2 with parallel.pp_schedule = {schedule} (two stages per rank, in a V)"
+    return virtual_stages >= 2, f"must be >= 2 with parallel.pp_schedule = {schedule} (or use 1f1b)"
 
 
 @dataclass

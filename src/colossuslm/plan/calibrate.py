@@ -1,8 +1,12 @@
-"""Compare the planner with a real training run, and predict a run for the trainer's summary.
+"""Compare the planner with a real training run or a dry run, and predict a run for the trainer's summary.
 
 A run directory written by `colossus train` holds config.toml (the resolved config),
 metrics.jsonl (one record per logged step) and summary.json (device, device count, the peak
-FLOP/s its MFU used, median step time and throughput). No torch is imported here.
+FLOP/s its MFU used, median step time and throughput): its speed is set against the planner's.
+A dry-run report (`colossus train CONFIG --dry-run --world-size N --json > REPORT.json`) holds
+one rank's memory per category and the job's config: its memory is set against the planner's
+memory model for the same layout and pipeline stage, as the planner stands now. No torch is
+imported here.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def run_layout(config: Config, n_devices: int) -> Layout:
         micro_batch=config.train.micro_batch_size,
         grad_accum=config.train.grad_accum,
         vp=par.pp_virtual_stages if par.pp > 1 else 1,
+        schedule=par.pp_schedule if par.pp > 1 else "",
         recompute=par.activation_checkpoint,
         zero=3 if dp_shard * par.cp > 1 else 0,
         software=Software(
@@ -122,12 +127,92 @@ class Calibration:
     run_dir: str
     device: str
     n_devices: int
+    layout: Layout  # the run's layout in the planner's vocabulary
     measured: dict[str, float]
     predicted: dict[str, Any]
 
     def error(self, key: str) -> float:
         m, p = self.measured.get(key, math.nan), self.predicted.get(key, math.nan)
         return p / m - 1 if m and not math.isnan(m) else math.nan
+
+
+def planner_memory(cfg: Config, world_size: int, stage: str | None = None) -> dict[str, float]:
+    """The planner's per-GPU bytes for this config's layout, in the dry run's categories (its
+    activations include the logits; fragmentation and reserved bytes are left out). `stage`:
+    "first" or "last" for a pipeline rank holding only that end of the model."""
+    from colossuslm.plan.memory import memory_per_gpu
+
+    work = Workload(name=cfg.model.preset or "model", cfg=cfg.model, seq_len=cfg.data.seq_len)
+    mem = memory_per_gpu(work, run_layout(cfg, world_size), load_catalogue().gpu("h100"), stage=stage)
+    out = {
+        "weights": mem.weights,
+        "gradients": mem.gradients,
+        "optimizer": mem.optimizer,
+        "activations": mem.activations + mem.logits,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+MEMORY_CATEGORIES = ("weights", "gradients", "optimizer", "activations", "total")
+
+
+@dataclass(frozen=True)
+class MemoryCalibration:
+    """One rank's memory as a dry run measured it, beside the planner's model of it (bytes)."""
+
+    report: str
+    world_size: int
+    rank: int
+    layout: dict[str, Any]
+    measured: dict[str, float]
+    predicted: dict[str, float]
+
+    def error(self, key: str) -> float:
+        m, p = self.measured.get(key), self.predicted.get(key)
+        return p / m - 1 if m and p is not None else math.nan
+
+
+def calibrate_dry_run(report_path: str | Path) -> MemoryCalibration:
+    """Read a dry-run report (`--dry-run --json`) and cost its rank's memory with today's planner."""
+    from colossuslm.config.load import config_from_dict
+
+    path = Path(report_path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ColossusError(f"{path}: not a dry-run report ({exc})") from None
+    missing = [k for k in ("world_size", "rank", "layout", "measured", "config") if k not in report]
+    if not isinstance(report, dict) or missing:
+        raise ColossusError(
+            f"{path}: not a dry-run report (missing {', '.join(missing) or 'fields'}); write one with "
+            "`colossus train CONFIG --dry-run --world-size N --json > REPORT.json`"
+        )
+    config = config_from_dict(report["config"])
+    layout = report["layout"]
+    return MemoryCalibration(
+        report=str(path),
+        world_size=int(report["world_size"]),
+        rank=int(report["rank"]),
+        layout=layout,
+        measured={k: float(v) for k, v in report["measured"].items()},
+        predicted=planner_memory(config, int(report["world_size"]), layout.get("pp_role") or None),
+    )
+
+
+def memory_calibration_text(cal: MemoryCalibration) -> str:
+    lay = cal.layout
+    degrees = " ".join(f"{k} {lay[k]}" for k in ("tp", "cp", "ep", "pp", "dp_shard", "dp_replicate") if k in lay)
+    lines = [
+        f"dry run {cal.report}: rank {cal.rank} of {cal.world_size:,} ({degrees}, pipeline stage "
+        f"{lay.get('pp_stage', 0)})",
+        f"{'':<12} {'dry run':>12} {'planner':>12} {'error':>8}",
+    ]
+    for key in MEMORY_CATEGORIES:
+        m, p = cal.measured.get(key, math.nan), cal.predicted.get(key, math.nan)
+        lines.append(f"{key:<12} {m / 1e9:>9.3f} GB {p / 1e9:>9.3f} GB {cal.error(key):>+8.1%}")
+    lines.append("error = planner / dry run - 1, per rank; the planner as it stands now, on the report's config")
+    return "\n".join(lines)
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -178,6 +263,7 @@ def calibrate(run_dir: str | Path) -> Calibration:
         run_dir=str(run),
         device=device,
         n_devices=n_devices,
+        layout=run_layout(config, n_devices),
         measured=observed,
         predicted=predict_run(config, device, n_devices, peak_flops=peak, profile=summary.get("device_profile")),
     )
@@ -185,7 +271,9 @@ def calibrate(run_dir: str | Path) -> Calibration:
 
 def calibration_text(cal: Calibration) -> str:
     lines = [
-        f"run {cal.run_dir}: {cal.n_devices} x {cal.device} (catalogue: {cal.predicted['device_model']})",
+        f"run {cal.run_dir}: {cal.n_devices} x {cal.device} (catalogue: {cal.predicted['device_model']}), "
+        f"{cal.layout.short(compact=True)} mb {cal.layout.micro_batch} accum {cal.layout.grad_accum} "
+        f"recompute {cal.layout.recompute}",
         f"{'':<12} {'measured':>12} {'predicted':>12} {'error':>8}",
     ]
     for key, label, fmt in (

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from colossuslm.config.schema import PP_ZERO_BUBBLE_SCHEDULES
 from colossuslm.models.arithmetic import MatmulShape
 from colossuslm.plan import comm
 from colossuslm.plan.hardware import GPU
@@ -88,19 +89,15 @@ class Stack(Software):
     fsdp_under_pp: Literal["per_micro_batch", "per_step"] = "per_micro_batch"
 
 
-# Pipeline schedules whose backward is split into input- and weight-gradient passes, the weight
-# passes filling the bubble (parallel.pp_schedule; the trainer's names).
-ZERO_BUBBLE_SCHEDULES = ("interleaved_zero_bubble", "zbv", "dualpipev")
-
-
 def pipeline_bubble(schedule: str, pp: int, vp: int) -> float:
     """Idle time per step of a pipeline schedule, in micro-batch times (one micro-batch's forward
     plus backward on a rank): (pp - 1) / vp for 1F1B, GPipe and interleaved 1F1B; the zero-bubble
     schedules leave (F + I - W) / (F + I + W) of that, 1/3 when the input- and weight-gradient
     passes each cost a forward (ZB-H1, arXiv 2401.10241). Checked against torch's own action lists
-    and measured idle time in bench/pipeline_bubble.py. The search below assumes (interleaved) 1F1B."""
+    and measured idle time in bench/pipeline_bubble.py. The search assumes (interleaved) 1F1B
+    unless a layout names its schedule."""
     bubble = (pp - 1) / vp
-    return bubble / 3 if schedule in ZERO_BUBBLE_SCHEDULES else bubble
+    return bubble / 3 if schedule in PP_ZERO_BUBBLE_SCHEDULES else bubble
 
 
 def routing_imbalance(rows_per_rank: float, ranks: int) -> float:
@@ -565,7 +562,7 @@ class CostModel:
             pipeline = m * micro
             bubble = 0.0
         else:
-            bubble = pipeline_bubble("interleaved_1f1b", lay.pp, lay.vp) * micro
+            bubble = pipeline_bubble(lay.pp_schedule, lay.pp, lay.vp) * micro
             pipeline = m * micro + bubble
 
         owned = (dense_p / dense_group.n + expert_p / expert_group.n) if lay.zero >= 1 else dense_p + expert_p

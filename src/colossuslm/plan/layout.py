@@ -59,6 +59,17 @@ class Layout:
     recompute: str = "none"
     zero: int = 1
     software: Software = field(default_factory=Software)
+    # The pipeline schedule in the trainer's names (parallel.pp_schedule); "" = 1F1B, interleaved
+    # when vp > 1 (what the search assumes unless a schedule is fixed).
+    schedule: str = ""
+
+    @property
+    def pp_schedule(self) -> str:
+        return self.schedule or self._default_schedule
+
+    @property
+    def _default_schedule(self) -> str:
+        return "interleaved_1f1b" if self.vp > 1 else "1f1b"
 
     @property
     def n_gpus(self) -> int:
@@ -70,8 +81,11 @@ class Layout:
         return self.dp * self.micro_batch * self.grad_accum
 
     def short(self, compact: bool = False) -> str:
-        """ "TP8 PP16x4 CP1 EP1 DP64" (xN: interleaved chunks); `compact` drops CP1 and EP1."""
-        parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"x{self.vp}" if self.vp > 1 else "")]
+        """ "TP8 PP16x4 CP1 EP1 DP64" (xN: interleaved chunks; "PP8x2/zbv" names a schedule chosen
+        instead of 1F1B); `compact` drops CP1 and EP1."""
+        named = self.pp > 1 and self.pp_schedule != self._default_schedule
+        pipeline = f"PP{self.pp}" + (f"x{self.vp}" if self.vp > 1 else "") + (f"/{self.schedule}" if named else "")
+        parts = [f"TP{self.tp}", pipeline]
         parts += [f"{name}{degree}" for name, degree in (("CP", self.cp), ("EP", self.ep)) if degree > 1 or not compact]
         return " ".join(parts + [f"DP{self.dp}"])
 

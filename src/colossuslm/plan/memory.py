@@ -13,6 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from colossuslm.config.schema import PP_V_SHAPED_SCHEDULES
 from colossuslm.models.arithmetic import logits_bytes_per_token, loss_bytes
 from colossuslm.plan.hardware import GPU
 from colossuslm.plan.layout import Layout
@@ -50,11 +51,19 @@ def stage_layers(n_layers: int, pp: int) -> int:
     return math.ceil(n_layers / pp)
 
 
-def vocab_matrices(work: Workload, pp: int) -> int:
+def v_shaped(lay: Layout) -> bool:
+    """A V-shaped pipeline schedule (zbv, dualpipev) places stages r and 2 pp - 1 - r on rank r:
+    rank 0 holds both ends of the model, the embedding and the head with its loss."""
+    return lay.pp > 1 and lay.pp_schedule in PP_V_SHAPED_SCHEDULES
+
+
+def vocab_matrices(work: Workload, lay: Layout) -> int:
     """Vocabulary-sized matrices on the fullest stage: the input embedding, plus the output head
-    when it is untied and on the same stage (no pipeline); with a pipeline the first stage holds
-    the embedding and the last the head (a tied head is a copy there)."""
-    return 2 if pp == 1 and not work.cfg.tie_embeddings else 1
+    when it is untied and on the same stage (no pipeline, or rank 0 of a V-shaped one); otherwise
+    with a pipeline the first stage holds the embedding and the last the head (a tied head is a
+    copy there)."""
+    both_ends = lay.pp == 1 or v_shaped(lay)
+    return 2 if both_ends and not work.cfg.tie_embeddings else 1
 
 
 def params_per_gpu(work: Workload, lay: Layout, layers: int) -> tuple[float, float]:
@@ -69,7 +78,7 @@ def params_per_gpu(work: Workload, lay: Layout, layers: int) -> tuple[float, flo
     # Megatron-style stacks split the vocabulary over TP; the trainer's head and embedding are
     # replicated over TP ranks (its chunked loss takes the whole head).
     vocab_split = 1 if lay.software.colossus_trainer else lay.tp
-    dense += vocab_matrices(work, lay.pp) * work.embedding_params / vocab_split
+    dense += vocab_matrices(work, lay) * work.embedding_params / vocab_split
     return dense, expert
 
 
@@ -86,7 +95,7 @@ def gathered_params(work: Workload, lay: Layout, dense: float, expert: float, la
 
 def root_params(work: Workload, lay: Layout) -> float:
     """The vocabulary matrices FSDP2's root unit holds gathered for the whole step."""
-    return vocab_matrices(work, lay.pp) * work.embedding_params / (1 if lay.software.colossus_trainer else lay.tp)
+    return vocab_matrices(work, lay) * work.embedding_params / (1 if lay.software.colossus_trainer else lay.tp)
 
 
 def fsdp_padding_per_block(work: Workload, lay: Layout) -> tuple[float, float]:
@@ -244,6 +253,19 @@ def recomputing_trainer_peak(
     return max(moments, key=PeakMoment.bytes)
 
 
+def microbatches_in_flight(schedule: str, pp: int, vp: int, grad_accum: int, stage: int = 0) -> float:
+    """Micro-batches whose activations a pipeline schedule keeps alive at once on `stage` (the
+    first is the fullest): all of them with GPipe, up to (pp - stage) with 1F1B and the
+    zero-bubble schedules; interleaving adds the extra warm-up chunks. The dry run applies the
+    same rule to the stage it measures."""
+    if pp == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(grad_accum)
+    in_flight = min(grad_accum, pp - stage)
+    return in_flight * (1 + (pp - 1) / (pp * vp)) if vp > 1 else float(in_flight)
+
+
 def memory_per_gpu(
     work: Workload,
     lay: Layout,
@@ -251,8 +273,8 @@ def memory_per_gpu(
     params: tuple[float, float] | None = None,
     stage: str | None = None,
 ) -> MemoryBreakdown:
-    """Bytes on the fullest GPU, or on a GPU of the `stage` "first" or "last" pipeline stage;
-    `params` may pass in `params_per_gpu` already computed."""
+    """Bytes on the fullest GPU, or on a GPU of the `stage` "first" or "last" pipeline stage ("both"
+    for rank 0 of a V-shaped schedule); `params` may pass in `params_per_gpu` already computed."""
     cfg = work.cfg
     tokens = lay.micro_batch * work.seq_len / lay.cp
     layers = stage_layers(cfg.n_layers, lay.pp)
@@ -289,10 +311,7 @@ def memory_per_gpu(
         return w, g, o
 
     per_layer = activation_bytes_per_layer_token(work, lay) * tokens
-    if lay.pp > 1:
-        in_flight = min(lay.grad_accum, lay.pp) * (1 + (lay.pp - 1) / (lay.pp * lay.vp) if lay.vp > 1 else 1)
-    else:
-        in_flight = 1
+    in_flight = microbatches_in_flight(lay.pp_schedule, lay.pp, lay.vp, lay.grad_accum)
     working_layer = 0.0
     if lay.recompute == "full":  # one block's activations while it is recomputed
         none = dataclasses.replace(lay, recompute="none")
@@ -325,6 +344,9 @@ def memory_per_gpu(
     last = first
     if lay.pp > 1:
         last = (w1, g1, o1, layers * per_layer + (2 * lay.vp - 1) * boundary + working_layer, logits)
-    worst = {"first": first, "last": last}.get(stage) or max(first, last, key=sum)
+    roles = {"first": first, "last": last}
+    if v_shaped(lay):  # rank 0: the first stage's activations in flight, and the loss as well
+        roles = {"both": (*first[:4], logits)}
+    worst = roles.get(stage) or max(roles.values(), key=sum)
     total = sum(worst) * (1 + FRAGMENTATION) + RESERVED_BYTES
     return MemoryBreakdown(*worst, total=total)

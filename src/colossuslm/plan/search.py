@@ -10,8 +10,9 @@ Families of layouts (which parallelisms are in use) that never fit keep the reas
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from colossuslm.config.schema import PP_ZERO_BUBBLE_SCHEDULES, virtual_stages_rule
 from colossuslm.errors import ColossusError
 from colossuslm.plan.costmodel import CostModel, StepEstimate
 from colossuslm.plan.hardware import GPU
@@ -109,11 +110,12 @@ def expert_parallel_options(work: Workload) -> list[int]:
     return divisors(work.cfg.n_experts) if work.cfg.is_moe else [1]
 
 
-def virtual_stage_options(n_layers: int, pp: int) -> list[int]:
+def virtual_stage_options(n_layers: int, pp: int, schedule: str = "") -> list[int]:
+    """Stages per rank to try: divisors of the layers per stage (up to 8), those a chosen schedule runs."""
     if pp == 1:
         return [1]
     per_stage = math.ceil(n_layers / pp)
-    return [v for v in divisors(per_stage) if v <= 8]
+    return [v for v in divisors(per_stage) if v <= 8 and (not schedule or virtual_stages_rule(schedule, v)[0])]
 
 
 def search(
@@ -128,8 +130,8 @@ def search(
 ) -> SearchResult:
     """Best layouts for `global_batch` sequences per step on `n_gpus` of `gpu`.
 
-    `fixed` pins layout fields (tp, pp, cp, ep, micro_batch, vp, recompute, zero); the rest are
-    searched. With `exact_batch` the global batch must be met exactly (published runs);
+    `fixed` pins layout fields (tp, pp, cp, ep, micro_batch, vp, recompute, zero, schedule); the
+    rest are searched (the pipeline schedule is then (interleaved) 1F1B). With `exact_batch` the global batch must be met exactly (published runs);
     otherwise gradient accumulation rounds up to reach at least the requested batch.
     """
     fixed = dict(fixed or {})
@@ -184,7 +186,12 @@ def search(
                                 )
                                 continue
                             accum = max(1, math.ceil(global_batch / (dp * mb)))
-                        for vp in options("vp", virtual_stage_options(cfg.n_layers, pp)):
+                        schedule = fixed.get("schedule", "") if pp > 1 else ""
+                        stack = software
+                        if software.colossus_trainer and schedule in PP_ZERO_BUBBLE_SCHEDULES:
+                            # torch 2.13 cannot split a compiled stage's backward: these run eager
+                            stack = replace(software, fused_elementwise=False)
+                        for vp in options("vp", virtual_stage_options(cfg.n_layers, pp, schedule)):
                             if vp > 1 and accum < pp:
                                 outcome.reject("interleaving needs at least as many micro-batches as stages")
                                 continue
@@ -206,7 +213,8 @@ def search(
                                         vp=vp,
                                         recompute=level,
                                         zero=zero,
-                                        software=software,
+                                        software=stack,
+                                        schedule=schedule,
                                     )
                                     need = model.memory(lay).total
                                     if need > capacity:

@@ -3,6 +3,7 @@
 The planner and the trainer speak one layout vocabulary; this is the one translation between them:
   TP / PP / CP / EP degrees   -> parallel.tp / pp / cp / ep
   PPxV (interleaved chunks)   -> parallel.pp_virtual_stages = V, pp_schedule = interleaved_1f1b
+  PPxV/SCHEDULE               -> the same with pp_schedule = SCHEDULE (zbv, dualpipev, gpipe, ...)
   ZeRO-3                      -> FSDP2 over all data-parallel ranks (parallel.dp_shard = -1)
   ZeRO-0                      -> plain replicas (parallel.dp_replicate = dp, dp_shard = 1)
   recompute                   -> parallel.activation_checkpoint (none / selective / full)
@@ -63,7 +64,7 @@ def layout_config(work: Workload, lay: Layout) -> dict[str, dict[str, Any]]:
         }
     )
     if lay.pp > 1:
-        parallel["pp_schedule"] = "interleaved_1f1b" if lay.vp > 1 else "1f1b"
+        parallel["pp_schedule"] = lay.pp_schedule
         parallel["pp_virtual_stages"] = lay.vp
     parallel["sequence_parallel"] = lay.software.sequence_parallel
     parallel["activation_checkpoint"] = lay.recompute

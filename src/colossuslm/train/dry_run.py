@@ -26,11 +26,14 @@ import torch
 import torch.distributed as dist
 
 from colossuslm.config import Config
+from colossuslm.config.load import config_to_dict
 from colossuslm.errors import ColossusError
 from colossuslm.parallel.build import build_model
 from colossuslm.parallel.context import ContextParallelStep, ContextShard
 from colossuslm.parallel.mesh import ParallelDims, build_mesh
 from colossuslm.parallel.pipeline import pipeline_stage_modules
+from colossuslm.plan.calibrate import planner_memory
+from colossuslm.plan.memory import microbatches_in_flight
 from colossuslm.train.optim import build_optimizer
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
@@ -41,13 +44,15 @@ Pass = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]  # (for
 class DryRunReport:
     world_size: int
     rank: int
-    layout: dict[str, int]
+    layout: dict[str, Any]  # mesh degrees, the pipeline stage and its role ("first", "last" or "")
     measured: dict[str, float]  # bytes per category on this rank, and "total"
     activations_per_microbatch: float
     microbatches_in_flight: float
     planner: dict[str, float] | None = None  # the planner's bytes for the same categories
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # The resolved config of the job, so `colossus plan calibrate REPORT.json` can cost it again.
+    config: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,17 +67,10 @@ def _init_fake_group(world_size: int, rank: int) -> None:
 
 
 def in_flight_microbatches(cfg: Config, stage: int) -> float:
-    """Micro-batches whose activations the schedule keeps alive at once on pipeline `stage`:
-    all of them with GPipe, up to (pp - stage) with 1F1B; interleaving adds the extra warm-up
-    chunks (the planner's rule, plan/memory.py)."""
-    par, accum = cfg.parallel, cfg.train.grad_accum
-    if par.pp == 1:
-        return 1.0
-    if par.pp_schedule == "gpipe":
-        return float(accum)
-    virtual = getattr(par, "pp_virtual_stages", 1)
-    in_flight = min(accum, par.pp - stage)
-    return in_flight * (1 + (par.pp - 1) / (par.pp * virtual)) if virtual > 1 else float(in_flight)
+    """Micro-batches whose activations the schedule keeps alive at once on pipeline `stage` (the
+    planner's rule, plan/memory.py)."""
+    par = cfg.parallel
+    return microbatches_in_flight(par.pp_schedule, par.pp, par.pp_virtual_stages, cfg.train.grad_accum, stage)
 
 
 def _passes(model: torch.nn.Module, cfg: Config, autocast: torch.autocast, dtype: torch.dtype) -> Iterator[Pass]:
@@ -323,8 +321,9 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
             measured, per_microbatch = measure_step_memory(model, cfg, optimizer, fsdp_casts=fsdp_casts, stage=stage)
     finally:
         dist.destroy_process_group()
+    role = _stage_role(model)
     layout = {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp, "ep": dims.ep}
-    layout |= {"pp": dims.pp, "pp_stage": stage}
+    layout |= {"cp": dims.cp, "pp": dims.pp, "pp_stage": stage, "pp_role": role or ""}
     report = DryRunReport(
         world_size,
         rank,
@@ -333,39 +332,23 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
         per_microbatch,
         in_flight_microbatches(cfg, stage),
         seconds=time.perf_counter() - started,
+        config=config_to_dict(cfg),
     )
-    report.planner = planner_memory(cfg, world_size, _stage_role(model))
+    report.planner = planner_memory(cfg, world_size, role)
     if cfg.train.compile:
         report.notes.append("train.compile is not applied in a dry run: eager activations are measured")
     return report
 
 
 def _stage_role(model: torch.nn.Module) -> str | None:
-    """Which of the planner's stage figures describes this rank: "first", "last" or neither."""
+    """Which of the planner's stage figures describes this rank: "first", "last", "both" (rank 0
+    of a V-shaped schedule) or none (a middle rank, or no pipeline)."""
     plan = getattr(model, "pipeline_plan", None)
-    if plan is None or plan.holds_first == plan.holds_last:
+    if plan is None:
         return None
-    return "first" if plan.holds_first else "last"
-
-
-def planner_memory(cfg: Config, world_size: int, stage: str | None = None) -> dict[str, float] | None:
-    """The planner's per-GPU bytes for this config's layout, in the dry run's categories
-    (its activations include the logits; fragmentation and reserved bytes are left out)."""
-    from colossuslm.plan.calibrate import run_layout
-    from colossuslm.plan.hardware import load_catalogue
-    from colossuslm.plan.memory import memory_per_gpu
-    from colossuslm.plan.workload import Workload
-
-    work = Workload(name=cfg.model.preset or "model", cfg=cfg.model, seq_len=cfg.data.seq_len)
-    mem = memory_per_gpu(work, run_layout(cfg, world_size), load_catalogue().gpu("h100"), stage=stage)
-    out = {
-        "weights": mem.weights,
-        "gradients": mem.gradients,
-        "optimizer": mem.optimizer,
-        "activations": mem.activations + mem.logits,
-    }
-    out["total"] = sum(out.values())
-    return out
+    ends = {"first": plan.holds_first, "last": plan.holds_last}
+    held = [name for name, holds in ends.items() if holds]
+    return "both" if len(held) == 2 else (held[0] if held else None)
 
 
 def format_report(report: DryRunReport) -> str:
