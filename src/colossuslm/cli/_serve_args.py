@@ -173,8 +173,29 @@ def sampling_params(args: argparse.Namespace):
     ).validate()
 
 
-def load_engine(args: argparse.Namespace, **engine_config):
-    """(LLMEngine, LoadedModel) for the checkpoint and options in `args`."""
+def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
+    """`--tp N` (serve only: `chat`, `sample` and `eval` do not take it, so argparse refuses it there)."""
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="shard the model over N processes with the trainer's tensor-parallel plan (default 1): one GPU "
+        "per rank with NCCL (cuda:0..N-1), or N gloo processes on the CPU; --kv-cache-gb is their total",
+    )
+
+
+def tensor_parallel_group(args: argparse.Namespace):
+    """A context in which this process is rank 0 of `--tp` ranks (it yields their group; None and
+    nothing started for --tp 1). Refuses what --tp cannot do before starting anything."""
+    from colossuslm.serve.tensor_parallel import tensor_parallel_processes
+
+    options = dict(path=args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    return tensor_parallel_processes(args.tp, options, threads=args.threads)
+
+
+def load_engine(args: argparse.Namespace, tensor_parallel=None, **engine_config):
+    """(LLMEngine, LoadedModel) for the checkpoint and options in `args`; with `tensor_parallel`
+    (from `tensor_parallel_group`) this process's shard of the model."""
     import torch
 
     from colossuslm.errors import ColossusError
@@ -185,7 +206,13 @@ def load_engine(args: argparse.Namespace, **engine_config):
         if args.threads < 1:
             raise ColossusError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    loaded = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    loaded = load_for_inference(
+        args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        tensor_parallel=tensor_parallel,
+    )
     report_quantization(loaded)
     engine = LLMEngine.from_loaded(loaded, EngineConfig(max_model_len=args.max_model_len, **engine_config))
     return engine, loaded

@@ -9,7 +9,14 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from colossuslm.cli._serve_args import add_engine_args, add_model_args, engine_options, load_engine
+from colossuslm.cli._serve_args import (
+    add_engine_args,
+    add_model_args,
+    add_tensor_parallel_arg,
+    engine_options,
+    load_engine,
+    tensor_parallel_group,
+)
 from colossuslm.serve.settings import EngineConfig, ServerSettings
 
 if TYPE_CHECKING:  # the engine imports torch: not at start-up
@@ -62,23 +69,34 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(parser)
+    add_tensor_parallel_arg(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from colossuslm.errors import ColossusError
-    from colossuslm.serve.api import create_app
-    from colossuslm.serve.async_engine import AsyncEngine
 
     for name in ("max_num_seqs", "max_concurrent_requests", "max_body_bytes", "port"):
         if getattr(args, name) < 1:
             raise ColossusError(f"--{name.replace('_', '-')} must be at least 1")
     if args.kv_cache_gb <= 0:
         raise ColossusError("--kv-cache-gb must be > 0")
+    with tensor_parallel_group(args) as group:  # --tp N: this process is rank 0 of N; None for 1
+        return _serve(args, group)
+
+
+def _serve(args: argparse.Namespace, group) -> int:
+    import uvicorn
+
+    from colossuslm.serve.api import create_app
+    from colossuslm.serve.async_engine import AsyncEngine
+
     llm, loaded = load_engine(
-        args, max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * 2**30), **engine_options(args)
+        args,
+        tensor_parallel=group,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+        **engine_options(args),
     )
     engine = AsyncEngine(llm).start()
     settings = ServerSettings(
@@ -94,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         )
     print(
         f"serving {loaded.path} as '{settings.model_name}' on http://{args.host}:{args.port}/v1 "
-        f"({loaded.device}, {engine.engine.max_model_len}-token context, {_describe_batching(llm)})",
+        f"({loaded.device if group is None else f'{group.size} ranks, tensor parallel'}, "
+        f"{engine.engine.max_model_len}-token context, {_describe_batching(llm)})",
         file=sys.stderr,
     )
     try:

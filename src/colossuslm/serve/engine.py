@@ -22,7 +22,7 @@ from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatch
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.kv_cache import PagedKVCache
 from colossuslm.serve.loading import LoadedModel, load_for_inference
-from colossuslm.serve.model_runner import ModelRunner, StepItem
+from colossuslm.serve.model_runner import StepItem, make_runner
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
 from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from colossuslm.serve.scheduler import ScheduledRequest, Scheduler
@@ -68,15 +68,11 @@ class LLMEngine:
         cache_tokens = self._cache_tokens(config)
         whole_contexts = cache_tokens >= config.max_num_seqs * self.max_model_len
         block_size = config.block_size or (self.max_model_len if whole_contexts else 16)
-        cache = PagedKVCache(
-            model.cfg,
-            -(-cache_tokens // block_size),
-            block_size,
-            self.device,
-            model.tok_embeddings.weight.dtype,
-            enable_prefix_caching=config.enable_prefix_caching,
+        # This process's runner, or rank 0's of a tensor-parallel group (`colossus serve --tp N`).
+        self.runner = make_runner(
+            model, -(-cache_tokens // block_size), block_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        self.runner = ModelRunner(model, cache)
+        cache = self.runner.cache
         default_budget = (
             config.CHUNKED_PREFILL_BUDGET if config.enable_chunked_prefill else max(2048, self.max_model_len)
         )

@@ -14,14 +14,21 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from colossuslm.config import Config, load_config
+from colossuslm.config import Config, ModelConfig, load_config
 from colossuslm.data.chat import ChatTemplate, chat_template_of
 from colossuslm.data.chat_template import load_model_tokenizer
 from colossuslm.data.tokenizer import EOS_TOKEN, SpecialTokens, has_hf_tokenizer_files
 from colossuslm.errors import ColossusError
-from colossuslm.models.hf_import import is_hf_model_dir, load_hf, run_config_from_hf
+from colossuslm.models.hf_import import (
+    is_hf_model_dir,
+    load_hf,
+    model_config_from_hf,
+    read_hf_config,
+    run_config_from_hf,
+)
 from colossuslm.models.transformer import Transformer, rope_tables
 from colossuslm.serve.quantize import QuantizationSummary, check_method, quantize_for_serving
+from colossuslm.serve.tensor_parallel import TensorParallelGroup, shard_for_serving
 from colossuslm.train.checkpoint import resolve_model_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,14 +102,28 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The model config of what `load_for_inference(path)` would load, without reading weights."""
+    model_dir = resolve_model_dir(path)
+    if is_hf_model_dir(model_dir):
+        return model_config_from_hf(read_hf_config(model_dir))
+    return load_config([model_dir / "config.toml"]).model
+
+
 def load_for_inference(
-    path: str | Path, device: str = "auto", dtype: str = "auto", quantization: str = "none"
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: str = "none",
+    tensor_parallel: TensorParallelGroup | None = None,
 ) -> LoadedModel:
     """A checkpoint directory, a run directory (its newest valid checkpoint), or a Hugging Face
     model directory (config.json + safetensors, read through models/hf_import.py, nothing written).
 
     `quantization` ("none", "int8": serve/quantize.py) is applied after the weights are loaded and
-    cast to `dtype`, so int8 weights serve fp32, bf16 or fp16 activations alike."""
+    cast to `dtype`, so int8 weights serve fp32, bf16 or fp16 activations alike. With
+    `tensor_parallel` (serve/tensor_parallel.py) every rank loads the full weights onto its own
+    device and keeps its shard (the trainer's TP plan); `device` is then the group's."""
     check_method(quantization)  # before minutes of loading, not after
     model_dir = resolve_model_dir(path)
     if is_hf_model_dir(model_dir):
@@ -114,10 +135,12 @@ def load_for_inference(
         if not weights.is_file():
             raise ColossusError(f"checkpoint {model_dir} has no model.safetensors")
         state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device) if tensor_parallel is None else tensor_parallel.device
     model = build_model(config, state, torch_device, resolve_dtype(dtype, torch_device))
     del state  # after a dtype cast, the file's copies: freed before quantizing lowers the peak memory
     summary = quantize_for_serving(model, quantization)
+    if tensor_parallel is not None:
+        shard_for_serving(model, tensor_parallel)
     tokenizer = load_model_tokenizer(model_dir)
     template = chat_template_of(tokenizer)
     if template.special.eos_id is None:

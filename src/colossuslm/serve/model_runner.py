@@ -12,6 +12,7 @@ first, so every linear layer runs once for the whole batch however the tokens ar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,10 @@ class ModelRunner:
         """Run one step; returns fp32 logits [len(items), vocab] for each item's last token."""
         return self.execute_step(items).logits
 
-    @torch.inference_mode()
+    # A step needs no autograd; inference mode is the cheapest way to say so. Tensor-parallel
+    # runners (serve/tensor_parallel.py) use no_grad instead, which DTensor handles far faster.
+    no_autograd = staticmethod(torch.inference_mode)
+
     def execute_step(self, items: list[StepItem]) -> StepOutput:
         """Run one step: each item's last-token logits, and hidden states where items ask.
 
@@ -83,8 +87,9 @@ class ModelRunner:
         come back in the caller's order.
         """
         order = sorted(range(len(items)), key=lambda i: not items[i].is_prefill)  # stable
-        batch = self._prepare([items[i] for i in order])
-        logits, hidden = self._forward(batch)
+        with self.no_autograd():
+            batch = self._prepare([items[i] for i in order])
+            logits, hidden = self._forward(batch)
         restore = torch.empty(len(order), dtype=torch.long)
         restore[torch.tensor(order)] = torch.arange(len(order))
         in_order: list[torch.Tensor | None] = [None] * len(items)
@@ -174,4 +179,30 @@ class ModelRunner:
         return layout(row_lengths, rows=None if in_order else rows, row_range=(lo, hi))
 
 
-__all__ = ["ModelRunner", "StepItem", "StepOutput"]
+def kv_cache_for(
+    model: Transformer, num_blocks: int, block_size: int, *, tp: int = 1, enable_prefix_caching: bool = False
+) -> PagedKVCache:
+    """This rank's paged KV cache, in the model's device and dtype: every kv head, or under tensor
+    parallelism its 1/tp of them (the column-parallel k/v projections give each rank whole heads)."""
+    cfg = model.cfg if tp == 1 else dataclasses.replace(model.cfg, n_kv_heads=model.cfg.n_kv_heads // tp)
+    weight = model.tok_embeddings.weight
+    return PagedKVCache(
+        cfg, num_blocks, block_size, weight.device, weight.dtype, enable_prefix_caching=enable_prefix_caching
+    )
+
+
+def make_runner(model: Transformer, num_blocks: int, block_size: int, *, enable_prefix_caching: bool) -> ModelRunner:
+    """The engine's runner, chosen once: this process's `ModelRunner`, or for a model sharded by
+    `serve.tensor_parallel` (`colossus serve --tp N`) the runner that sends each step to the
+    other ranks before running it."""
+    group = getattr(model, "tensor_parallel", None)
+    if group is None:
+        return ModelRunner(
+            model, kv_cache_for(model, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        )
+    from colossuslm.serve.tensor_parallel import TensorParallelRunner
+
+    return TensorParallelRunner(model, group, num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+
+
+__all__ = ["ModelRunner", "StepItem", "StepOutput", "kv_cache_for", "make_runner"]
