@@ -1,5 +1,5 @@
-"""Speculative decoding benchmark: plain decoding vs n-gram prompt lookup, same engine settings,
-same model, same prompts, one run.
+"""Speculative decoding benchmark: plain decoding vs n-gram prompt lookup vs a draft model, same
+engine settings, same model, same prompts, one run.
 
 Workload: --requests "repeat this code" prompts (a snippet of Python followed by its first lines
 again), greedy, --max-tokens each, batched --batch at a time. Prompt lookup pays exactly when
@@ -7,17 +7,23 @@ the output repeats the input; greedy keeps the two modes' outputs identical (che
 the work per token differs. Reported per mode: output tokens/s (median of --repeats), steps,
 acceptance rate, mean accepted drafts per verification span, and the ratio to plain.
 
+Draft-model modes (`speculative = "draft"`): with --draft a given checkpoint (it must share the
+target's tokenizer); without, two sanity figures, not forecasts: `draft=self`, the target as its
+own draft (every greedy draft is accepted, so it shows the bookkeeping's cost: a draft as big as
+the target can only lose), and `draft=half`, a copy of the target's first half of its layers.
+
 With --checkpoint a trained model is used (what the figures mean in practice); without, a
 random-weight model (the serve tests' size, or --preset; weights scaled up so it is decisive), which tends to repeat
 itself and so over-states acceptance: read that as the mechanism's ceiling, not a forecast.
 
-    OMP_NUM_THREADS=1 python bench/serve_speculative.py                 # ~1 minute on 2 CPU cores
-    python bench/serve_speculative.py --checkpoint runs/NAME --device cuda --batch 16
+    OMP_NUM_THREADS=1 python bench/serve_speculative.py                 # ~2 minutes on 2 CPU cores
+    python bench/serve_speculative.py --checkpoint runs/NAME --draft runs/SMALL --device cuda --batch 16
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import time
@@ -56,6 +62,23 @@ def random_model(args: argparse.Namespace) -> tuple[Transformer, object, int]:
     return model, tokenizer, tokenizer.token_to_id("<|endoftext|>") or 0
 
 
+def first_layers(model: Transformer, count: int) -> Transformer:
+    """A copy of the model keeping only its first `count` blocks (same embedding, norm and head)."""
+    draft = copy.deepcopy(model)
+    draft.layers = torch.nn.ModuleDict({str(i): draft.layers[str(i)] for i in range(count)})
+    draft.cfg = dataclasses.replace(model.cfg, n_layers=count)
+    return draft
+
+
+def draft_modes(model: Transformer, args: argparse.Namespace) -> dict[str, dict]:
+    """Engine options of each draft-model mode (see the module docstring)."""
+    draft = dict(speculative="draft", num_speculative_tokens=args.num_speculative_tokens)
+    if args.draft:
+        return {"draft": draft | {"draft_model": args.draft}}
+    half = max(1, model.cfg.n_layers // 2)
+    return {"draft=self": draft | {"draft": model}, "draft=half": draft | {"draft": first_layers(model, half)}}
+
+
 def prompts_for(tokenizer, count: int) -> list[list[int]]:
     texts = [f"Repeat this code:\n{s}\nAgain:\n{s[: len(s) // 3]}" for s in SNIPPETS]
     return [tokenizer.encode(texts[i % len(texts)]).ids for i in range(count)]
@@ -81,6 +104,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], args: argparse.Namespace) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: random tiny model)")
+    parser.add_argument("--draft", default=None, help="a draft checkpoint with the same tokenizer (default: see above)")
     parser.add_argument("--preset", default=None, help="random model of this preset (default: 2 x 64, tiny)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--requests", type=int, default=8)
@@ -96,22 +120,24 @@ def main() -> None:
         model, tokenizer, eos = random_model(args)
     prompts = prompts_for(tokenizer, args.requests)
     modes = {"plain": {}, "ngram": dict(speculative="ngram", num_speculative_tokens=args.num_speculative_tokens)}
+    modes |= draft_modes(model, args)
     rows, outputs = {}, {}
     for mode, extra in modes.items():
-        speeds = []
+        speeds, draft = [], extra.pop("draft", None)
         for _ in range(args.repeats):
-            engine = LLMEngine(model, tokenizer, eos, EngineConfig(max_num_seqs=args.batch, block_size=16, **extra))
+            config = EngineConfig(max_num_seqs=args.batch, block_size=16, **extra)
+            engine = LLMEngine(model, tokenizer, eos, config, draft_model=draft)
             speed, steps, outputs[mode] = run(engine, prompts, args)
             speeds.append(speed)
         stats = engine.stats()
         rate = stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0
         per_span = stats.spec_accepted_tokens / stats.spec_num_drafts if stats.spec_num_drafts else 0.0
         rows[mode] = (statistics.median(speeds), steps, rate, per_span)
-    assert outputs["plain"] == outputs["ngram"], "greedy outputs differ between modes"
+    assert all(out == outputs["plain"] for out in outputs.values()), "greedy outputs differ between modes"
     plain_speed = rows["plain"][0]
-    print(f"{'mode':<8}{'tokens/s':>10}{'steps':>8}{'accept':>9}{'acc/span':>10}{'speed-up':>10}")
+    print(f"{'mode':<12}{'tokens/s':>10}{'steps':>8}{'accept':>9}{'acc/span':>10}{'speed-up':>10}")
     for mode, (speed, steps, rate, per_span) in rows.items():
-        print(f"{mode:<8}{speed:>10.1f}{steps:>8}{rate:>9.2f}{per_span:>10.2f}{speed / plain_speed:>9.2f}x")
+        print(f"{mode:<12}{speed:>10.1f}{steps:>8}{rate:>9.2f}{per_span:>10.2f}{speed / plain_speed:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(loaded, monkeypat
     """Resampling from p itself after a rejection (not from p with the draft removed) favours the
     drafts; the test above must see that."""
 
-    def wrong(probs, drafts, generator):
+    def wrong(probs, drafts, generator, draft_probs=None):
         uniforms = torch.rand(len(drafts), generator=generator).tolist()
         for i, (draft, u) in enumerate(zip(drafts, uniforms)):
             if u >= float(probs[i, draft]):

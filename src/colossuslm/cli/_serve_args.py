@@ -89,11 +89,19 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speculative decoding")
     group.add_argument(
         "--speculative",
-        choices=["ngram"],
+        choices=["ngram", "draft"],
         default=None,
         help="draft tokens and verify them in one step, outputs unchanged (default off); ngram = "
         "prompt lookup: copy what followed the last tokens where they occurred before (pays on "
-        "repetitive text: code edits, quoting, summaries)",
+        "repetitive text: code edits, quoting, summaries); draft = a small model with the same "
+        "tokenizer proposes them (--draft)",
+    )
+    group.add_argument(
+        "--draft",
+        metavar="CKPT",
+        default=None,
+        help="with --speculative draft: the draft model's checkpoint, run or Hugging Face directory "
+        "(a smaller model sharing the target's tokenizer; loaded on the same device, in the same dtype)",
     )
     defaults = EngineConfig()
     group.add_argument(
@@ -110,6 +118,7 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
 
 
 SPECULATIVE_TUNING = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+NGRAM_ONLY = ("prompt_lookup_max", "prompt_lookup_min")
 
 
 def speculative_options(args: argparse.Namespace) -> dict:
@@ -117,12 +126,24 @@ def speculative_options(args: argparse.Namespace) -> dict:
     tuning flags only with it (never accepted and silently ignored)."""
     from colossuslm.errors import ColossusError
 
+    def flags(names) -> str:
+        return ", ".join(f"--{name.replace('_', '-')}" for name in names)
+
     given = {name: getattr(args, name) for name in SPECULATIVE_TUNING if getattr(args, name) is not None}
     if args.speculative is None:
         if given:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
-            raise ColossusError(f"{flags} tune speculative decoding: add --speculative ngram, or drop them")
+            raise ColossusError(f"{flags(given)} tune speculative decoding: add --speculative ngram, or drop them")
+        if args.draft is not None:
+            raise ColossusError("--draft names a draft model for --speculative draft: add it, or drop --draft")
         return {}
+    if args.speculative == "draft":
+        if args.draft is None:
+            raise ColossusError("--speculative draft needs the draft model: add --draft CKPT_OR_HF_DIR")
+        if ngram_only := [name for name in NGRAM_ONLY if name in given]:
+            raise ColossusError(f"{flags(ngram_only)} tune --speculative ngram only: drop them with a draft model")
+        return {"speculative": "draft", "draft_model": args.draft, **given}
+    if args.draft is not None:
+        raise ColossusError("--draft is for --speculative draft, not ngram: drop one of them")
     return {"speculative": args.speculative, **given}
 
 

@@ -19,9 +19,10 @@ from tokenizers import Tokenizer
 from colossuslm.errors import ColossusError
 from colossuslm.models.transformer import Transformer
 from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_bytes_table
+from colossuslm.serve.draft_model import DraftModelProposer, check_draft, check_draft_tokenizer
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.kv_cache import PagedKVCache
-from colossuslm.serve.loading import LoadedModel, load_for_inference
+from colossuslm.serve.loading import DTYPES, LoadedModel, load_for_inference
 from colossuslm.serve.model_runner import StepItem, make_runner
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
 from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
@@ -51,7 +52,9 @@ class LLMEngine:
         tokenizer: Tokenizer,
         eos_token_ids: int | Sequence[int],
         config: EngineConfig | None = None,
+        draft_model: Transformer | None = None,
     ):
+        """`draft_model`: the draft for `speculative = "draft"` (else loaded from `config.draft_model`)."""
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -86,7 +89,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.prompt_tokens_computed = 0
-        self.proposer = self._make_proposer(config)
+        self.proposer = self._make_proposer(config, draft_model, cache)
         self.spec_stats = SpeculativeStats()
         self._ids = itertools.count()
 
@@ -97,8 +100,10 @@ class LLMEngine:
         return cls.from_loaded(load_for_inference(path, device=device, dtype=dtype), config)
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig | None = None) -> LLMEngine:
-        return cls(loaded.model, loaded.tokenizer, loaded.special.eos_ids, config)
+    def from_loaded(
+        cls, loaded: LoadedModel, config: EngineConfig | None = None, draft_model: Transformer | None = None
+    ) -> LLMEngine:
+        return cls(loaded.model, loaded.tokenizer, loaded.special.eos_ids, config, draft_model)
 
     # ----------------------------------------------------------------------------- requests
 
@@ -151,11 +156,11 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its cache blocks. False if it was not there (already finished)."""
-        return bool(self.scheduler.finish_requests(request_id, "abort"))
+        return bool(self._finish_requests(request_id, "abort"))
 
     def abort_all(self) -> None:
         """Drop every unfinished request (after a failed step: their state is unknown)."""
-        self.scheduler.finish_requests(list(self.scheduler.requests), "abort")
+        self._finish_requests(list(self.scheduler.requests), "abort")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -227,27 +232,48 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------- speculation
 
-    @staticmethod
-    def _make_proposer(config: EngineConfig) -> NgramProposer | None:
+    def _make_proposer(
+        self, config: EngineConfig, draft_model: Transformer | None, cache: PagedKVCache
+    ) -> NgramProposer | DraftModelProposer | None:
         """The draft strategy, chosen once; None when speculation is off."""
         if config.speculative is None:
+            if config.draft_model is not None or draft_model is not None:
+                raise ColossusError("a draft model was given but speculative decoding is off: add --speculative draft")
             return None
-        if config.speculative != "ngram":
-            raise ColossusError(f"speculative = {config.speculative!r} is unknown: use 'ngram' (or leave it off)")
         k, low, high = config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
-        if k < 1 or low < 1 or high < low:
+        if k < 1:
+            raise ColossusError(f"speculative decoding needs num_speculative_tokens >= 1 (got {k})")
+        if config.speculative == "draft":
+            # one spare block per sequence: a draft cache holds up to k - 1 drafts past the tokens
+            num_blocks = cache.num_blocks + config.max_num_seqs
+            return DraftModelProposer(self._draft_model(config, draft_model), k, num_blocks, cache.block_size)
+        if config.speculative != "ngram":
             raise ColossusError(
-                f"speculative decoding needs num_speculative_tokens >= 1 (got {k}) and "
-                f"1 <= prompt_lookup_min <= prompt_lookup_max (got {low}, {high})"
+                f"speculative = {config.speculative!r} is unknown: use 'ngram' or 'draft' (or leave it off)"
+            )
+        if low < 1 or high < low:
+            raise ColossusError(
+                f"speculative decoding needs 1 <= prompt_lookup_min <= prompt_lookup_max (got {low}, {high})"
             )
         return NgramProposer(k, high, low)
 
+    def _draft_model(self, config: EngineConfig, draft_model: Transformer | None) -> Transformer:
+        """The draft model given, or the one `config.draft_model` names, loaded like the target."""
+        if draft_model is None:
+            if config.draft_model is None:
+                raise ColossusError("speculative = 'draft' needs a draft model: add --draft CKPT_OR_HF_DIR")
+            dtype = self.model.tok_embeddings.weight.dtype
+            loaded = load_for_inference(
+                config.draft_model, device=str(self.device), dtype=next(k for k, v in DTYPES.items() if v == dtype)
+            )
+            check_draft_tokenizer(loaded.tokenizer, self.tokenizer)
+            draft_model = loaded.model
+        check_draft(draft_model, self.model, self.max_model_len)
+        return draft_model
+
     def _propose_drafts(self) -> None:
-        """Drafts for every request that is decoding (prompt computed, one token to go), never more
-        than it may still generate, so every verified position lies inside its context."""
-        for request in self.scheduler.decoding():
-            limit = request.max_total_tokens - request.num_tokens
-            request.draft_ids = self.proposer.propose(request.token_range(0, request.num_tokens), limit)
+        """Drafts for every request that is decoding (prompt computed, one token to go)."""
+        self.proposer.propose_for(self.scheduler.decoding())
 
     @torch.inference_mode()
     def _verify_drafts(self, work: ScheduledRequest, hidden: torch.Tensor) -> RequestOutput:
@@ -255,8 +281,8 @@ class LLMEngine:
         and count as computed only the tokens kept (rejected ones' KV slots are overwritten later)."""
         request, drafts = work.request, work.request.draft_ids
         logits = self.runner.logits(hidden)  # [1 + k, vocab]
-        tokens, accepted = verify(logits, drafts, request.params, request.generator)
-        request.draft_ids = []
+        tokens, accepted = verify(logits, drafts, request.params, request.generator, request.draft_probs)
+        request.draft_ids, request.draft_probs = [], None
         self.spec_stats.record(len(drafts), accepted)
         emitted, reason = [], None
         for token in tokens:
@@ -308,7 +334,7 @@ class LLMEngine:
         return result
 
     def _finish_scored_prompt(self, request: Request) -> RequestOutput:
-        self.scheduler.finish_requests(request.request_id, "length")
+        self._finish_requests(request.request_id, "length")
         return RequestOutput(
             request_id=request.request_id,
             text="",
@@ -341,7 +367,14 @@ class LLMEngine:
 
     def _finish(self, request: Request, reason: str) -> None:
         request.stop_matcher.add(request.detokenizer.flush())
-        self.scheduler.finish_requests(request.request_id, reason)
+        self._finish_requests(request.request_id, reason)
+
+    def _finish_requests(self, request_ids: str | list[str], reason: str) -> list[Request]:
+        """The scheduler takes them out and frees their blocks; a draft model frees its own."""
+        finished = self.scheduler.finish_requests(request_ids, reason)
+        if self.proposer is not None and finished:
+            self.proposer.forget(r.request_id for r in finished)
+        return finished
 
     @staticmethod
     def _output(

@@ -41,6 +41,9 @@ class Request:
     # Speculative decoding: tokens proposed to follow this one, verified in the next step (their
     # keys and values are written there, but only accepted ones count as computed).
     draft_ids: list[int] = field(default_factory=list)
+    # The distribution each draft was sampled from ([len(draft_ids) or more, vocab]), for the
+    # speculative-sampling rule; None: a point mass on the draft (prompt lookup, greedy drafting).
+    draft_probs: torch.Tensor | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None  # one of FINISH_REASONS once finished
     # Computed at the first prefill when params.prompt_logprobs asks (None for the first token,

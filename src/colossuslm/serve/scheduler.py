@@ -252,7 +252,7 @@ class Scheduler:
         self.allocator.free(request.block_table)
         request.block_table = []
         request.num_cached = 0
-        request.draft_ids = []
+        request.draft_ids, request.draft_probs = [], None
         request.status = Status.WAITING
         self.num_preemptions += 1
         self.waiting.appendleft(request)

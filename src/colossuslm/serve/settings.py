@@ -28,9 +28,11 @@ class EngineConfig:
     # Split prompts that do not fit in what is left of a step's budget across steps, so a long
     # prompt never stalls the requests that are decoding.
     enable_chunked_prefill: bool = True
-    # Speculative decoding: None (off) or "ngram" (prompt lookup: drafts copied from where the
-    # last tokens occurred before, verified exactly by the model; pays on repetitive text).
+    # Speculative decoding: None (off), "ngram" (prompt lookup: drafts copied from where the
+    # last tokens occurred before; pays on repetitive text) or "draft" (a small draft model with
+    # the target's tokenizer proposes them). Drafts are verified exactly by the model.
     speculative: str | None = None
+    draft_model: str | None = None  # speculative = "draft": its checkpoint, run or Hugging Face directory
     num_speculative_tokens: int = 4  # drafts per decoding request per step
     prompt_lookup_max: int = 4  # longest n-gram matched (vLLM's names)
     prompt_lookup_min: int = 1
