@@ -278,15 +278,18 @@ def _worker_main(rank: int, size: int, port: int, kind: str, threads: int | None
     from colossuslm.serve.loading import load_for_inference
 
     group = _join(rank, size, port, kind, threads)
+    code = 0
     try:
         loaded = load_for_inference(**load_options, tensor_parallel=group)
         serve_steps(loaded.model, group)
     except (RuntimeError, dist.DistBackendError) as exc:  # rank 0 went away mid-collective
         print(f"colossus tp rank {rank}: stopping: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        code = 1
+    dist.destroy_process_group()
+    # Nothing is left to save: skip the interpreter's teardown of torch, seconds that rank 0
+    # (and the user pressing Ctrl-C) would wait for.
+    sys.stderr.flush()
+    os._exit(code)
 
 
 __all__ = [
