@@ -129,6 +129,8 @@ def check_tensor_parallel_serving(tp: int, device: str, quantization: str) -> No
         raise ColossusError(f"--tp must be at least 1 (got {tp})")
     if tp == 1:
         return
+    # torchao 0.18 and DTensor do not mix either way round (checked): sharding int8 weights needs
+    # aten.split, which Int8Tensor lacks; quantizing sharded weights fails inside torchao.
     if quantization != "none":
         raise ColossusError(
             f"--quantization {quantization} with --tp {tp} is not supported: torchao's int8 weights are not "
