@@ -240,6 +240,28 @@ def _pipeline_weight_bytes(model: torch.nn.Module) -> float:
     return float(total)
 
 
+def _rank_peak_tracker() -> Any:
+    """torch's memory tracker, keeping only the whole rank's peak.
+
+    `MemTracker` also keeps each module's own peak, and after every operator it walks every
+    module seen so far to update them: a cost per operator that grows with the depth of the model
+    (most of a 64-layer grok-1 dry run). The dry run reads only the rank's peak and current
+    snapshots, so that walk is skipped; what is attributed to each category is unchanged.
+    """
+    from copy import deepcopy
+
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class RankPeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
+                    self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                    self._peak_mem_snap[device] = deepcopy(snapshot)
+
+    return RankPeakTracker()
+
+
 def measure_step_memory(
     model: torch.nn.Module, cfg: Config, optimizer: torch.optim.Optimizer, *, fsdp_casts: bool, stage: int = 0
 ) -> tuple[dict[str, float], float]:
@@ -247,8 +269,6 @@ def measure_step_memory(
     a warm-up step first (gradients and optimizer states then exist, as in any later step), then a
     forward/backward under torch's memory tracker. Returns (measured categories with "total",
     activations of one micro-batch)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     bf16 = cfg.train.dtype == "bf16"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not fsdp_casts)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -265,7 +285,7 @@ def measure_step_memory(
     # per micro-batch in flight; the backward's own working memory comes on top once.
     saved, transient, weights, states = 0.0, 0.0, 0.0, 0.0
     for forward, backward in _passes(model, cfg, autocast, dtype):
-        tracker = MemTracker()
+        tracker = _rank_peak_tracker()
         # The accumulators this micro-batch adds into: registered up front (as "other"), or the
         # first in-place add would count each as a new temporary. They are gradients (below).
         accumulators = _unsharded_gradients(model)
