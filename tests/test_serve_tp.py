@@ -51,6 +51,7 @@ def test_tp2_tokens_identical_to_tp1(checkpoints, model, tmp_path):
     for case in ("plain", "paged", "ngram", "sampled"):
         assert results["tp2"][case] == results["tp1"][case], case
     assert len({tuple(tokens) for tokens in results["tp1"]["plain"]}) > 1  # the prompts differ in output
+    assert results["bad_step_raised"] and results["after_bad_step"] == results["tp1"]["plain"]
 
 
 def _children(pid: int) -> list[int]:

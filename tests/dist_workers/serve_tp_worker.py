@@ -15,6 +15,7 @@ import torch
 
 from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.loading import load_for_inference
+from colossuslm.serve.model_runner import StepItem
 from colossuslm.serve.sampling import SamplingParams
 from colossuslm.serve.tensor_parallel import tensor_parallel_processes
 
@@ -52,6 +53,13 @@ def main() -> None:
         wk = loaded.model.layers["0"].attention.wk.weight.to_local()
         results["kv_heads_per_rank"] = wk.shape[0] // loaded.config.model.resolved_head_dim
         results["tp2"] = generate(loaded)
+        # A step that fails (here in its layout, on every rank alike) leaves the group serving.
+        engine = LLMEngine.from_loaded(loaded, CASES["plain"][0])
+        try:
+            engine.runner.execute_step([StepItem([], 0, [0])])
+        except ValueError:
+            results["bad_step_raised"] = True
+        results["after_bad_step"] = [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
     with open(out, "w") as f:
         json.dump(results, f)
 

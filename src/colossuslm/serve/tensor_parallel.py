@@ -109,14 +109,18 @@ class TensorParallelRunner(ShardRunner):
 
 def serve_steps(model: Transformer, group: TensorParallelGroup) -> None:
     """A worker's loop: build a cache slice when rank 0 builds its runner, run every step rank 0
-    runs, return at the stop message."""
+    runs, return at the stop message. A step that fails here fails on rank 0 too (same items,
+    same layout code), where the engine fails that batch and keeps serving: so does the worker."""
     runner = None
     while (message := _broadcast(group)) is not None:
         kind, *payload = message
         if kind == "cache":
             runner = ShardRunner(model, kv_cache_for(model, *payload, tp=group.size))
-        else:
+            continue
+        try:
             runner.execute_step(*payload)
+        except (ValueError, IndexError) as exc:  # a bad step's layout, not a broken group
+            print(f"colossus tp rank {group.rank}: step failed, as on rank 0: {exc}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- processes
