@@ -146,12 +146,18 @@ class PagedAttention:
             v = values[:, :, :length].index_select(0, layout.rows)
             out = self._attend(q, k, v, layout.allowed[:, None, None, :])
             return out.reshape(n_seqs, -1, keys.shape[-1])
-        # Paged: gather each sequence's blocks head-major, [KVH, B, W * block_size, hd], one copy.
+        # Paged: gather each sequence's blocks, then lay them out [B, KVH, W * block_size, hd].
+        # index_select runs along the cache's leading dim: on a transposed view of the cache it
+        # walks the whole cache (tiny model, 1 GiB cache: 165 ms for one layer's keys, against 0.03 ms).
+        width, block = layout.tables.shape[1], keys.shape[2]
         flat = layout.tables.flatten()
-        k = keys.transpose(0, 1).index_select(1, flat).view(kv_heads, n_seqs, -1, keys.shape[-1])[:, :, :length]
-        v = values.transpose(0, 1).index_select(1, flat).view(kv_heads, n_seqs, -1, keys.shape[-1])[:, :, :length]
-        out = self._attend(q.transpose(0, 1), k, v, layout.allowed[None, :, None, :])  # [KVH, B, group, hd]
-        return out.transpose(0, 1).reshape(n_seqs, -1, keys.shape[-1])
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:
+            blocks = cache.index_select(0, flat).view(n_seqs, width, kv_heads, block, cache.shape[-1])
+            return blocks.transpose(1, 2).reshape(n_seqs, kv_heads, width * block, cache.shape[-1])[:, :, :length]
+
+        out = self._attend(q, gather(keys), gather(values), layout.allowed[:, None, None, :])  # [B, KVH, group, hd]
+        return out.reshape(n_seqs, -1, keys.shape[-1])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) v over 4-D [batch, batch, rows, hd] operands.
