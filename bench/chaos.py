@@ -26,14 +26,23 @@ as replica-group fault tolerance instead (train/fault_tolerance.py, `colossus la
 replica groups of nproc / 2 FSDP ranks, each its own torchrun job, coordinated by a lighthouse. A
 kill restarts only the victim's group; the other keeps committing steps alone and the restarted
 group copies its state over HTTP and rejoins. A step committed by any quorum is productive; its
-time is the slowest group's time for it. recomputed = step attempts dropped by a failed commit
-(redone with the same data); kill -> step = to the next committed step of the job; rejoin = to the
-first step the victim's group commits in a full quorum again.
+time is defined below. recomputed = step attempts dropped by a failed commit (redone with the same
+data); kill -> step = to the next committed step of the job; rejoin = to the first step the
+victim's group commits in a full quorum again; readmit = how much longer than a median step the
+survivors' step that took the group back in was (they wait while it heals). plan/failure_rates.py
+(CHAOS_FT) takes these three means as replica groups' recovery times in `colossus plan
+--simulate-failures`.
 
     python bench/chaos.py --recovery both --kill-every 60 --duration 180 --no-reference
 
-Columns: wall = launch to exit; productive = the summed step times of the steps in the final model;
-goodput = productive / wall; recomputed = steps done more than once (rolled back by a restart);
+Columns: wall = launch to exit; productive = the summed step times of the steps in the final model
+(under ft: a step's time in the group that spent least on it, less its quorum whenever that quorum
+was not the previous step's: the wait for a dead group's heartbeat to lapse, a reconfiguration or a
+heal is recovery, not training); goodput = productive / wall, from launch to exit; start s = launch
+to the first step beginning (imports, setup, step-0 evaluation); stop s = the SIGTERM at --duration
+to the exit (final checkpoint, teardown); steady = productive / the time between them, the goodput
+a run of days keeps under the same failures (its one start-up and one stop are negligible there);
+recomputed = steps done more than once (rolled back by a restart);
 per failure, kill -> step = from the kill (or stop) to the next completed step, split into its
 parts, and regain = until the run is past the step it had reached when the failure hit.
 """
@@ -88,6 +97,39 @@ class Failure:
 
 
 @dataclass
+class Phases:
+    """A run's wall split at its first step and at the stop signal: start-up (launch to the first
+    step beginning), the chaos window (first step to the SIGTERM at --duration) and the stop (the
+    final checkpoint and the exit). The steady figure is goodput over the chaos window alone: what a
+    run of days, whose one start-up and one stop are negligible, keeps under the same failures."""
+
+    startup_s: float | None
+    window_s: float | None
+    productive_in_window_s: float
+    stop_s: float | None
+
+    @property
+    def steady_goodput(self) -> float | None:
+        return self.productive_in_window_s / self.window_s if self.window_s else None
+
+
+def phases(
+    started: float, wall: float, stop_sent: float | None, steps: list[tuple[float, float]], productive: float
+) -> Phases:
+    """`steps`: (seen at, productive time) of the steps in the final model."""
+    if not steps:
+        return Phases(None, None, 0.0, None)
+    first = min(seen - t for seen, t in steps)
+    end = stop_sent if stop_sent is not None else started + wall
+    return Phases(
+        startup_s=first - started,
+        window_s=end - first,
+        productive_in_window_s=sum(t for seen, t in steps if seen <= end) if stop_sent is not None else productive,
+        stop_s=started + wall - stop_sent if stop_sent is not None else None,
+    )
+
+
+@dataclass
 class RunResult:
     name: str
     wall_s: float
@@ -101,6 +143,7 @@ class RunResult:
     stopped_at_duration: bool  # the bench sent SIGTERM at --duration (else the run ended itself)
     returncode: int
     log: Path
+    phases: Phases
 
     @property
     def goodput(self) -> float:
@@ -236,7 +279,7 @@ def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResu
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         next_failure: float | None = None
         stopped: list[tuple[float, int]] = []  # (SIGCONT due, pid) in stall mode
-        terminated = False
+        terminated, stop_sent = False, None
         while proc.poll() is None:
             time.sleep(POLL_S)
             now = time.monotonic()
@@ -263,12 +306,14 @@ def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResu
                     next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
             if not terminated and now - start > args.duration:
                 _stop_launchers(proc.pid)
-                terminated = True
+                terminated, stop_sent = True, now
             if terminated and now - start > args.duration + 90:
                 os.killpg(proc.pid, signal.SIGKILL)
         wall = time.monotonic() - start
     tail.poll(time.monotonic())
     final = tail.read()  # the run is over: the file holds exactly the steps of the final model
+    seen = {(step, t): at for at, step, t in tail.completions}
+    in_final = [(seen.get(key, start + wall), key[1]) for key in final.items()]
     return RunResult(
         name=name,
         wall_s=wall,
@@ -282,6 +327,7 @@ def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResu
         stopped_at_duration=terminated,
         returncode=proc.returncode,
         log=log,
+        phases=phases(start, wall, stop_sent, in_final, sum(final.values())),
     )
 
 
@@ -298,6 +344,7 @@ class FtFailure:
     next_step: float | None = None  # the job's next committed step (any group)
     rejoined: float | None = None  # the victim's group commits in a full quorum again
     rejoin_step: int | None = None
+    readmit_s: float | None = None  # what the survivors' step that readmitted the group took beyond a median step
 
 
 @dataclass
@@ -314,6 +361,8 @@ class FtResult:
     stopped_at_duration: bool
     returncode: int
     log: Path
+    phases: Phases
+    quorums: int  # distinct quorums the groups trained in (a kill makes two: without the group, with it again)
 
     @property
     def goodput(self) -> float:
@@ -326,8 +375,20 @@ class GroupTail:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "metrics.jsonl"
         self.steps: dict[int, dict] = {}  # every step record seen, including ones a resume truncated
+        self.seen_at: dict[int, float] = {}  # when the bench first saw each step's record
 
-    def poll(self) -> list[dict]:
+    def productive(self) -> dict[int, float]:
+        """step -> the training time of this group's committed attempt: its step time less its quorum
+        when that quorum was not the step before's (the wait for a dead group's heartbeat to lapse, a
+        reconfiguration, this group's own heal, or the first quorum of a start), which is recovery."""
+        out, previous = {}, None
+        for step, record in sorted(self.steps.items()):
+            changed = record["ft_quorum"] != previous or record["ft_retries"] > 0
+            out[step] = record["step_time_s"] - (record.get("ft_quorum_s", 0.0) if changed else 0.0)
+            previous = record["ft_quorum"]
+        return out
+
+    def poll(self, now: float = 0.0) -> list[dict]:
         try:
             lines = self.path.read_text().splitlines()
         except OSError:
@@ -342,6 +403,7 @@ class GroupTail:
                 key = record["step"]
                 if key not in self.steps or self.steps[key]["step_time_s"] != record["step_time_s"]:
                     new.append(record)
+                    self.seen_at[key] = now
                 self.steps[key] = record
         return new
 
@@ -380,11 +442,11 @@ def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtRe
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         next_failure: float | None = None
-        terminated = False
+        terminated, stop_sent = False, None
         while proc.poll() is None:
             time.sleep(POLL_S)
             now = time.monotonic()
-            new = [(g, r) for g, tail in enumerate(tails) for r in tail.poll()]
+            new = [(g, r) for g, tail in enumerate(tails) for r in tail.poll(now)]
             if new:
                 newest = max(newest, *(r["step"] for _, r in new))
                 if next_failure is None and chaos and not failures:
@@ -407,20 +469,32 @@ def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtRe
                     next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
             if not terminated and now - start > args.duration:
                 _stop_launchers(proc.pid)
-                terminated = True
+                terminated, stop_sent = True, now
             if terminated and now - start > args.duration + 90:
                 os.killpg(proc.pid, signal.SIGKILL)
         wall = time.monotonic() - start
     for tail in tails:
-        tail.poll()
+        tail.poll(time.monotonic())
+    # A step committed by any quorum is in the model; its productive time is the least any group in
+    # that quorum spent training it (a survivor's step that waited for a healing group counts as the
+    # healer's time), and it was committed when the first group wrote it.
     committed: dict[int, list[dict]] = {}
+    productive: dict[int, float] = {}
+    seen_at: dict[int, float] = {}
     for tail in tails:
-        for step, record in tail.steps.items():
-            committed.setdefault(step, []).append(record)
+        for step, time_s in tail.productive().items():
+            committed.setdefault(step, []).append(tail.steps[step])
+            productive[step] = min(productive.get(step, time_s), time_s)
+            seen_at[step] = min(seen_at.get(step, tail.seen_at[step]), tail.seen_at[step])
+    productive_s = sum(productive.values())
+    median = statistics.median(max(r["step_time_s"] for r in rs) for rs in committed.values()) if committed else 0.0
+    for f in failures:
+        survivors = [r["step_time_s"] for r in committed.get(f.rejoin_step, []) if r["ft_group"] != f.group]
+        f.readmit_s = max(survivors) - median if survivors else None
     return FtResult(
         name=name,
         wall_s=wall,
-        productive_s=sum(max(r["step_time_s"] for r in rs) for rs in committed.values()),
+        productive_s=productive_s,
         final_steps=len(committed),
         recomputed=sum(max(r["ft_retries"] for r in rs) for rs in committed.values()),
         alone_steps=sum(1 for rs in committed.values() if max(r["ft_replicas"] for r in rs) < FT_GROUPS),
@@ -430,6 +504,8 @@ def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtRe
         stopped_at_duration=terminated,
         returncode=proc.returncode,
         log=log,
+        phases=phases(start, wall, stop_sent, [(seen_at[k], productive[k]) for k in committed], productive_s),
+        quorums=len({r["ft_quorum"] for rs in committed.values() for r in rs}),
     )
 
 
@@ -441,8 +517,8 @@ def print_ft_table(results: list[RunResult | FtResult], args: argparse.Namespace
         f"groups x {args.nproc // FT_GROUPS} FSDP ranks; one kill every {args.kill_every:g} s (+-25 %)"
     )
     head = (
-        f"{'run':<14} {'wall s':>7} {'productive s':>12} {'goodput':>8} {'steps':>6} {'recomputed':>10} "
-        f"{'kills':>6} {'step s':>7} {'kill->step':>10} {'rejoin s':>9}"
+        f"{'run':<14} {'wall s':>7} {'productive s':>12} {'goodput':>8} {'start s':>7} {'stop s':>6} {'steady':>7} "
+        f"{'steps':>6} {'recomputed':>10} {'kills':>6} {'step s':>7} {'kill->step':>10} {'rejoin s':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -454,18 +530,24 @@ def print_ft_table(results: list[RunResult | FtResult], args: argparse.Namespace
         else:
             to_step = [f.first_step - f.at for f in r.failures if f.first_step]
             rejoin = to_step  # the whole group comes back at once
+        ph = r.phases
+        steady = f"{100 * ph.steady_goodput:6.1f}%" if ph.steady_goodput is not None else "-"
         print(
-            f"{r.name:<14} {r.wall_s:7.1f} {r.productive_s:12.1f} {100 * r.goodput:7.1f}% {r.final_steps:6d} "
-            f"{r.recomputed:10d} {len(r.failures):6d} {median:7.3f} "
+            f"{r.name:<14} {r.wall_s:7.1f} {r.productive_s:12.1f} {100 * r.goodput:7.1f}% {fmt(ph.startup_s):>7} "
+            f"{fmt(ph.stop_s):>6} {steady:>7} {r.final_steps:6d} {r.recomputed:10d} {len(r.failures):6d} {median:7.3f} "
             f"{fmt(statistics.fmean(to_step) if to_step else None):>10} "
             f"{fmt(statistics.fmean(rejoin) if rejoin else None):>9}"
         )
     for r in results:
         if not isinstance(r, FtResult) or not r.failures:
             continue
-        print(f"\n{r.name}: per kill (seconds from the kill); steps committed without a group: {r.alone_steps}")
+        print(
+            f"\n{r.name}: per kill (seconds from the kill); steps committed without a group: {r.alone_steps}; "
+            f"quorums: {r.quorums} (1 + 2 a kill when no live group is ever dropped by mistake)"
+        )
         head = (
-            f"{'#':>2} {'at s':>6} {'group':>5} {'rank':>4} {'step':>5} {'kill->step':>10} {'rejoin':>7} {'at step':>7}"
+            f"{'#':>2} {'at s':>6} {'group':>5} {'rank':>4} {'step':>5} {'kill->step':>10} {'rejoin':>7} {'at step':>7} "
+            f"{'readmit':>7}"
         )
         print(head)
         print("-" * len(head))
@@ -473,7 +555,16 @@ def print_ft_table(results: list[RunResult | FtResult], args: argparse.Namespace
             print(
                 f"{i:>2} {f.at - r.started:6.1f} {f.group:>5} {f.rank:>4} {f.step:>5} "
                 f"{fmt(f.next_step - f.at if f.next_step else None):>10} "
-                f"{fmt(f.rejoined - f.at if f.rejoined else None):>7} {fmt(f.rejoin_step, 'd'):>7}"
+                f"{fmt(f.rejoined - f.at if f.rejoined else None):>7} {fmt(f.rejoin_step, 'd'):>7} "
+                f"{fmt(f.readmit_s):>7}"
+            )
+        done = [f for f in r.failures if f.next_step and f.readmit_s is not None]
+        if done:
+            print(
+                f"means over {len(done)} kills (plan/failure_rates.py CHAOS_FT): kill->step "
+                f"{statistics.fmean(f.next_step - f.at for f in done):.1f} s, rejoin "
+                f"{statistics.fmean(f.rejoined - f.at for f in done):.1f} s, readmit "
+                f"{statistics.fmean(f.readmit_s for f in done):.1f} s"
             )
 
 

@@ -113,6 +113,25 @@ def test_strategies_rank_as_expected_at_100k():
     assert fs.simulate(slow_disk, "in-memory").goodput > fs.simulate(slow_disk, "restart").goodput + 0.05
 
 
+def test_replica_groups_recover_as_the_chaos_bench_measured():
+    s = fr.strategies(COLOSSUS)["replica-groups"]
+    chaos, peer_copy_s = fr.CHAOS_FT, COLOSSUS.checkpoint_bytes / (COLOSSUS.n_gpus / 625 * 50e9)
+    detect = chaos.kill_to_step_s - chaos.step_s + fr.DEFAULT_COSTS.collective_detect_s
+    assert s.pause_s == pytest.approx(detect + COLOSSUS.step_time_s)
+    assert s.restart_s == pytest.approx(chaos.rejoin_s + peer_copy_s)
+    assert s.rejoin_pause_s == pytest.approx(chaos.rejoin_pause_s + peer_copy_s)
+    assert "bench/chaos.py measured" in s.summary
+    # A slower recovery, measured or scaled, costs goodput; every pause counts, the return's too.
+    base = fs.simulate(COLOSSUS, "replica-groups", trials=5).goodput
+    slow = fr.ChaosMeasurement(60.0, 1.0, 600.0, 60.0, "assumed")
+    for costs in (fr.RecoveryCosts(chaos=slow), fr.RecoveryCosts(collective_detect_s=300.0)):
+        assert fs.simulate(COLOSSUS, "replica-groups", trials=5, costs=costs).goodput < base - 0.005
+    rejoin_only = dataclasses.replace(fr.CHAOS_FT, rejoin_pause_s=120.0)
+    assert fs.simulate(COLOSSUS, "replica-groups", trials=5, costs=fr.RecoveryCosts(chaos=rejoin_only)).goodput < base
+    with pytest.raises(ColossusError, match="chaos.rejoin_s"):
+        fs.simulate(COLOSSUS, costs=fr.RecoveryCosts(chaos=dataclasses.replace(fr.CHAOS_FT, rejoin_s=-1.0)))
+
+
 def test_asynchronous_checkpoints_cost_less_than_blocking_ones():
     slow_disk = dataclasses.replace(COLOSSUS, storage_bandwidth=0.2e12)
     blocking = fs.simulate(slow_disk, "restart").goodput

@@ -6,6 +6,8 @@
 (c) the restarted group copies the live group's state and ends bit-identical to it.
 """
 
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -124,6 +126,7 @@ def test_two_groups_train_like_hsdp(tmp_path):
         assert sorted(ft) == sorted(hsdp) == [1, 2, 3, 4]
         for step, record in ft.items():
             assert record["ft_replicas"] == 2 and record["ft_group"] == group
+            assert 0 <= record["ft_quorum_s"] < record["step_time_s"]
             assert record["loss"] == pytest.approx(hsdp[step]["loss"], rel=2e-5), f"group {group} step {step}"
             assert record["grad_norm"] == pytest.approx(hsdp[step]["grad_norm"], rel=2e-5)
 
@@ -228,3 +231,32 @@ def _run_group_alone(run_dir: Path, name: str, extra: list[str]) -> None:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     finally:
         lighthouse.shutdown()
+
+
+def _chaos_bench():
+    spec = importlib.util.spec_from_file_location("chaos", Path(__file__).parents[1] / "bench" / "chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chaos_bench_counts_a_new_quorum_as_recovery(tmp_path):
+    """bench/chaos.py's productive time: a step's time, less its quorum when that quorum is new (a
+    retry, a reconfiguration after a kill, a heal, the first quorum); the least over the groups."""
+    chaos = _chaos_bench()
+
+    def record(step, quorum, step_time, quorum_s, retries=0, replicas=2):
+        keys = ("step", "loss", "step_time_s", "ft_quorum", "ft_quorum_s", "ft_retries", "ft_replicas")
+        return dict(zip(keys, (step, 1.0, step_time, quorum, quorum_s, retries, replicas), strict=True))
+
+    tail = chaos.GroupTail(tmp_path)
+    rows = [record(1, 1, 3.0, 2.0), record(2, 1, 1.0, 0.1), record(3, 2, 2.5, 1.5, retries=1), record(4, 3, 1.2, 0.2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(tail.poll(7.0)) == 4 and tail.seen_at[4] == 7.0
+    assert tail.productive() == pytest.approx({1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})
+    window = chaos.phases(
+        started=0.0, wall=20.0, stop_sent=15.0, steps=[(5.0, 1.0), (6.0, 1.0), (16.0, 1.0)], productive=3.0
+    )
+    assert (window.startup_s, window.window_s, window.stop_s) == (4.0, 11.0, 5.0)
+    assert window.steady_goodput == pytest.approx(2.0 / 11.0)  # the step done after the stop is not in it

@@ -9,6 +9,13 @@ import shlex
 import sys
 from pathlib import Path
 
+# A group's torchft Manager heartbeats the lighthouse every 100 ms; after a death the survivors' next
+# quorum waits until the dead group has been silent this long (with two groups, one live group is not
+# a majority of the groups the lighthouse still counts as healthy). Five missed beats: short enough
+# that a kill costs half a second, long enough that a loaded machine keeps its live groups: in
+# bench/chaos.py runs on 2 cores at load averages of 5 to 13, the quorums were exactly 1 + 2 a kill.
+HEARTBEAT_TIMEOUT_MS = 500
+
 SBATCH_TEMPLATE = """#!/bin/bash
 #SBATCH --job-name={job_name}
 #SBATCH --nodes={nodes}
@@ -83,7 +90,10 @@ def register_ft(schedulers: argparse._SubParsersAction) -> None:
         "--join-timeout-ms", type=int, default=100, help="how long a quorum waits for a live group that has not joined"
     )
     ft.add_argument(
-        "--heartbeat-timeout-ms", type=int, default=2000, help="silence after which the lighthouse drops a group"
+        "--heartbeat-timeout-ms",
+        type=int,
+        default=HEARTBEAT_TIMEOUT_MS,
+        help="silence after which the lighthouse drops a group (a step after a death waits this long)",
     )
     ft.add_argument("--quorum-tick-ms", type=int, default=10, help="how often the lighthouse re-checks the quorum")
     ft.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -119,6 +129,7 @@ def ft_group_command(args: argparse.Namespace, group: int, lighthouse: str) -> l
 def run_ft(args: argparse.Namespace) -> int:
     import os
     import signal
+    import socket
     import subprocess
 
     from colossuslm.config import load_config
@@ -131,25 +142,31 @@ def run_ft(args: argparse.Namespace) -> int:
     if "RANK" in os.environ:
         raise ColossusError("`colossus launch ft` starts torchrun itself; run it outside torchrun")
     cfg = load_config(args.configs, [*args.overrides, *ft_group_command_overrides(args)])  # mistakes first
+    # The groups start first and the lighthouse (torchft imports torch: seconds) while their torchrun
+    # and workers import torch too; a group's Manager connects to it only after its model is built.
+    lighthouse = args.lighthouse or f"http://{socket.gethostname()}:{args.lighthouse_port}"
+    jobs = [subprocess.Popen(ft_group_command(args, g, lighthouse)) for g in range(args.groups)]
     server = None
-    lighthouse = args.lighthouse
-    if not lighthouse:
+    if not args.lighthouse:
         from torchft.coordination import LighthouseServer
 
-        server = LighthouseServer(
-            bind=f"[::]:{args.lighthouse_port}",
-            min_replicas=args.min_replicas,
-            join_timeout_ms=args.join_timeout_ms,
-            quorum_tick_ms=args.quorum_tick_ms,
-            heartbeat_timeout_ms=args.heartbeat_timeout_ms,
-        )
-        lighthouse = server.address()
+        try:
+            server = LighthouseServer(
+                bind=f"[::]:{args.lighthouse_port}",
+                min_replicas=args.min_replicas,
+                join_timeout_ms=args.join_timeout_ms,
+                quorum_tick_ms=args.quorum_tick_ms,
+                heartbeat_timeout_ms=args.heartbeat_timeout_ms,
+            )
+        except BaseException:  # e.g. the port is taken: the groups would wait for it in vain
+            for job in jobs:
+                job.kill()
+            raise
     print(
         f"lighthouse {lighthouse}; {args.groups} replica groups x {args.nproc_per_group} ranks of run "
         f"{cfg.train.name!r} (runs in {cfg.train.run_dir}/{cfg.train.name}/replica_group_G)",
         flush=True,
     )
-    jobs = [subprocess.Popen(ft_group_command(args, g, lighthouse)) for g in range(args.groups)]
 
     def forward(signum: int, _frame: object) -> None:  # each group checkpoints and stops on its own
         for job in jobs:

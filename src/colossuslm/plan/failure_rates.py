@@ -1,6 +1,7 @@
 """The failure simulation's inputs: what fails and how often (Llama 3's published causes), the job
-those failures hit, and what each recovery strategy costs on it (stated assumptions, until
-bench/chaos.py measures them). The engine that plays failures through a run is failure_sim.py."""
+those failures hit, and what each recovery strategy costs on it: replica groups' recovery times as
+bench/chaos.py measured them (CHAOS_FT, scaled to GPUs by the assumptions stated there), the rest
+stated assumptions. The engine that plays failures through a run is failure_sim.py."""
 
 from __future__ import annotations
 
@@ -54,13 +55,49 @@ def category_rates(failures_per_gpu_hour: float) -> dict[str, float]:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChaosMeasurement:
+    """Replica-group recovery as bench/chaos.py measured it (`--recovery ft`: 2 torchft replica groups
+    x 2 FSDP ranks, gloo on a 2-core CPU shared with other jobs, one SIGKILL a minute), means over the
+    kills of one run."""
+
+    kill_to_step_s: float  # kill -> the survivors' next committed step (detect, re-form the quorum, redo)
+    step_s: float  # the run's median step time (the redone step is one of them)
+    rejoin_s: float  # kill -> the victim's group commits in a full quorum again (restart, setup, heal)
+    rejoin_pause_s: float  # what the survivors' step that readmits the group takes beyond a step (the heal)
+    command: str
+
+
+# Measured 2026-12-04 on this repository's 2-core CPU machine at a load average of about 10 (other
+# jobs): 3 kills in 300 s (README, fault tolerance).
+CHAOS_FT = ChaosMeasurement(
+    kill_to_step_s=3.3,
+    step_s=1.52,
+    rejoin_s=40.7,
+    rejoin_pause_s=1.1,
+    command="OMP_NUM_THREADS=1 python bench/chaos.py --recovery ft --kill-every 60 --duration 300 --no-reference",
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class RecoveryCosts:
-    """Times nothing here measures yet (bench/chaos.py is to); every default is an assumption."""
+    """What recovery costs beyond the failure rates. Every default is a stated assumption except
+    `chaos`, replica groups' measured recovery, which `strategies` scales to the job as follows:
+
+    pause (the survivors train nothing)  = the bench's kill -> step less its step time (detection by
+        the lighthouse's heartbeat timeout, a new quorum, rebuilding the cross-group group: timers
+        and RPCs, not model-sized work) + `collective_detect_s` (NCCL, unlike gloo, may not fail an
+        all-reduce with a dead peer at once) + one of the job's steps (the step in flight, dropped);
+    rejoin pause (again, when the group comes back) = the bench's + the peer copy at network speed;
+    a group out = the bench's rejoin (its processes start, import, build and heal: one group's own
+        torchrun, not a job-wide relaunch) + the peer copy, + a spare node's swap if the node broke."""
 
     spare_swap_s: float = 120.0  # drain the bad node, hand its ranks to a booted, health-checked spare
     no_spare_wait_s: float = 4 * 3600.0  # no spare free: on-site repair, or provision and burn in a node
     repair_s: float = 3 * DAY  # a node a spare replaced is back in the pool after this
-    quorum_timeout_s: float = 60.0  # replica-groups: healthy groups notice a lost group after this
+    chaos: ChaosMeasurement = CHAOS_FT
+    # A dead peer in an NCCL all-reduce: torchft aborts it at train.ft_timeout_s (30 s) if the
+    # transport does not report the error sooner (InfiniBand's retries take that long too).
+    collective_detect_s: float = 30.0
     host_copy_bandwidth: float = 25e9  # GPU-to-host copy: half of PCIe Gen5 x16's 64 GB/s
     in_memory_every_steps: int = 10  # in-memory snapshot interval
     replica_disk_every_s: float = 3600.0  # replica-groups still write asynchronous disk checkpoints
@@ -99,6 +136,7 @@ class RecoveryStrategy:
     snapshot_lag_s: float  # a snapshot can be resumed from this long after it is taken (background copy)
     restart_s: float  # failure to the stopped ranks training again, given a working node
     pause_s: float = 0.0  # replica-groups: what each failure costs the groups that keep training
+    rejoin_pause_s: float = 0.0  # replica-groups: and what the failed group's return costs them
 
 
 def check_job(job: Job) -> None:
@@ -155,15 +193,21 @@ def strategies(job: Job, costs: RecoveryCosts = DEFAULT_COSTS) -> dict[str, Reco
         snapshot_lag_s=job.checkpoint_bytes / job.n_gpus / job.network_bandwidth,  # the copy to a peer host
         restart_s=relaunch_s + per_gpu_copy_s,
     )
+    chaos = costs.chaos
     replica_groups = RecoveryStrategy(
         name="replica-groups",
-        summary="the failed replica group drops out and rejoins from a healthy peer; the others go on",
+        summary=(
+            f"the failed replica group drops out and rejoins from a healthy peer; the others go on "
+            f"(train.ft_enabled: kill -> step {chaos.kill_to_step_s:g} s and rejoin {chaos.rejoin_s:g} s as "
+            f"bench/chaos.py measured, scaled in plan/failure_rates.py)"
+        ),
         whole_job_stops=False,
         snapshot_interval_s=max(costs.replica_disk_every_s, disk_write_s),
         snapshot_stall_s=per_gpu_copy_s,
         snapshot_lag_s=disk_write_s,
-        restart_s=relaunch_s + peer_copy_s,
-        pause_s=costs.quorum_timeout_s + job.step_time_s,  # and the step in flight is dropped
+        restart_s=chaos.rejoin_s + peer_copy_s,
+        pause_s=max(0.0, chaos.kill_to_step_s - chaos.step_s) + costs.collective_detect_s + job.step_time_s,
+        rejoin_pause_s=chaos.rejoin_pause_s + peer_copy_s,
     )
     return {s.name: s for s in (restart, in_memory, replica_groups)}
 

@@ -9,8 +9,10 @@ and three recovery strategies are compared on the same failure sequences:
                   the job, it reloads the newest disk checkpoint and recomputes the steps since;
   in-memory       the same restart, but from a snapshot every few steps replicated to a peer
                   host's RAM, so it loses at most those few steps (Gemini, SOSP 2023, does this);
-  replica-groups  torchft-style: the data-parallel replica group that failed drops out, the others
-                  keep training on a smaller batch, and it rejoins by copying a healthy peer's state.
+  replica-groups  what train.ft_enabled does (torchft): the data-parallel replica group that failed
+                  drops out, the others pause for the new quorum and keep training on a smaller
+                  batch, and it rejoins by copying a healthy peer's state (its times as
+                  bench/chaos.py measured them, scaled as failure_rates.RecoveryCosts states).
 
 The inputs (failure rates by cause, the Job, RecoveryCosts and what each strategy costs) are in
 failure_rates.py; this file is the engine, and simulate_plan runs it on a planner's plan.
@@ -159,6 +161,7 @@ def _replica_groups(
             _, group = heapq.heappop(rejoins)
             if back_at.get(group) == t:
                 del back_at[group]
+                paused_until = max(paused_until, t + s.rejoin_pause_s)  # the others wait while it heals
             continue
         counts[category] += 1
         group = pick.randrange(groups)
@@ -175,7 +178,9 @@ def simulate(
     """Goodput, days lost and interruptions of `job` under `strategy`, over seeded trials."""
     check_job(job)
     check_strategy(job, strategy)
-    negative = [f.name for f in dataclasses.fields(costs) if getattr(costs, f.name) < 0]
+    times = {f.name: getattr(costs, f.name) for f in dataclasses.fields(costs) if f.name != "chaos"}
+    times |= {f"chaos.{f.name}": getattr(costs.chaos, f.name) for f in dataclasses.fields(costs.chaos)}
+    negative = [name for name, value in times.items() if isinstance(value, int | float) and value < 0]
     if negative or costs.in_memory_every_steps < 1:
         raise ColossusError(
             f"RecoveryCosts: {', '.join(negative) or 'in_memory_every_steps'} out of range (>= 0, steps >= 1)"

@@ -258,7 +258,8 @@ def failure_simulation_text(sim: dict[str, Any]) -> str:
         rows.append(f"{mark} {r['strategy']:<17} {r['goodput']:>7.1%}  {low:>5.1%}-{high:<7.1%} {lost:>9}  {counts}")
     rows.append(f"  * {sim['chosen']}: {sim['chosen_summary']}")
     rows.append(
-        "  interruptions: mean per trial by cause; recovery times are stated assumptions (plan/failure_rates.py)"
+        "  interruptions: mean per trial by cause; replica-groups' recovery times as bench/chaos.py measured them, "
+        "scaled to GPUs, the others' stated assumptions (plan/failure_rates.py)"
     )
     if cut_off:
         rows.append(f"  >: some trials had not finished at {MAX_STRETCH}x the failure-free time and were cut off there")

@@ -111,6 +111,7 @@ class ReplicaGroup:
             dist.barrier()
         self.group = tc.ft_replica_group
         self.retries = 0  # failed attempts at the step in progress (redone with the same data)
+        self.quorum_s = 0.0  # time the committed attempt of the last step spent in start_quorum
 
     def start_quorum(self) -> None:
         """Blocks until the quorum of this step is formed; heals this group first if it is behind."""

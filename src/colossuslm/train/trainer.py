@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -253,6 +254,7 @@ class Trainer:
             start = time.perf_counter()
             self.watchdog.beat("quorum", self.step + 1)
             replicas.start_quorum()  # may load a peer's state: self.step and the loader move with it
+            replicas.quorum_s = time.perf_counter() - start  # a lapsed peer's wait or a heal lands here
             data_position = self.train_loader.state_dict()
             self.watchdog.beat("train step", self.step + 1)
             batches = (self._next_train_batch() for _ in range(tc.grad_accum))
@@ -503,7 +505,7 @@ class Trainer:
         self.watchdog.start()
         started, step_times, window, first_val, val_loss = time.perf_counter(), [], [], None, None
         try:
-            if self.step == 0:
+            if self.step == 0 and not self._restarted_replica_group():
                 first_val = val_loss = self.evaluate()
                 metrics.log({"step": 0, "tokens": 0, "val_loss": val_loss})
             with ProgressDisplay(tc.steps, self.step, tc.progress, silent=not self.is_main) as bar:
@@ -572,10 +574,22 @@ class Trainer:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
+    def _restarted_replica_group(self) -> bool:
+        """A replica group torchrun restarted: its first quorum heals it from a live peer, so its own
+        step-0 weights are about to be overwritten and evaluating them would only delay the rejoin."""
+        return self.replicas is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+
     def _replica_record(self) -> dict[str, Any]:
-        """The quorum of the step just taken: groups in it, its id, and attempts redone."""
+        """The quorum of the step just taken: groups in it, its id, attempts redone, and the time its
+        quorum took (bench/chaos.py counts a reconfigured quorum's time as recovery, not training)."""
         r = self.replicas
-        return {"ft_group": r.group, "ft_replicas": r.participants, "ft_quorum": r.quorum_id, "ft_retries": r.retries}
+        return {
+            "ft_group": r.group,
+            "ft_replicas": r.participants,
+            "ft_quorum": r.quorum_id,
+            "ft_retries": r.retries,
+            "ft_quorum_s": r.quorum_s,  # of the committed attempt (inside step_time_s)
+        }
 
     def _record(self, window: list[StepResult]) -> dict[str, Any]:
         return self.report.window_record(self.step, self.tokens_seen, window, self.skipped_steps)
