@@ -5,7 +5,8 @@ Workload: --requests "repeat this code" prompts (a snippet of Python followed by
 again), greedy, --max-tokens each, batched --batch at a time. Prompt lookup pays exactly when
 the output repeats the input; greedy keeps the two modes' outputs identical (checked), so only
 the work per token differs. Reported per mode: output tokens/s (median of --repeats), steps,
-acceptance rate, mean accepted drafts per verification span, and the ratio to plain.
+acceptance rate, mean accepted drafts per verification span, the share of wall time spent
+proposing drafts, and the ratio to plain.
 
 Draft-model modes (`speculative = "draft"`): with --draft a given checkpoint (it must share the
 target's tokenizer); without, two sanity figures, not forecasts: `draft=self`, the target as its
@@ -132,12 +133,15 @@ def main() -> None:
         stats = engine.stats()
         rate = stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0
         per_span = stats.spec_accepted_tokens / stats.spec_num_drafts if stats.spec_num_drafts else 0.0
-        rows[mode] = (statistics.median(speeds), steps, rate, per_span)
+        # of the last run's wall time, the share spent proposing drafts
+        propose = stats.spec_propose_seconds * speed / sum(len(tokens) for tokens in outputs[mode])
+        rows[mode] = (statistics.median(speeds), steps, rate, per_span, propose)
     assert all(out == outputs["plain"] for out in outputs.values()), "greedy outputs differ between modes"
     plain_speed = rows["plain"][0]
-    print(f"{'mode':<12}{'tokens/s':>10}{'steps':>8}{'accept':>9}{'acc/span':>10}{'speed-up':>10}")
-    for mode, (speed, steps, rate, per_span) in rows.items():
-        print(f"{mode:<12}{speed:>10.1f}{steps:>8}{rate:>9.2f}{per_span:>10.2f}{speed / plain_speed:>9.2f}x")
+    print(f"{'mode':<12}{'tokens/s':>10}{'steps':>8}{'accept':>9}{'acc/span':>10}{'propose':>9}{'speed-up':>10}")
+    for mode, (speed, steps, rate, per_span, propose) in rows.items():
+        row = f"{mode:<12}{speed:>10.1f}{steps:>8}{rate:>9.2f}{per_span:>10.2f}{propose:>9.0%}"
+        print(f"{row}{speed / plain_speed:>9.2f}x")
 
 
 if __name__ == "__main__":

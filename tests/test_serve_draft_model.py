@@ -16,6 +16,7 @@ from colossuslm.serve import speculative
 from colossuslm.serve.draft_model import check_draft_tokenizer
 from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.loading import load_for_inference
+from colossuslm.serve.metrics import ServerMetrics
 from colossuslm.serve.sampling import SamplingParams, sampling_probs
 from tests.serve_helpers import make_checkpoint, one_torch_thread, tiny_model_config  # noqa: F401 (fixture)
 
@@ -96,6 +97,22 @@ def test_a_draft_checkpoint_is_loaded_by_path(loaded, ckpt):
     engine = LLMEngine.from_loaded(loaded, EngineConfig(max_num_seqs=2, draft_model=str(ckpt), **DRAFT))
     assert engine.generate(prompt, params)[0].token_ids == engine_for(loaded).generate(prompt, params)[0].token_ids
     assert engine.stats().spec_accepted_tokens == engine.stats().spec_draft_tokens > 0  # the same weights
+
+
+def test_metrics_report_acceptance_and_the_drafting_cost(loaded, draft):
+    engine = engine_for(loaded, draft, **DRAFT)
+    engine.generate(prompts_for(loaded)[:2], SamplingParams(max_tokens=20, **GREEDY))
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in ServerMetrics(engine.stats).render().splitlines()
+        if line.startswith("colossus_spec_decode")
+    }
+    stats = engine.stats()
+    assert values["colossus_spec_decode_acceptance_rate"] == pytest.approx(
+        stats.spec_accepted_tokens / stats.spec_draft_tokens, rel=1e-5
+    )
+    propose_seconds = values["colossus_spec_decode_propose_seconds_total"]
+    assert propose_seconds == pytest.approx(stats.spec_propose_seconds) and propose_seconds > 0
 
 
 # ----------------------------------------------------------------------------- distribution

@@ -9,6 +9,7 @@ HTTP server; the CLI uses it directly.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class EngineStats:
     spec_num_drafts: int = 0  # speculative verification spans
     spec_draft_tokens: int = 0  # draft tokens proposed (and verified)
     spec_accepted_tokens: int = 0  # of those, accepted
+    spec_propose_seconds: float = 0.0  # wall time spent proposing drafts
 
 
 class LLMEngine:
@@ -177,6 +179,7 @@ class LLMEngine:
             spec_num_drafts=self.spec_stats.num_drafts,
             spec_draft_tokens=self.spec_stats.num_draft_tokens,
             spec_accepted_tokens=self.spec_stats.num_accepted_tokens,
+            spec_propose_seconds=self.spec_stats.propose_seconds,
         )
 
     # ----------------------------------------------------------------------------- stepping
@@ -273,7 +276,9 @@ class LLMEngine:
 
     def _propose_drafts(self) -> None:
         """Drafts for every request that is decoding (prompt computed, one token to go)."""
+        started = time.perf_counter()
         self.proposer.propose_for(self.scheduler.decoding())
+        self.spec_stats.propose_seconds += time.perf_counter() - started  # drafts are on the host: synced
 
     @torch.inference_mode()
     def _verify_drafts(self, work: ScheduledRequest, hidden: torch.Tensor) -> RequestOutput:

@@ -165,6 +165,13 @@ def _speculative_gauges(engine_stats: Callable[[], object]) -> list[Gauge]:
             kind="counter",
         ),
         Gauge(
+            "colossus_spec_decode_propose_seconds_total",
+            "Wall time spent proposing drafts (a draft model's forwards, or prompt lookup): the cost "
+            "that accepted drafts must repay.",
+            lambda: engine_stats().spec_propose_seconds,
+            kind="counter",
+        ),
+        Gauge(
             "colossus_spec_decode_acceptance_rate",
             "Accepted over proposed draft tokens since the start (0 before any).",
             ratio("spec_accepted_tokens", "spec_draft_tokens"),

@@ -127,6 +127,7 @@ class SpeculativeStats:
     num_drafts: int = 0  # verification spans (one per speculating request per step)
     num_draft_tokens: int = 0  # draft tokens proposed and verified
     num_accepted_tokens: int = 0  # of those, accepted
+    propose_seconds: float = 0.0  # wall time spent proposing (a draft model's forwards, or the lookup)
 
     def record(self, proposed: int, accepted: int) -> None:
         self.num_drafts += 1
