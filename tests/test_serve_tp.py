@@ -1,7 +1,7 @@
 """Tensor-parallel serving (`colossus serve --tp N`) on real gloo process groups on the CPU: the
-tokens of tp=2 against tp=1 for a dense and an MoE model (plain, paged with prefix caching, and with
-n-gram speculation), one real `colossus serve --tp 2` driven by the `openai` client and stopped
-with SIGTERM (no worker left behind), and what --tp refuses."""
+tokens of tp=2 against tp=1 for a dense and an MoE model (plain, paged with prefix caching, n-gram
+and draft-model speculation, seeded sampling), one real `colossus serve --tp 2` driven by the
+`openai` client and stopped with SIGTERM (no worker left behind), and what --tp refuses."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_tp2_tokens_identical_to_tp1(checkpoints, model, tmp_path):
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     results = json.loads(out.read_text())
     assert results["kv_heads_per_rank"] == 1  # n_kv_heads = 2 over 2 ranks: each caches its own head
-    for case in ("plain", "paged", "ngram", "sampled"):
+    for case in ("plain", "paged", "ngram", "sampled", "draft"):
         assert results["tp2"][case] == results["tp1"][case], case
     assert len({tuple(tokens) for tokens in results["tp1"]["plain"]}) > 1  # the prompts differ in output
     assert results["bad_step_raised"] and results["after_bad_step"] == results["tp1"]["plain"]

@@ -33,10 +33,12 @@ CASES = {
 }
 
 
-def generate(loaded) -> dict:
+def generate(loaded, draft) -> dict:
+    """`draft`: an unsharded model, run by rank 0 alone as the draft of --speculative draft."""
     results = {}
-    for name, (config, params) in CASES.items():
-        engine = LLMEngine.from_loaded(loaded, config)
+    cases = CASES | {"draft": (EngineConfig(max_num_seqs=4, speculative="draft"), GREEDY)}
+    for name, (config, params) in cases.items():
+        engine = LLMEngine.from_loaded(loaded, config, draft if name == "draft" else None)
         start = time.perf_counter()
         results[name] = [r.token_ids for r in engine.generate(PROMPTS, params)]
         results[f"{name}_s"] = time.perf_counter() - start
@@ -46,13 +48,14 @@ def generate(loaded) -> dict:
 def main() -> None:
     ckpt, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    results = {"tp1": generate(load_for_inference(ckpt, device="cpu"))}
+    draft = load_for_inference(ckpt, device="cpu").model  # the model as its own draft: all accepted
+    results = {"tp1": generate(load_for_inference(ckpt, device="cpu"), draft)}
     options = dict(path=ckpt, device="cpu", dtype="auto", quantization="none")
     with tensor_parallel_processes(2, options, threads=1) as group:
         loaded = load_for_inference(**options, tensor_parallel=group)
         wk = loaded.model.layers["0"].attention.wk.weight.to_local()
         results["kv_heads_per_rank"] = wk.shape[0] // loaded.config.model.resolved_head_dim
-        results["tp2"] = generate(loaded)
+        results["tp2"] = generate(loaded, draft)
         # A step that fails (here in its layout, on every rank alike) leaves the group serving.
         engine = LLMEngine.from_loaded(loaded, CASES["plain"][0])
         try:
