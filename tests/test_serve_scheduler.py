@@ -3,9 +3,13 @@
 reason, whether they were waiting or running; `has_unfinished` says whether any are left. The
 engine and the async engine go through these and never edit the queues themselves."""
 
+import asyncio
+
 import pytest
 
+from colossuslm.serve.async_engine import AsyncEngine
 from colossuslm.serve.engine import EngineConfig, LLMEngine
+from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.loading import load_for_inference
 from colossuslm.serve.request import FINISH_REASONS, Status
 from colossuslm.serve.sampling import SamplingParams
@@ -106,3 +110,24 @@ def test_abort_all_empties_the_scheduler(loaded):
     engine.abort_all()
     assert not engine.has_unfinished_requests() and used_blocks(engine) == 0
     assert engine.stats().running == engine.stats().waiting == 0
+
+
+def test_a_request_id_in_use_is_refused(loaded):
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    engine = engine_for(loaded)
+    engine.add_request(prompt(loaded), params, request_id="same")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(prompt(loaded), params, request_id="same")
+
+    async def twice() -> list:
+        server = AsyncEngine(engine_for(loaded)).start()
+        try:
+            stream = server.add_request(prompt(loaded), params, "same")
+            with pytest.raises(InvalidRequestError, match="already in use"):
+                server.add_request(prompt(loaded), params, "same")
+            return [out async for out in stream]  # the first one is served, the engine thread alive
+        finally:
+            server.shutdown()
+
+    outputs = asyncio.run(twice())
+    assert outputs[-1].finished and outputs[-1].completion_tokens == 4

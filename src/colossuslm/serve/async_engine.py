@@ -14,6 +14,7 @@ import logging
 import threading
 
 from colossuslm.serve.engine import EngineStats, LLMEngine
+from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.request import Request, RequestOutput
 from colossuslm.serve.sampling import SamplingParams
 
@@ -73,6 +74,8 @@ class AsyncEngine:
         with self._lock:
             if self._stopping:
                 raise EngineDeadError("the engine is shutting down")
+            if request.request_id in self._streams:  # the scheduler would refuse it, on the engine thread
+                raise InvalidRequestError(f"request id {request.request_id!r} is already in use", param="request_id")
             self._streams[request.request_id] = stream
             self._new.append(request)
             self._lock.notify()
