@@ -114,12 +114,18 @@ class Phases:
 
 
 def phases(
-    started: float, wall: float, stop_sent: float | None, steps: list[tuple[float, float]], productive: float
+    started: float,
+    wall: float,
+    stop_sent: float | None,
+    steps: list[tuple[float, float]],
+    productive: float,
+    first: float | None = None,
 ) -> Phases:
-    """`steps`: (seen at, productive time) of the steps in the final model."""
+    """`steps`: (seen at, productive time) of the steps in the final model; `first`: when the first
+    step of the run began (default: of those steps; after a restart from step 0 it is earlier)."""
     if not steps:
         return Phases(None, None, 0.0, None)
-    first = min(seen - t for seen, t in steps)
+    first = min(seen - t for seen, t in steps) if first is None else first
     end = stop_sent if stop_sent is not None else started + wall
     return Phases(
         startup_s=first - started,
@@ -327,7 +333,9 @@ def run(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> RunResu
         stopped_at_duration=terminated,
         returncode=proc.returncode,
         log=log,
-        phases=phases(start, wall, stop_sent, in_final, sum(final.values())),
+        phases=phases(
+            start, wall, stop_sent, in_final, sum(final.values()), min(at - t for at, _, t in tail.completions)
+        ),
     )
 
 

@@ -260,3 +260,5 @@ def test_chaos_bench_counts_a_new_quorum_as_recovery(tmp_path):
     )
     assert (window.startup_s, window.window_s, window.stop_s) == (4.0, 11.0, 5.0)
     assert window.steady_goodput == pytest.approx(2.0 / 11.0)  # the step done after the stop is not in it
+    # A restart from step 0 drops the first steps from the model, not from the run's start-up.
+    assert chaos.phases(0.0, 20.0, 15.0, [(16.0, 1.0)], 1.0, first=2.0).startup_s == 2.0
