@@ -312,6 +312,56 @@ def measure_step_memory(
     return measured, saved
 
 
+class _FakeCopyOutShortcut(torch.overrides.TorchFunctionMode):
+    """FSDP2 gathers a parameter sharded on a dimension other than 0 into its unsharded storage by
+    `torch.cat(torch.chunk(gathered, world_size), dim, out=parameter)`. Under fake tensors that is
+    2 x world_size fake tensors per parameter and gather (12,288 for grok-1's experts: most of its
+    dry run) and no memory at all: the chunks are views, the concatenation writes into storage
+    already allocated. Here the chunks of a fake tensor are made only if something other than such
+    a concatenation reads them, and that concatenation returns its `out` as it is."""
+
+    MANY = 64  # fewer chunks than this are made at once (a model's own chunk(2) stays as it was)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        kwargs = kwargs or {}
+        if func is torch.chunk and isinstance(args[0], FakeTensor):
+            chunks = args[1] if len(args) > 1 else kwargs["chunks"]
+            if chunks >= self.MANY:
+                return _LazyChunks(args[0], chunks, args[2] if len(args) > 2 else kwargs.get("dim", 0))
+        if func is torch.cat and args and isinstance(args[0], _LazyChunks) and kwargs.get("out") is not None:
+            return kwargs["out"]
+        args = tuple(arg.chunks() if isinstance(arg, _LazyChunks) else arg for arg in args)
+        return func(*args, **kwargs)
+
+
+class _LazyChunks(tuple):
+    """`torch.chunk`'s result, made on first use (see `_FakeCopyOutShortcut`). An empty tuple to
+    torch's argument parser, which checks a tensor list before any mode sees the call; Python code
+    that reads it gets the chunks, and so does any torch function but the shortcut's concatenation."""
+
+    def __new__(cls, tensor: torch.Tensor, chunks: int, dim: int) -> _LazyChunks:
+        lazy = super().__new__(cls)
+        lazy._args, lazy._made = (tensor, chunks, dim), None
+        return lazy
+
+    def chunks(self) -> tuple[torch.Tensor, ...]:
+        if self._made is None:
+            tensor, chunks, dim = self._args
+            self._made = torch.Tensor.chunk(tensor, chunks, dim)  # the method: not intercepted
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self.chunks())
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.chunks())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.chunks()[index]
+
+
 def resolve_job_dtype(cfg: Config) -> None:
     """`train.dtype = auto` as the job a dry run stands for resolves it: on GPUs, bf16."""
     if cfg.train.dtype == "auto":
@@ -335,7 +385,7 @@ def dry_run(cfg: Config, world_size: int, rank: int = 0) -> DryRunReport:
         if dims.cp > 1:
             model.dry_run_context = ContextShard(meshes.cp)
         stage = meshes.pp.get_local_rank() if dims.pp > 1 else 0
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), _FakeCopyOutShortcut():
             model.to_empty(device="cpu")
             optimizer = build_optimizer(model, cfg.train)
             measured, per_microbatch = measure_step_memory(model, cfg, optimizer, fsdp_casts=fsdp_casts, stage=stage)
