@@ -349,7 +349,10 @@ class FtFailure:
     group: int
     rank: int
     step: int  # the job's newest committed step when it hit
-    next_step: float | None = None  # the job's next committed step (any group)
+    # The newest quorum seen when it hit: recovery is counted from steps of a later quorum (a step
+    # committed just before the kill can be logged just after it; it is no recovery).
+    quorum: int = 0
+    next_step: float | None = None  # the job's next committed step (any group) in a new quorum
     rejoined: float | None = None  # the victim's group commits in a full quorum again
     rejoin_step: int | None = None
     readmit_s: float | None = None  # what the survivors' step that readmitted the group took beyond a median step
@@ -445,7 +448,7 @@ def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtRe
     rng = random.Random(args.seed)
     tails = [GroupTail(work / name / f"replica_group_{g}") for g in range(FT_GROUPS)]
     failures: list[FtFailure] = []
-    newest = 0
+    newest = quorum = 0
     with open(log, "w") as out:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -457,13 +460,15 @@ def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtRe
             new = [(g, r) for g, tail in enumerate(tails) for r in tail.poll(now)]
             if new:
                 newest = max(newest, *(r["step"] for _, r in new))
+                quorum = max(quorum, *(r["ft_quorum"] for _, r in new))
                 if next_failure is None and chaos and not failures:
                     next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
             for failure in failures:
-                if failure.next_step is None and any(r["step"] > failure.step for _, r in new):
+                new_quorum = [(g, r) for g, r in new if r["ft_quorum"] > failure.quorum]
+                if failure.next_step is None and any(r["step"] > failure.step for _, r in new_quorum):
                     failure.next_step = now
                 if failure.rejoined is None:
-                    back = [r for g, r in new if g == failure.group and r["ft_replicas"] == FT_GROUPS]
+                    back = [r for g, r in new_quorum if g == failure.group and r["ft_replicas"] == FT_GROUPS]
                     if back:
                         failure.rejoined, failure.rejoin_step = now, back[0]["step"]
             recovering = failures and failures[-1].rejoined is None
@@ -472,7 +477,7 @@ def run_ft(name: str, args: argparse.Namespace, work: Path, chaos: bool) -> FtRe
                 workers = ft_workers(proc.pid)
                 if len(workers) == args.nproc:
                     group, rank = sorted(workers)[rng.randrange(args.nproc)]
-                    failures.append(FtFailure(now, group, rank, newest))
+                    failures.append(FtFailure(now, group, rank, newest, quorum))
                     _signal(workers[(group, rank)], signal.SIGKILL)
                     next_failure = now + args.kill_every * rng.uniform(0.75, 1.25)
             if not terminated and now - start > args.duration:
