@@ -139,6 +139,45 @@ def test_cpu_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert peak.cpu_peak_flops("fp32") == 5e11 and calls == [torch.bfloat16, torch.float32]
 
 
+def test_a_cpu_peak_below_what_a_run_achieves_is_measured_again(tmp_path, monkeypatch, config):
+    """A peak measured while other jobs held the cores makes a run's MFU exceed 1: the run's
+    summary drops that cached profile, so the next start measures it again."""
+    import torch
+
+    from colossuslm.models.arithmetic import model_arithmetic
+    from colossuslm.parallel.mesh import ParallelDims
+    from colossuslm.train import peak
+    from colossuslm.train.report import RunReport
+
+    monkeypatch.setenv("COLOSSUS_CACHE", str(tmp_path))
+    measured = iter([1e9, 2e11])  # busy machine first, then a quiet one
+    monkeypatch.setattr(peak, "measure_cpu_gemm_peak", lambda dtype: next(measured))
+    monkeypatch.setattr(peak, "measure_cpu_attention_efficiency", lambda peak_flops, dtype: 0.3)
+    monkeypatch.setattr(peak, "measure_cpu_memory_bandwidth", lambda: 5e9)
+    config.train.dtype = "fp32"
+    profile = peak.cpu_profile("fp32")
+    arithmetic = model_arithmetic(config.model, config.data.seq_len)
+    logged = []
+    report = RunReport(
+        config,
+        ParallelDims.resolve(config.parallel, 1),
+        arithmetic,
+        torch.device("cpu"),
+        peak_flops=profile["peak_flops"],
+        device_profile=profile,
+        tokens_per_step=4096,
+        run_dir=tmp_path,
+        log=logged.append,
+    )
+    step_s = 4096 * arithmetic.flops_per_token / 5e9  # 5 GFLOP/s achieved: 5x the cached peak
+    summary = report.summary(
+        steps=8, tokens=8 * 4096, skipped_steps=0, step_times=[step_s] * 8, wall_s=1.0, first_val=9.0, val_loss=8.0
+    )
+    assert summary["mfu"] == pytest.approx(5.0)
+    assert any("measured while the cores were busy" in line for line in logged)
+    assert peak.cpu_profile("fp32")["peak_flops"] == 2e11  # measured again, not read back
+
+
 def test_auto_dtype_is_bf16_only_where_the_device_multiplies_it_in_hardware(monkeypatch):
     import torch
 

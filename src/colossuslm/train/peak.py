@@ -13,6 +13,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,18 +100,27 @@ def measure_cpu_memory_bandwidth(elements: int = 1 << 24, seconds: float = 0.5) 
     return 3 * 2 * elements / best
 
 
+def _profile_key(dtype: str) -> str:
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch{torch.__version__}|threads{threads}|{dtype}|v3"
+
+
+def _read_profiles(path: Path) -> dict[str, Any]:
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
 def cpu_profile(dtype: str = "bf16") -> dict[str, float]:
     """This machine's GEMM peak (FLOP/s) and attention efficiency in `dtype` ("bf16" or "fp32"),
     and its streaming memory bandwidth (bytes/s), measured once (a few seconds) and cached per
     CPU model, torch version, thread count and dtype."""
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    threads = torch.get_num_threads()
-    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch{torch.__version__}|threads{threads}|{dtype}|v3"
+    key = _profile_key(dtype)
     path = cache_dir() / "cpu_peak.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    cached = _read_profiles(path)
     if not isinstance(cached.get(key), dict):
         peak = measure_cpu_gemm_peak(torch_dtype)
         cached[key] = {
@@ -121,6 +131,15 @@ def cpu_profile(dtype: str = "bf16") -> dict[str, float]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached, indent=1))
     return {name: float(value) for name, value in cached[key].items()}
+
+
+def forget_cpu_profile(dtype: str = "bf16") -> None:
+    """Drop this machine's cached profile for `dtype`, so the next start measures it again: a peak
+    measured while other jobs held the cores is too low, and a run then reports an MFU above 1."""
+    path = cache_dir() / "cpu_peak.json"
+    cached = _read_profiles(path)
+    if cached.pop(_profile_key(dtype), None) is not None:
+        path.write_text(json.dumps(cached, indent=1))
 
 
 def cpu_peak_flops(dtype: str = "bf16") -> float:

@@ -21,7 +21,7 @@ from colossuslm.errors import ColossusError
 from colossuslm.models.arithmetic import ModelArithmetic
 from colossuslm.parallel.mesh import ParallelDims
 from colossuslm.train.metrics import read_metrics
-from colossuslm.train.peak import device_name
+from colossuslm.train.peak import device_name, forget_cpu_profile
 
 
 @dataclass
@@ -116,6 +116,13 @@ class RunReport:
             first_val = next(
                 (r["val_loss"] for r in read_metrics(self.run_dir) if r.get("step") == 0 and "val_loss" in r), None
             )
+        mfu = self.mfu(tokens_per_s) if steady else float("nan")
+        if mfu > 1 and self.device_profile is not None:  # a CPU peak measured on a busy machine
+            forget_cpu_profile(self.cfg.train.dtype)
+            self._log(
+                f"MFU {mfu:.0%} is above 100 %: the cached CPU peak ({self.peak_flops / 1e9:.1f} GFLOP/s) was "
+                "measured while the cores were busy; the next run measures it again"
+            )
         d = self.dims
         return {
             "name": self.cfg.train.name,
@@ -124,7 +131,7 @@ class RunReport:
             "wall_time_s": wall_s,
             "median_step_time_s": median_step,
             "median_tokens_per_s": tokens_per_s,
-            "mfu": self.mfu(tokens_per_s) if steady else float("nan"),
+            "mfu": mfu,
             "device": device_name(self.device),
             "n_devices": d.world_size,
             "peak_flops": self.peak_flops,
