@@ -29,8 +29,7 @@ from tokenizers import Tokenizer
 
 from colossuslm.errors import ColossusError
 from colossuslm.models.transformer import Transformer
-from colossuslm.serve.kv_cache import PagedKVCache
-from colossuslm.serve.model_runner import ModelRunner, StepItem
+from colossuslm.serve.model_runner import ModelRunner, StepItem, kv_cache_for
 from colossuslm.serve.request import Request
 from colossuslm.serve.sampling import sampling_probs
 from colossuslm.serve.speculative import _draw, draft_limit
@@ -47,9 +46,8 @@ class _DraftState:
 
 class DraftModelProposer:
     def __init__(self, model: Transformer, num_tokens: int, num_blocks: int, block_size: int):
-        weight = model.tok_embeddings.weight
         self.num_tokens = num_tokens  # k, drafts per step
-        self.runner = ModelRunner(model, PagedKVCache(model.cfg, num_blocks, block_size, weight.device, weight.dtype))
+        self.runner = ModelRunner(model, kv_cache_for(model, num_blocks, block_size))
         self.cache = self.runner.cache
         self._states: dict[str, _DraftState] = {}
 
