@@ -191,8 +191,8 @@ def test_the_chi_square_test_catches_a_wrong_rule(loaded, draft, monkeypatch):
         uniforms = torch.rand(len(drafts), generator=generator).tolist()
         for i, (token, u) in enumerate(zip(drafts, uniforms)):
             if u * float(draft_probs[i, token]) >= float(probs[i, token]):
-                return drafts[:i] + [speculative._draw(probs[i], generator)], i
-        return drafts + [speculative._draw(probs[len(drafts)], generator)], len(drafts)
+                return drafts[:i] + [speculative.draw(probs[i], generator)], i
+        return drafts + [speculative.draw(probs[len(drafts)], generator)], len(drafts)
 
     monkeypatch.setattr(speculative, "_verify_sampled", wrong)
     prompt, exact, engine = sampling_case(loaded, draft)

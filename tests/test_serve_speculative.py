@@ -198,8 +198,8 @@ def test_the_distribution_test_catches_a_wrong_acceptance_rule(loaded, monkeypat
         uniforms = torch.rand(len(drafts), generator=generator).tolist()
         for i, (draft, u) in enumerate(zip(drafts, uniforms)):
             if u >= float(probs[i, draft]):
-                return drafts[:i] + [speculative._draw(probs[i], generator)], i
-        return drafts + [speculative._draw(probs[len(drafts)], generator)], len(drafts)
+                return drafts[:i] + [speculative.draw(probs[i], generator)], i
+        return drafts + [speculative.draw(probs[len(drafts)], generator)], len(drafts)
 
     monkeypatch.setattr(speculative, "_verify_sampled", wrong)
     prompt = repetitive_sampling_prompt(loaded)

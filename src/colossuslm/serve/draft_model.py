@@ -31,8 +31,8 @@ from colossuslm.errors import ColossusError
 from colossuslm.models.transformer import Transformer
 from colossuslm.serve.model_runner import ModelRunner, StepItem, kv_cache_for
 from colossuslm.serve.request import Request
-from colossuslm.serve.sampling import sampling_probs
-from colossuslm.serve.speculative import _draw, draft_limit
+from colossuslm.serve.sampling import draw, sampling_probs
+from colossuslm.serve.speculative import draft_limit
 
 
 @dataclass
@@ -121,7 +121,7 @@ class DraftModelProposer:
         if request.params.greedy:
             return int(logits.argmax()), None
         q = sampling_probs(logits[None], request.params)[0]
-        return _draw(q, request.generator), q
+        return draw(q, request.generator), q
 
 
 def check_draft(draft: Transformer, target: Transformer, max_model_len: int) -> None:

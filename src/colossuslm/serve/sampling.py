@@ -123,12 +123,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
     probs = candidates.softmax(dim=-1)
     for row, (index, generator) in enumerate(zip(sampled_rows, [generators[i] for i in sampled_rows])):
-        # Exponential-race sampling: argmax(p / E), E ~ Exp(1), picks index i with probability p_i,
-        # and draws from the request's own generator.
-        noise = torch.empty_like(probs[row]).exponential_(generator=generator)
-        pick = torch.argmax(probs[row] / noise)
+        pick = draw(probs[row], generator)
         chosen[index] = pick if candidate_ids is None else candidate_ids[row, pick]
     return chosen.tolist()
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """Index i with probability weights[i] / sum, from the request's own generator: the
+    exponential race argmax(w / E), E ~ Exp(1), which needs no normalisation."""
+    noise = torch.empty_like(weights).exponential_(generator=generator)
+    return int(torch.argmax(weights / noise))
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from colossuslm.serve.request import Request
-from colossuslm.serve.sampling import SamplingParams, sampling_probs
+from colossuslm.serve.sampling import SamplingParams, draw, sampling_probs
 
 
 def draft_limit(request: Request, k: int) -> int:
@@ -99,12 +99,12 @@ def _verify_sampled(
     for i, (draft, u) in enumerate(zip(drafts, uniforms)):
         q = None if draft_probs is None else draft_probs[i]
         if u * (1.0 if q is None else float(q[draft])) >= float(probs[i, draft]):  # u >= p(x) / q(x)
-            return drafts[:i] + [_draw(_residual(probs[i], q, draft), generator)], i
-    return drafts + [_draw(probs[len(drafts)], generator)], len(drafts)
+            return drafts[:i] + [draw(_residual(probs[i], q, draft), generator)], i
+    return drafts + [draw(probs[len(drafts)], generator)], len(drafts)
 
 
 def _residual(p: torch.Tensor, q: torch.Tensor | None, draft: int) -> torch.Tensor:
-    """max(0, p - q), unnormalised (`_draw` normalises): p without the draft for a point mass."""
+    """max(0, p - q), unnormalised (`draw` normalises): p without the draft for a point mass."""
     if q is None:
         residual = p.clone()
         residual[draft] = 0.0
@@ -112,12 +112,6 @@ def _residual(p: torch.Tensor, q: torch.Tensor | None, draft: int) -> torch.Tens
         residual = (p - q).clamp_(min=0.0)
     # A rejection means q(x) > p(x), so p - q is positive somewhere; rounding aside.
     return residual if float(residual.sum()) > 0.0 else p
-
-
-def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
-    """Index i with probability weights[i] / sum (exponential race, as `sampling.sample`)."""
-    noise = torch.empty_like(weights).exponential_(generator=generator)
-    return int(torch.argmax(weights / noise))
 
 
 @dataclass
