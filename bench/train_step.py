@@ -1,9 +1,11 @@
 """Training-step throughput: Colossus LM vs Hugging Face transformers (and nanoGPT), in one run.
 
-For each architecture every implementation gets the same shapes, the same bf16 autocast, fused
-AdamW and the same batch; we time full optimizer steps (forward, backward, clip, update),
-interleaved step by step, and report median tokens/s, the ratios, and our achieved FLOP/s as a
-fraction of the measured bf16 GEMM peak of this machine.
+For each architecture every implementation gets the same shapes, the same precision (bf16
+autocast, or plain fp32 with `--dtype fp32`; `auto`, the default, picks as the trainer does: bf16
+where the device multiplies it in hardware), fused AdamW and the same batch; we time full
+optimizer steps (forward, backward, clip, update), interleaved step by step, and report median
+tokens/s, the ratios, and our achieved FLOP/s as a fraction of the measured GEMM peak of this
+machine in that dtype.
 
 nanoGPT is the reference a reader knows: pass `--nanogpt PATH/TO/nanoGPT/model.py` (a checkout
 you have; nothing of it is part of this project) and dense models are also timed against its
@@ -13,6 +15,7 @@ of 4x width, learned positions, tied head, no biases as in its train.py default)
 
     python bench/train_step.py                      # tiny, moe-tiny and small
     python bench/train_step.py --models small --steps 8 --batch 8 --seq 512 --nanogpt ~/nanoGPT/model.py
+    python bench/train_step.py --models small --dtype fp32 --compile --nanogpt ~/nanoGPT/model.py
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from colossuslm.models.transformer import Transformer
 from colossuslm.parallel.runner import forward_backward
 from colossuslm.train.optim import build_optimizer
 from colossuslm.train.peak import measure_cpu_gemm_peak, peak_flops
+from colossuslm.train.precision import resolve_train_dtype, torch_dtype
+
+
+def autocast_for(device: torch.device, dtype: str) -> torch.autocast:
+    """bf16 autocast, or a disabled autocast context for fp32 (the trainer's two modes)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -90,18 +99,19 @@ def nanogpt_model(cfg: ModelConfig, seq: int, model_file: Path) -> torch.nn.Modu
 
 
 class ReferenceStep:
-    """One optimizer step of a reference model under the same autocast, AdamW and clipping."""
+    """One optimizer step of a reference model under the same precision, AdamW and clipping."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, compile_model: bool, loss_of):
+    def __init__(self, model: torch.nn.Module, device: torch.device, compile_model: bool, loss_of, dtype: str):
         self.model = model.to(device)
         self.step_model = torch.compile(self.model) if compile_model else self.model
         self.optimizer = build_optimizer(self.model, TrainConfig())
         self.device = device
         self.loss_of = loss_of
+        self.autocast = autocast_for(device, dtype)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with self.autocast:
             loss = self.loss_of(self.step_model, inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
@@ -110,11 +120,11 @@ class ReferenceStep:
 
 
 class OurStep:
-    def __init__(self, cfg: ModelConfig, device: torch.device, compile_model: bool):
+    def __init__(self, cfg: ModelConfig, device: torch.device, compile_model: bool, dtype: str):
         self.model = Transformer(cfg).to(device)
         self.step_model = torch.compile(self.model) if compile_model else self.model
         self.optimizer = build_optimizer(self.model, TrainConfig())
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        self.autocast = autocast_for(device, dtype)
         self.device = device
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -166,13 +176,23 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     parser.add_argument("--nanogpt", type=Path, help="nanoGPT's model.py: time dense models against its GPT too")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="bf16 autocast or fp32 on every side; auto: bf16 where the device multiplies it in hardware",
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = measure_cpu_gemm_peak(torch.bfloat16, seconds=3.0) if device.type == "cpu" else peak_flops(device)
+    dtype = resolve_train_dtype(args.dtype, device)
+    if device.type == "cpu":
+        peak = measure_cpu_gemm_peak(torch_dtype(dtype), seconds=3.0)
+    else:
+        peak = peak_flops(device, dtype)
     print(
-        f"device {device}, {torch.get_num_threads()} threads, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, "
-        f"batch {args.batch} x seq {args.seq}"
+        f"device {device}, {torch.get_num_threads()} threads, {dtype} (asked: {args.dtype}), {dtype} GEMM peak "
+        f"{peak / 1e12:.2f} TFLOP/s, batch {args.batch} x seq {args.seq}, {'compiled' if args.compile else 'eager'}"
     )
     references = [] if args.no_hf else ["hf"]
     references += ["nanogpt"] if args.nanogpt else []
@@ -187,12 +207,12 @@ def main() -> None:
         inputs = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
         targets = torch.roll(inputs, -1, dims=1)
         tokens = args.batch * args.seq
-        steps = {"ours": OurStep(cfg, device, args.compile)}
+        steps = {"ours": OurStep(cfg, device, args.compile, dtype)}
         if "hf" in references:
-            steps["hf"] = ReferenceStep(hf_model(cfg), device, args.compile, hf_loss)
+            steps["hf"] = ReferenceStep(hf_model(cfg), device, args.compile, hf_loss, dtype)
         if "nanogpt" in references and not cfg.is_moe:
             steps["nanogpt"] = ReferenceStep(
-                nanogpt_model(cfg, args.seq, args.nanogpt), device, args.compile, nanogpt_loss
+                nanogpt_model(cfg, args.seq, args.nanogpt), device, args.compile, nanogpt_loss, dtype
             )
         medians = interleaved_medians(steps, inputs, targets, args.steps, args.warmup, device)
         ours = medians["ours"]
