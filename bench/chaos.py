@@ -63,6 +63,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from colossuslm.cli.torchrun_jobs import child_pids
 from colossuslm.config.schema import TrainConfig
 from colossuslm.train.watchdog import Heartbeat, heartbeat_path
 
@@ -163,19 +164,12 @@ class RunResult:
 # ---------------------------------------------------------------- the processes of a run
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def _training_workers(root: int) -> Iterator[tuple[int, list[bytes], int]]:
     """(pid, argv, RANK) of each training worker below `root` (torchrun's children, not torchrun)."""
     todo = [root]
     while todo:
         pid = todo.pop()
-        for child in _children(pid):
+        for child in child_pids(pid):
             todo.append(child)
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
@@ -585,7 +579,7 @@ def _stop_launchers(root: int) -> None:
     """SIGTERM to the torchrun launchers below `root` (one per replica group under ft): each passes
     it to its workers, which agree on a step, checkpoint and exit, and waits for them (the
     `colossus` parent would not)."""
-    launchers = [pid for pid in _children(root) if b"torch.distributed.run" in _cmdline(pid)]
+    launchers = [pid for pid in child_pids(root) if b"torch.distributed.run" in _cmdline(pid)]
     for pid in launchers or [root]:
         _signal(pid, signal.SIGTERM)
 

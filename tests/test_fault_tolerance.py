@@ -15,40 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from colossuslm.cli.main import main as cli_main
+from colossuslm.cli.torchrun_jobs import training_workers
 from colossuslm.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 from colossuslm.train.metrics import read_metrics
 from tests.test_parallel_train import MICRO, losses, train
 
 # Long enough that the run is still going when a kill aims at a late step (steps take ~30 ms here).
 FAULT_RUN = ["train.steps=24", "train.ckpt_every=2", "train.eval_every=100"]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
-def worker_pids(root: int) -> list[int]:
-    """Processes running the training module below `root` (torchrun's workers)."""
-    todo, workers = [root], []
-    while todo:
-        pid = todo.pop()
-        for child in _children(pid):
-            todo.append(child)
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"colossuslm.train" in cmdline and b"torch.distributed.run" not in cmdline:
-                workers.append(child)
-    return workers
 
 
 def newest_step(run_dir: Path) -> int:
@@ -90,17 +63,17 @@ def test_killed_workers_are_restarted_and_the_result_is_bitwise_identical(tmp_pa
     for target in kill_after:
         while time.time() < deadline and proc.poll() is None and newest_step(tmp_path / "faulty") < target:
             time.sleep(0.02)
-        workers = worker_pids(proc.pid)
+        workers = training_workers(proc.pid)
         while time.time() < deadline and proc.poll() is None and len(workers) < 2:  # a group restarting
             time.sleep(0.02)
-            workers = worker_pids(proc.pid)
+            workers = training_workers(proc.pid)
         if proc.poll() is not None:
             break
         victim = rng.choice(workers)
         os.kill(victim, signal.SIGKILL)
         killed.append((target, victim))
         # Wait until the group has been torn down and restarted (the victim is gone).
-        while time.time() < deadline and victim in worker_pids(proc.pid):
+        while time.time() < deadline and victim in training_workers(proc.pid):
             time.sleep(0.02)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]

@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from colossuslm.cli.torchrun_jobs import training_workers
 from colossuslm.config import load_config
 from colossuslm.errors import ColossusError
 from colossuslm.train.metrics import read_metrics
-from tests.test_fault_tolerance import worker_pids
 from tests.test_parallel_train import MICRO, train
 
 pytest.importorskip("torchft")
@@ -136,7 +136,7 @@ FT_STEPS = 80  # long enough for the killed group to restart and rejoin before t
 
 
 def _kill_group_rank(root: int, group: int, rank: int) -> int:
-    for pid in worker_pids(root):
+    for pid in training_workers(root):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         if f"train.ft_replica_group={group}".encode() in cmdline and f"RANK={rank}".encode() in environ:

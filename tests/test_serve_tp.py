@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from colossuslm.cli.main import main as colossus_main
+from colossuslm.cli.torchrun_jobs import child_pids
 from colossuslm.errors import ColossusError
 from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.sampling import SamplingParams
@@ -54,19 +55,6 @@ def test_tp2_tokens_identical_to_tp1(checkpoints, model, tmp_path):
     assert results["bad_step_raised"] and results["after_bad_step"] == results["tp1"]["plain"]
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from /proc: no psutil here)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -101,7 +89,7 @@ def test_serve_tp2_over_http_matches_tp1_and_stops_cleanly(checkpoints):
     proc = subprocess.Popen(cmd + ["--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         _wait_for_health(f"http://127.0.0.1:{port}", proc)
-        children = _children(proc.pid)
+        children = child_pids(proc.pid)
         assert len(children) >= 1, "no worker process was started"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
@@ -139,11 +127,11 @@ def test_tp_refuses_what_it_cannot_do(tp, device, quantization, fragment):
 
 def test_tp_must_divide_the_heads_before_any_process_starts(checkpoints):
     options = dict(path=checkpoints["dense"], device="cpu", dtype="auto", quantization="none")
-    before = set(_children(os.getpid()))
+    before = set(child_pids(os.getpid()))
     with pytest.raises(ColossusError, match=r"--tp 3: .*model.n_heads = 4"):
         with tensor_parallel_processes(3, options):
             pass
-    assert set(_children(os.getpid())) == before
+    assert set(child_pids(os.getpid())) == before
 
 
 def test_tp1_starts_nothing(checkpoints):

@@ -162,7 +162,13 @@ def test_resume_accepts_a_checkpoint_from_before_newer_model_fields(tmp_path):
         Trainer(micro_config(tmp_path, "train.steps=5"), log=lambda _: None).fit()
 
 
-def test_cli_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize(
+    "launch", [[], ["--nproc=2", "--max-restarts=2"]], ids=["one-process", "torchrun-with-restarts-left"]
+)
+def test_cli_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, launch):
+    """Ctrl-C at the terminal reaches every process of the foreground group. With --nproc, torchrun
+    must not see it (it would raise, and with restarts left restart the workers that stopped): the
+    launcher passes it to the workers, which agree on a step, checkpoint and exit."""
     run_dir = tmp_path / "runs"
     args = [
         sys.executable,
@@ -170,6 +176,7 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         "colossuslm.cli.main",
         "train",
         "--no-progress",
+        *launch,
         *[f"--set={o}" for o in MICRO],
         f"--set=train.run_dir={run_dir}",
         "--set=train.steps=100000",
@@ -178,14 +185,19 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         "--set=train.ckpt_every=100000",
     ]
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own foreground group, as a terminal gives it
     )
     metrics = run_dir / "tiny" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    out, err = proc.communicate(timeout=90)
     assert proc.returncode == 1, err  # interrupted runs are not reported as complete
     assert "checkpoint saved" in err and "Traceback" not in err
     saved = list_checkpoints(run_dir / "tiny" / "checkpoints")
@@ -193,3 +205,5 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     state = json.loads((saved[0] / "trainer_state.json").read_text())
     assert state["step"] >= 3
     assert "run tiny:" in out
+    summary = json.loads((run_dir / "tiny" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["steps"] == state["step"]

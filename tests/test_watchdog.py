@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from colossuslm.cli.torchrun_jobs import training_workers
 from colossuslm.config import load_config
 from colossuslm.errors import ColossusError
 from colossuslm.train.metrics import read_metrics
@@ -27,7 +28,6 @@ from colossuslm.train.watchdog import (
     pending_in_trace,
     setup_timeout_s,
 )
-from tests.test_fault_tolerance import worker_pids
 from tests.test_parallel_train import MICRO
 
 HANG_TIMEOUT_S = 3.0
@@ -198,7 +198,7 @@ class TimedOutput:
 
 
 def rank_pid(root: int, rank: int) -> int | None:
-    for pid in worker_pids(root):
+    for pid in training_workers(root):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:

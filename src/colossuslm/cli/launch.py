@@ -128,12 +128,12 @@ def ft_group_command(args: argparse.Namespace, group: int, lighthouse: str) -> l
 
 def run_ft(args: argparse.Namespace) -> int:
     import os
-    import signal
     import socket
-    import subprocess
 
+    from colossuslm.cli.torchrun_jobs import TorchrunJobs
     from colossuslm.config import load_config
     from colossuslm.errors import ColossusError
+    from colossuslm.train.fault_tolerance import group_run_dir_name
 
     if args.groups < 1 or args.nproc_per_group < 1 or args.max_restarts < 0:
         raise ColossusError("--groups and --nproc-per-group must be >= 1 and --max-restarts >= 0")
@@ -145,7 +145,7 @@ def run_ft(args: argparse.Namespace) -> int:
     # The groups start first and the lighthouse (torchft imports torch: seconds) while their torchrun
     # and workers import torch too; a group's Manager connects to it only after its model is built.
     lighthouse = args.lighthouse or f"http://{socket.gethostname()}:{args.lighthouse_port}"
-    jobs = [subprocess.Popen(ft_group_command(args, g, lighthouse)) for g in range(args.groups)]
+    jobs = TorchrunJobs([ft_group_command(args, g, lighthouse) for g in range(args.groups)]).start()
     server = None
     if not args.lighthouse:
         from torchft.coordination import LighthouseServer
@@ -159,32 +159,28 @@ def run_ft(args: argparse.Namespace) -> int:
                 heartbeat_timeout_ms=args.heartbeat_timeout_ms,
             )
         except BaseException:  # e.g. the port is taken: the groups would wait for it in vain
-            for job in jobs:
-                job.kill()
+            jobs.kill()
             raise
+    run_dir = Path(cfg.train.run_dir) / cfg.train.name
     print(
         f"lighthouse {lighthouse}; {args.groups} replica groups x {args.nproc_per_group} ranks of run "
-        f"{cfg.train.name!r} (runs in {cfg.train.run_dir}/{cfg.train.name}/replica_group_G)",
+        f"{cfg.train.name!r} (runs in {run_dir}/replica_group_G)",
         flush=True,
     )
-
-    def forward(signum: int, _frame: object) -> None:  # each group checkpoints and stops on its own
-        for job in jobs:
-            if job.poll() is None:
-                job.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = [job.wait() for job in jobs]
+        codes = jobs.wait()  # a stop signal reaches each group's workers: each checkpoints and stops
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if server is not None:
             server.shutdown()
     failed = {g: c for g, c in enumerate(codes) if c}
     if failed:
         print(f"replica groups failed (group: exit code): {failed}", file=sys.stderr)
-    return max(codes, default=0) and 1
+        return 1
+    stopped = [g for g in range(args.groups) if jobs.interrupted(run_dir / group_run_dir_name(g))]
+    if stopped:
+        print(f"stopped before the last step, checkpointed: replica groups {stopped}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def ft_group_command_overrides(args: argparse.Namespace) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,11 +88,17 @@ def run(args: argparse.Namespace) -> int:
     if args.world_size or args.rank or args.json:
         raise ColossusError("--world-size, --rank and --json belong to --dry-run")
     if args.nproc > 1 and "RANK" not in os.environ:
+        from colossuslm.cli.torchrun_jobs import TorchrunJobs
         from colossuslm.config import load_config
 
-        load_config(args.configs, args.overrides)  # report config mistakes once, before spawning
-        return subprocess.call(torchrun_command(args))
+        cfg = load_config(args.configs, args.overrides)  # report config mistakes once, before spawning
+        jobs = TorchrunJobs([torchrun_command(args)])
+        (code,) = jobs.run()
+        if code == 0 and jobs.interrupted(Path(cfg.train.run_dir) / cfg.train.name):
+            return 1  # as one process reports it: checkpointed, not complete
+        return code
 
+    from colossuslm.cli.torchrun_jobs import exit_code
     from colossuslm.config import load_config
     from colossuslm.parallel.mesh import launched_by_torchrun
     from colossuslm.train.trainer import Trainer
@@ -108,10 +114,9 @@ def run(args: argparse.Namespace) -> int:
         trainer.close(clean=False)
         raise
     trainer.close()
-    code = 0
     if summary:  # ranks other than 0 report nothing
         print(format_summary(summary))
-        code = 1 if summary.get("interrupted") else 0
+    code = exit_code(bool(summary.get("interrupted")), under_torchrun=launched_by_torchrun())
     if launched_by_torchrun():
         # Everything is written, closed and the group destroyed. Skip the interpreter's teardown:
         # there gloo's background threads can still be destroyed while joinable ("terminate called
