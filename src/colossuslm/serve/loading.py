@@ -102,6 +102,33 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def build_sharded_model(config: Config, model_dir: Path, group: TensorParallelGroup, dtype: torch.dtype) -> Transformer:
+    """This rank's tensor-parallel shard of the model, read from `model_dir` without ever holding
+    the whole: built on the meta device, sharded by the TP plan, then each rank allocates its own
+    shards and reads just them (the trainer's `load_model_weights`: slices of model.safetensors,
+    a checkpoint's DCP shards, or a Hugging Face directory one tensor at a time). So a model that
+    fits only across the group's devices can be served."""
+    from colossuslm.train.checkpoint import load_model_weights
+
+    with torch.device("meta"):
+        model = Transformer(config.model).to(dtype)
+    shard_for_serving(model, group)
+    model.to_empty(device=group.device)
+    load_model_weights(model_dir, model)
+    cos, sin = rope_tables(config.model)  # non-persistent buffers: to_empty left them unset
+    model.rope_cos, model.rope_sin = cos.to(group.device, dtype), sin.to(group.device, dtype)
+    return model.eval().requires_grad_(False)
+
+
+def _run_config(model_dir: Path) -> Config:
+    """The run config of a checkpoint or Hugging Face directory, without reading weights."""
+    if is_hf_model_dir(model_dir):
+        return run_config_from_hf(model_config_from_hf(read_hf_config(model_dir)), run_name=model_dir.resolve().name)
+    if not (model_dir / "model.safetensors").is_file():
+        raise ColossusError(f"checkpoint {model_dir} has no model.safetensors")
+    return load_config([model_dir / "config.toml"])
+
+
 def model_config_of(path: str | Path) -> ModelConfig:
     """The model config of what `load_for_inference(path)` would load, without reading weights."""
     model_dir = resolve_model_dir(path)
@@ -122,25 +149,28 @@ def load_for_inference(
 
     `quantization` ("none", "int8": serve/quantize.py) is applied after the weights are loaded and
     cast to `dtype`, so int8 weights serve fp32, bf16 or fp16 activations alike. With
-    `tensor_parallel` (serve/tensor_parallel.py) every rank loads the full weights onto its own
-    device and keeps its shard (the trainer's TP plan); `device` is then the group's."""
+    `tensor_parallel` (serve/tensor_parallel.py) every rank reads only its own shards onto its own
+    device (`build_sharded_model`, the trainer's TP plan); `device` is then the group's."""
     check_method(quantization)  # before minutes of loading, not after
     model_dir = resolve_model_dir(path)
-    if is_hf_model_dir(model_dir):
-        model_cfg, state = load_hf(model_dir)
-        config = run_config_from_hf(model_cfg, run_name=model_dir.resolve().name)
-    else:
-        config = load_config([model_dir / "config.toml"])
-        weights = model_dir / "model.safetensors"
-        if not weights.is_file():
-            raise ColossusError(f"checkpoint {model_dir} has no model.safetensors")
-        state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
-    torch_device = resolve_device(device) if tensor_parallel is None else tensor_parallel.device
-    model = build_model(config, state, torch_device, resolve_dtype(dtype, torch_device))
-    del state  # after a dtype cast, the file's copies: freed before quantizing lowers the peak memory
-    summary = quantize_for_serving(model, quantization)
     if tensor_parallel is not None:
-        shard_for_serving(model, tensor_parallel)
+        config = _run_config(model_dir)
+        model = build_sharded_model(config, model_dir, tensor_parallel, resolve_dtype(dtype, tensor_parallel.device))
+        summary = QuantizationSummary("none")  # --tp refuses quantization (check_tensor_parallel_serving)
+    else:
+        if is_hf_model_dir(model_dir):
+            model_cfg, state = load_hf(model_dir)
+            config = run_config_from_hf(model_cfg, run_name=model_dir.resolve().name)
+        else:
+            config = load_config([model_dir / "config.toml"])
+            weights = model_dir / "model.safetensors"
+            if not weights.is_file():
+                raise ColossusError(f"checkpoint {model_dir} has no model.safetensors")
+            state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
+        torch_device = resolve_device(device)
+        model = build_model(config, state, torch_device, resolve_dtype(dtype, torch_device))
+        del state  # after a dtype cast, the file's copies: freed before quantizing lowers the peak memory
+        summary = quantize_for_serving(model, quantization)
     tokenizer = load_model_tokenizer(model_dir)
     template = chat_template_of(tokenizer)
     if template.special.eos_id is None:

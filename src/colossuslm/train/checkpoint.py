@@ -326,8 +326,9 @@ def _copy_shard(param: torch.Tensor, stored, stored_shape: tuple[int, ...], what
     # indices need not be one contiguous range).
     box = tuple(slice(int(i.min()), int(i.max()) + 1) if len(i) else slice(0, 0) for i in indices)
     block = stored[box]
-    picked = block[tuple(torch.meshgrid(*[i - b.start for i, b in zip(indices, box)], indexing="ij"))]
-    local.copy_(picked.to(local.dtype))
+    if any(len(i) != b.stop - b.start for i, b in zip(indices, box)):  # strided: pick the indices
+        block = block[tuple(torch.meshgrid(*[i - b.start for i, b in zip(indices, box)], indexing="ij"))]
+    local.copy_(block)  # casts to the parameter's dtype as it copies
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
