@@ -141,6 +141,23 @@ class PagedKVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.allocator = BlockAllocator(num_blocks, enable_prefix_caching)
+        # Where attention gathers a step's paged keys and values (`gather_blocks`): reused by every
+        # layer and step, so the copy lands in memory already touched. A fresh tensor per layer grew
+        # with the contexts and page-faulted (huge pages, THP_MEM_ALLOC_ENABLE) on every new size:
+        # the gather took 2-3x as long in a server's first minutes of load.
+        self._gather_space = [torch.empty(0, device=device, dtype=dtype) for _ in range(2)]
+
+    def gather_blocks(self, which: int, cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`cache` seen as `[blocks * kv_heads, block_size, head_dim]` rows, `rows` of it picked into
+        workspace `which` (0: keys, 1: values; the result lives until that workspace's next use)."""
+        rows_shape = (rows.numel(), *cache.shape[-2:])
+        numel = math.prod(rows_shape)
+        space = self._gather_space[which]
+        if space.numel() < numel:  # grow geometrically: a few allocations over a server's life
+            space = torch.empty(max(numel, 2 * space.numel()), device=cache.device, dtype=cache.dtype)
+            self._gather_space[which] = space
+        out = space[:numel].view(rows_shape)
+        return torch.index_select(cache.view(-1, *cache.shape[-2:]), 0, rows, out=out)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

@@ -108,10 +108,12 @@ class PagedAttention:
     ) -> torch.Tensor:
         """New tokens after a cached history: each attends to the history and causally to the new
         tokens before it, all read back from the cache (this step wrote them). q: [S, H, hd]."""
-        kv_heads, total = keys.shape[1], span.start_pos + span.length
-        # [W, KVH, block, hd] -> [KVH, W * block, hd]: the sequence's positions in order, one copy
-        k = keys.index_select(0, span.table).transpose(0, 1).reshape(kv_heads, -1, keys.shape[-1])[:, :total]
-        v = values.index_select(0, span.table).transpose(0, 1).reshape(kv_heads, -1, keys.shape[-1])[:, :total]
+        kv_heads, total, head_dim = keys.shape[1], span.start_pos + span.length, keys.shape[-1]
+        # Rows (head h, then block w) of the cache: [KVH, W * block, hd], the positions in order, one copy
+        heads = torch.arange(kv_heads, device=span.table.device)
+        rows = (span.table[None, :] * kv_heads + heads[:, None]).flatten()
+        k = self.cache.gather_blocks(0, keys, rows).view(kv_heads, -1, head_dim)[:, :total]
+        v = self.cache.gather_blocks(1, values, rows).view(kv_heads, -1, head_dim)[:, :total]
         q = q.transpose(0, 1).to(keys.dtype)  # [H, S, hd]
         if self.softcap > 0:
             groups = q.shape[0] // kv_heads
@@ -154,11 +156,12 @@ class PagedAttention:
         heads = torch.arange(kv_heads, device=layout.tables.device)
         rows = (layout.tables[:, None, :] * kv_heads + heads[None, :, None]).flatten()  # [B * KVH * W]
 
-        def gather(cache: torch.Tensor) -> torch.Tensor:
-            picked = cache.view(-1, block, head_dim).index_select(0, rows)
+        def gather(which: int, cache: torch.Tensor) -> torch.Tensor:
+            picked = self.cache.gather_blocks(which, cache, rows)
             return picked.view(n_seqs, kv_heads, width * block, head_dim)[:, :, :length]
 
-        out = self._attend(q, gather(keys), gather(values), layout.allowed[:, None, None, :])  # [B, KVH, group, hd]
+        k, v = gather(0, keys), gather(1, values)
+        out = self._attend(q, k, v, layout.allowed[:, None, None, :])  # [B, KVH, group, hd]
         return out.reshape(n_seqs, -1, head_dim)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
