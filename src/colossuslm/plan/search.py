@@ -10,6 +10,7 @@ Families of layouts (which parallelisms are in use) that never fit keep the reas
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from colossuslm.config.schema import PP_ZERO_BUBBLE_SCHEDULES, virtual_stages_rule
@@ -131,110 +132,129 @@ def search(
     """Best layouts for `global_batch` sequences per step on `n_gpus` of `gpu`.
 
     `fixed` pins layout fields (tp, pp, cp, ep, micro_batch, vp, recompute, zero, schedule); the
-    rest are searched (the pipeline schedule is then (interleaved) 1F1B). With `exact_batch` the global batch must be met exactly (published runs);
-    otherwise gradient accumulation rounds up to reach at least the requested batch.
+    rest are searched (the pipeline schedule is then (interleaved) 1F1B). With `exact_batch` the
+    global batch must be met exactly (published runs); otherwise gradient accumulation rounds up to
+    reach at least the requested batch.
     """
-    fixed = dict(fixed or {})
-    cfg = work.cfg
-    model = CostModel(work, gpu)
-    capacity = gpu.hbm_bytes
+    return _Search(work, gpu, n_gpus, global_batch, software, dict(fixed or {}), exact_batch).run(top)
 
-    def options(name: str, default: list) -> list:
-        return [fixed[name]] if name in fixed else default
 
-    recompute_levels = options("recompute", list(RECOMPUTE_LEVELS))
-    zero_levels = options("zero", [1, 3])
-    families: dict[str, FamilyOutcome] = {}
-    fits: list[StepEstimate] = []
-    evaluated = 0
-    allowed_tp = tensor_parallel_options(work, gpu)
-    for tp in options("tp", allowed_tp):
-        if tp not in allowed_tp:
-            families.setdefault(Layout(tp=tp).family(), FamilyOutcome()).reject(
-                f"TP {tp} must divide the NVLink domain ({gpu.nvlink_domain} GPUs) and the attention heads "
-                f"({cfg.n_heads} query, {cfg.n_kv_heads} key/value); allowed: {', '.join(map(str, allowed_tp))}"
-            )
-            continue
-        for cp in options("cp", context_parallel_options(work)):
-            for pp in options("pp", [p for p in divisors(n_gpus) if p <= cfg.n_layers]):
-                if n_gpus % (tp * cp * pp):
-                    continue
-                dp = n_gpus // (tp * cp * pp)
-                for ep in options("ep", expert_parallel_options(work)):
-                    family = Layout(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep).family()
-                    outcome = families.setdefault(family, FamilyOutcome())
-                    # Megatron-style stacks carve expert shards out of data x context ranks; the
-                    # trainer's EP borrows from the FSDP shard group only (parallel/mesh.py).
-                    ep_pool = dp if software.colossus_trainer else dp * cp
-                    if ep_pool % ep:
-                        outcome.reject(f"expert parallelism {ep} does not divide the {ep_pool} ranks it borrows from")
+@dataclass
+class _Search:
+    """One search: mesh shapes x batch splits x virtual stages, and for each the cheapest ZeRO and
+    recomputation that fit (the module docstring). Every rejection is counted in its family."""
+
+    work: Workload
+    gpu: GPU
+    n_gpus: int
+    global_batch: int
+    software: Software
+    fixed: dict
+    exact_batch: bool
+    families: dict[str, FamilyOutcome] = field(default_factory=dict)
+    fits: list[StepEstimate] = field(default_factory=list)
+    evaluated: int = 0
+
+    def __post_init__(self) -> None:
+        self.model = CostModel(self.work, self.gpu)
+
+    def options(self, name: str, default: list) -> list:
+        return [self.fixed[name]] if name in self.fixed else default
+
+    def run(self, top: int) -> SearchResult:
+        n_layers = self.work.cfg.n_layers
+        for shape, outcome in self.mesh_shapes():
+            for mb, accum in self.batch_splits(shape.dp, outcome):
+                schedule = self.fixed.get("schedule", "") if shape.pp > 1 else ""
+                stack = self.software
+                if self.software.colossus_trainer and schedule in PP_ZERO_BUBBLE_SCHEDULES:
+                    # torch 2.13 cannot split a compiled stage's backward: these run eager
+                    stack = replace(self.software, fused_elementwise=False)
+                for vp in self.options("vp", virtual_stage_options(n_layers, shape.pp, schedule)):
+                    if vp > 1 and accum < shape.pp:
+                        outcome.reject("interleaving needs at least as many micro-batches as stages")
                         continue
-                    for mb in options("micro_batch", list(MICRO_BATCHES)):
-                        if exact_batch:
-                            if global_batch % (dp * mb):
-                                outcome.reject(
-                                    "the global batch is not a multiple of data-parallel ranks x micro-batch"
-                                )
-                                continue
-                            accum = global_batch // (dp * mb)
-                        else:
-                            if dp * mb > global_batch and mb > 1:
-                                continue
-                            if dp > global_batch:
-                                outcome.reject(
-                                    f"{dp} data-parallel ranks exceed the global batch of {global_batch} sequences"
-                                )
-                                continue
-                            accum = max(1, math.ceil(global_batch / (dp * mb)))
-                        schedule = fixed.get("schedule", "") if pp > 1 else ""
-                        stack = software
-                        if software.colossus_trainer and schedule in PP_ZERO_BUBBLE_SCHEDULES:
-                            # torch 2.13 cannot split a compiled stage's backward: these run eager
-                            stack = replace(software, fused_elementwise=False)
-                        for vp in options("vp", virtual_stage_options(cfg.n_layers, pp, schedule)):
-                            if vp > 1 and accum < pp:
-                                outcome.reject("interleaving needs at least as many micro-batches as stages")
-                                continue
-                            outcome.tried += 1
-                            best_level = len(recompute_levels)  # a later ZeRO stage must beat this
-                            for zero in zero_levels:
-                                for rank, level in enumerate(recompute_levels[:best_level]):
-                                    if level == "selective" and trainer_selective_keeps_more(work, ep, software):
-                                        outcome.refuse(SELECTIVE_EP_REASON)
-                                        continue
-                                    lay = Layout(
-                                        tp=tp,
-                                        pp=pp,
-                                        cp=cp,
-                                        dp=dp,
-                                        ep=ep,
-                                        micro_batch=mb,
-                                        grad_accum=accum,
-                                        vp=vp,
-                                        recompute=level,
-                                        zero=zero,
-                                        software=stack,
-                                        schedule=schedule,
-                                    )
-                                    need = model.memory(lay).total
-                                    if need > capacity:
-                                        outcome.least_memory = min(outcome.least_memory, need)
-                                        continue
-                                    if software.colossus_trainer:  # only what the trainer can run
-                                        refused = unrunnable_reason(work, lay)
-                                        if refused:
-                                            outcome.refuse(refused)
-                                            continue
-                                    # More sharding only pays if it allows less recomputation.
-                                    best_level = rank
-                                    est = model.estimate(lay)
-                                    evaluated += 1
-                                    fits.append(est)
-                                    if outcome.best is None or est.tokens_per_s > outcome.best.tokens_per_s:
-                                        outcome.best = est
-                                    break
-    for outcome in families.values():
-        if outcome.best is not None:
-            outcome.least_memory = math.inf
-    fits.sort(key=lambda e: -e.tokens_per_s)
-    return SearchResult(ranked=fits[:top], families=families, evaluated=evaluated)
+                    outcome.tried += 1
+                    layout = replace(shape, micro_batch=mb, grad_accum=accum, vp=vp, software=stack, schedule=schedule)
+                    self.cheapest_fit(layout, outcome)
+        for outcome in self.families.values():
+            if outcome.best is not None:
+                outcome.least_memory = math.inf
+        self.fits.sort(key=lambda e: -e.tokens_per_s)
+        return SearchResult(ranked=self.fits[:top], families=self.families, evaluated=self.evaluated)
+
+    def mesh_shapes(self) -> Iterator[tuple[Layout, FamilyOutcome]]:
+        """(tp, cp, pp, dp, ep) that divide the GPUs, each with its family's outcome."""
+        cfg, gpu, n_gpus = self.work.cfg, self.gpu, self.n_gpus
+        allowed_tp = tensor_parallel_options(self.work, gpu)
+        for tp in self.options("tp", allowed_tp):
+            if tp not in allowed_tp:
+                self.family(Layout(tp=tp)).reject(
+                    f"TP {tp} must divide the NVLink domain ({gpu.nvlink_domain} GPUs) and the attention heads "
+                    f"({cfg.n_heads} query, {cfg.n_kv_heads} key/value); allowed: {', '.join(map(str, allowed_tp))}"
+                )
+                continue
+            for cp in self.options("cp", context_parallel_options(self.work)):
+                for pp in self.options("pp", [p for p in divisors(n_gpus) if p <= cfg.n_layers]):
+                    if n_gpus % (tp * cp * pp):
+                        continue
+                    dp = n_gpus // (tp * cp * pp)
+                    for ep in self.options("ep", expert_parallel_options(self.work)):
+                        shape = Layout(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep)
+                        outcome = self.family(shape)
+                        # Megatron-style stacks carve expert shards out of data x context ranks; the
+                        # trainer's EP borrows from the FSDP shard group only (parallel/mesh.py).
+                        ep_pool = dp if self.software.colossus_trainer else dp * cp
+                        if ep_pool % ep:
+                            outcome.reject(
+                                f"expert parallelism {ep} does not divide the {ep_pool} ranks it borrows from"
+                            )
+                            continue
+                        yield shape, outcome
+
+    def family(self, layout: Layout) -> FamilyOutcome:
+        return self.families.setdefault(layout.family(), FamilyOutcome())
+
+    def batch_splits(self, dp: int, outcome: FamilyOutcome) -> Iterator[tuple[int, int]]:
+        """(micro-batch, gradient accumulation) giving the global batch over `dp` replicas."""
+        for mb in self.options("micro_batch", list(MICRO_BATCHES)):
+            if self.exact_batch:
+                if self.global_batch % (dp * mb):
+                    outcome.reject("the global batch is not a multiple of data-parallel ranks x micro-batch")
+                    continue
+                yield mb, self.global_batch // (dp * mb)
+                continue
+            if dp * mb > self.global_batch and mb > 1:
+                continue
+            if dp > self.global_batch:
+                outcome.reject(f"{dp} data-parallel ranks exceed the global batch of {self.global_batch} sequences")
+                continue
+            yield mb, max(1, math.ceil(self.global_batch / (dp * mb)))
+
+    def cheapest_fit(self, layout: Layout, outcome: FamilyOutcome) -> None:
+        """Cost the least recomputation that fits under ZeRO-1, then ZeRO-3 only where it lets the
+        layout recompute less (more sharding only pays that way)."""
+        levels = self.options("recompute", list(RECOMPUTE_LEVELS))
+        best_level = len(levels)
+        for zero in self.options("zero", [1, 3]):
+            for rank, level in enumerate(levels[:best_level]):
+                if level == "selective" and trainer_selective_keeps_more(self.work, layout.ep, self.software):
+                    outcome.refuse(SELECTIVE_EP_REASON)
+                    continue
+                lay = replace(layout, recompute=level, zero=zero)
+                need = self.model.memory(lay).total
+                if need > self.gpu.hbm_bytes:
+                    outcome.least_memory = min(outcome.least_memory, need)
+                    continue
+                if self.software.colossus_trainer:  # only what the trainer can run
+                    refused = unrunnable_reason(self.work, lay)
+                    if refused:
+                        outcome.refuse(refused)
+                        continue
+                best_level = rank
+                est = self.model.estimate(lay)
+                self.evaluated += 1
+                self.fits.append(est)
+                if outcome.best is None or est.tokens_per_s > outcome.best.tokens_per_s:
+                    outcome.best = est
+                break
