@@ -23,7 +23,7 @@ from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatch
 from colossuslm.serve.draft_model import DraftModelProposer, check_draft, check_draft_tokenizer
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.kv_cache import PagedKVCache
-from colossuslm.serve.loading import DTYPES, LoadedModel, load_for_inference
+from colossuslm.serve.loading import LoadedModel, load_for_inference
 from colossuslm.serve.model_runner import StepItem, make_runner
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
 from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
@@ -265,9 +265,8 @@ class LLMEngine:
         if draft_model is None:
             if config.draft_model is None:
                 raise ColossusError("speculative = 'draft' needs a draft model: add --draft CKPT_OR_HF_DIR")
-            dtype = self.model.tok_embeddings.weight.dtype
             loaded = load_for_inference(
-                config.draft_model, device=str(self.device), dtype=next(k for k, v in DTYPES.items() if v == dtype)
+                config.draft_model, device=str(self.device), dtype=self.model.tok_embeddings.weight.dtype
             )
             check_draft_tokenizer(loaded.tokenizer, self.tokenizer)
             draft_model = loaded.model

@@ -42,9 +42,13 @@ class LoadedModel:
     tokenizer: Tokenizer  # carries `chat_template` (chat_template_of(tokenizer) returns it)
     name: str  # default name to serve the model under
     chat_template: ChatTemplate
-    special: SpecialTokens
     # --quantization: which weights are int8 in memory (the checkpoint on disk is unchanged).
     quantization: QuantizationSummary = field(default_factory=lambda: QuantizationSummary("none"))
+
+    @property
+    def special(self) -> SpecialTokens:
+        """The model's special tokens (BOS, EOS ids, names), as its chat template holds them."""
+        return self.chat_template.special
 
     @property
     def eos_token_id(self) -> int:
@@ -67,7 +71,11 @@ def resolve_device(device: str) -> torch.device:
         raise ColossusError(f"--device {device!r} is not a device; use auto, cpu or cuda") from None
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ColossusError(f"dtype {dtype} is not supported; use one of {', '.join(map(str, DTYPES.values()))}")
+        return dtype
     if dtype == "auto":
         # bf16 halves memory traffic on GPUs; CPU bf16 matmuls are slower than fp32 on most cores.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -140,7 +148,7 @@ def model_config_of(path: str | Path) -> ModelConfig:
 def load_for_inference(
     path: str | Path,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     quantization: str = "none",
     tensor_parallel: TensorParallelGroup | None = None,
 ) -> LoadedModel:
@@ -187,7 +195,6 @@ def load_for_inference(
         tokenizer=tokenizer,
         name=default_model_name(model_dir),
         chat_template=template,
-        special=template.special,
         quantization=summary,
     )
 
