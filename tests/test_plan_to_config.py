@@ -20,7 +20,7 @@ def test_layout_maps_to_trainer_fields():
     tables = layout_config(work, lay)
     par, train = tables["parallel"], tables["train"]
     assert (par["tp"], par["pp"], par["cp"], par["ep"]) == (8, 4, 2, 1)
-    assert (par["dp_replicate"], par["dp_shard"]) == (1, -1)  # ZeRO-3 = FSDP2 over every data rank
+    assert (par["dp_replicate"], par["dp_shard"]) == (1, 16)  # ZeRO-3 = FSDP2 over every data rank
     assert (par["pp_schedule"], par["pp_virtual_stages"]) == ("interleaved_1f1b", 2)
     assert par["activation_checkpoint"] == "selective"
     assert (train["micro_batch_size"], train["grad_accum"]) == (2, 8)
@@ -126,3 +126,17 @@ def test_no_runnable_layout_suggests_a_gpu_count(capsys, tmp_path):
     assert "try --gpus 98304" in captured.err and not (tmp_path / "grok.toml").exists()
     assert main([*args, "--gpus", "98304", "--write-config", str(tmp_path / "grok.toml")]) == 0
     assert "--world-size 98304" in capsys.readouterr().out
+
+
+def test_a_written_config_refuses_another_number_of_gpus(tmp_path, capsys):
+    """The plan's data-parallel degree is written out: the global batch it planned cannot change
+    silently with the number of GPUs (dp_shard = -1, set deliberately, lets it)."""
+    out = tmp_path / "run.toml"
+    assert main(["plan", "--model", "llama3-8b", "--gpus", "64", "--write-config", str(out)]) == 0
+    assert "# global batch" in out.read_text()
+    sbatch = ["launch", "slurm", str(out), "--gpus-per-node", "8", "--out", str(tmp_path / "job.sbatch")]
+    assert main([*sbatch, "--nodes", "8"]) == 0
+    capsys.readouterr()
+    assert main([*sbatch, "--nodes", "4"]) == 2
+    assert "32 processes are running" in capsys.readouterr().err
+    assert main([*sbatch, "--nodes", "4", "--set", "parallel.dp_shard=-1"]) == 0

@@ -55,8 +55,10 @@ def layout_config(work: Workload, lay: Layout) -> dict[str, dict[str, Any]]:
     model = {k: v for k, v in fields.items() if k != "preset" and v != getattr(base, k)}
     model = ({"preset": work.cfg.preset} if work.cfg.preset else {}) | model
     parallel: dict[str, Any] = {"tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "ep": lay.ep}
+    # The data-parallel degree is written out, not -1: on another number of GPUs the trainer then
+    # refuses to start instead of quietly changing the global batch the plan was made for.
     parallel |= (
-        {"dp_replicate": 1, "dp_shard": -1}
+        {"dp_replicate": 1, "dp_shard": lay.dp}
         if lay.zero >= 3 or lay.dp == 1
         else {
             "dp_replicate": lay.dp,
@@ -121,6 +123,8 @@ def config_text(work: Workload, est: StepEstimate, gpu_name: str) -> str:
         f"{(mem.activations + mem.logits) / 1e9:.1f})",
         f"# run: colossus train THIS.toml (on {lay.n_gpus} ranks), check first with",
         f"#      colossus train THIS.toml --dry-run --world-size {lay.n_gpus}",
+        f"# global batch {lay.dp * lay.micro_batch * lay.grad_accum:,} sequences: on another number of GPUs, set",
+        "#      parallel.dp_shard = -1 (and train.grad_accum to keep the batch) or plan for that number",
         "",
     ]
     return "\n".join(header) + tomli_w.dumps(layout_config(work, lay))
