@@ -63,7 +63,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from colossuslm.cli.torchrun_jobs import child_pids
+from colossuslm.cli.torchrun_jobs import child_pids, training_workers
 from colossuslm.config.schema import TrainConfig
 from colossuslm.train.watchdog import Heartbeat, heartbeat_path
 
@@ -166,21 +166,15 @@ class RunResult:
 
 def _training_workers(root: int) -> Iterator[tuple[int, list[bytes], int]]:
     """(pid, argv, RANK) of each training worker below `root` (torchrun's children, not torchrun)."""
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        for child in child_pids(pid):
-            todo.append(child)
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"colossuslm.train" not in cmdline or b"torch.distributed.run" in cmdline:
-                continue
-            rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
-            if rank is not None:
-                yield child, cmdline, rank
+    for pid in training_workers(root):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            yield pid, cmdline, rank
 
 
 def worker_ranks(root: int) -> dict[int, int]:

@@ -70,7 +70,7 @@ class TorchrunJobs:
         self.commands = [list(c) for c in commands]
         self.jobs: list[subprocess.Popen] = []
         self.stop_signal: int | None = None  # the first stop signal received, if any
-        self.started = time.time()
+        self.started = 0.0  # when `start` started the jobs
 
     def start(self) -> TorchrunJobs:
         self.started = time.time()

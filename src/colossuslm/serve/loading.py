@@ -139,10 +139,7 @@ def _run_config(model_dir: Path) -> Config:
 
 def model_config_of(path: str | Path) -> ModelConfig:
     """The model config of what `load_for_inference(path)` would load, without reading weights."""
-    model_dir = resolve_model_dir(path)
-    if is_hf_model_dir(model_dir):
-        return model_config_from_hf(read_hf_config(model_dir))
-    return load_config([model_dir / "config.toml"]).model
+    return _run_config(resolve_model_dir(path)).model
 
 
 def load_for_inference(
@@ -166,15 +163,9 @@ def load_for_inference(
         model = build_sharded_model(config, model_dir, tensor_parallel, resolve_dtype(dtype, tensor_parallel.device))
         summary = QuantizationSummary("none")  # --tp refuses quantization (check_tensor_parallel_serving)
     else:
-        if is_hf_model_dir(model_dir):
-            model_cfg, state = load_hf(model_dir)
-            config = run_config_from_hf(model_cfg, run_name=model_dir.resolve().name)
-        else:
-            config = load_config([model_dir / "config.toml"])
-            weights = model_dir / "model.safetensors"
-            if not weights.is_file():
-                raise ColossusError(f"checkpoint {model_dir} has no model.safetensors")
-            state = load_file(str(weights))  # safetensors: plain tensors, nothing executed on load
+        config = _run_config(model_dir)
+        # safetensors either way: plain tensors, nothing executed on load
+        state = load_hf(model_dir)[1] if is_hf_model_dir(model_dir) else load_file(str(model_dir / "model.safetensors"))
         torch_device = resolve_device(device)
         model = build_model(config, state, torch_device, resolve_dtype(dtype, torch_device))
         del state  # after a dtype cast, the file's copies: freed before quantizing lowers the peak memory

@@ -108,12 +108,9 @@ class PagedAttention:
     ) -> torch.Tensor:
         """New tokens after a cached history: each attends to the history and causally to the new
         tokens before it, all read back from the cache (this step wrote them). q: [S, H, hd]."""
-        kv_heads, total, head_dim = keys.shape[1], span.start_pos + span.length, keys.shape[-1]
-        # Rows (head h, then block w) of the cache: [KVH, W * block, hd], the positions in order, one copy
-        heads = torch.arange(kv_heads, device=span.table.device)
-        rows = (span.table[None, :] * kv_heads + heads[:, None]).flatten()
-        k = self.cache.gather_blocks(0, keys, rows).view(kv_heads, -1, head_dim)[:, :total]
-        v = self.cache.gather_blocks(1, values, rows).view(kv_heads, -1, head_dim)[:, :total]
+        kv_heads, total = keys.shape[1], span.start_pos + span.length
+        k, v = self.cache.gather_blocks(keys, values, span.table)  # [KVH, W * block, hd]
+        k, v = k[:, :total], v[:, :total]
         q = q.transpose(0, 1).to(keys.dtype)  # [H, S, hd]
         if self.softcap > 0:
             groups = q.shape[0] // kv_heads
@@ -148,21 +145,10 @@ class PagedAttention:
             v = values[:, :, :length].index_select(0, layout.rows)
             out = self._attend(q, k, v, layout.allowed[:, None, None, :])
             return out.reshape(n_seqs, -1, keys.shape[-1])
-        # Paged: gather each sequence's blocks straight into [B, KVH, W * block_size, hd], one copy:
-        # the cache seen as [blocks * KVH, block_size, hd] rows, row table[b, w] * KVH + h for
-        # sequence b's head h. (index_select along a transposed view of the cache would walk the
-        # whole cache: tiny model, 1 GiB cache, 165 ms for one layer's keys against 0.03 ms.)
-        width, block, head_dim = layout.tables.shape[1], keys.shape[2], keys.shape[-1]
-        heads = torch.arange(kv_heads, device=layout.tables.device)
-        rows = (layout.tables[:, None, :] * kv_heads + heads[None, :, None]).flatten()  # [B * KVH * W]
-
-        def gather(which: int, cache: torch.Tensor) -> torch.Tensor:
-            picked = self.cache.gather_blocks(which, cache, rows)
-            return picked.view(n_seqs, kv_heads, width * block, head_dim)[:, :, :length]
-
-        k, v = gather(0, keys), gather(1, values)
-        out = self._attend(q, k, v, layout.allowed[:, None, None, :])  # [B, KVH, group, hd]
-        return out.reshape(n_seqs, -1, head_dim)
+        # Paged: each sequence's blocks gathered into [B, KVH, W * block_size, hd], one copy.
+        k, v = self.cache.gather_blocks(keys, values, layout.tables)
+        out = self._attend(q, k[:, :, :length], v[:, :, :length], layout.allowed[:, None, None, :])
+        return out.reshape(n_seqs, -1, keys.shape[-1])  # from [B, KVH, group, hd]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) v over 4-D [batch, batch, rows, hd] operands.
