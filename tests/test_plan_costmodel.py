@@ -241,6 +241,18 @@ def test_fa2_runs_slower_than_fused_attention_on_hopper_only(h100):
     assert costmodel.FA2_ON_HOPPER < 1.0
 
 
+def test_triton_flash_attention_lags_fa2_on_ampere_and_matches_it_on_hopper(h100):
+    a100 = load_catalogue().gpu("a100-80gb")
+    work = resolve_model("llama3-8b", 8192)
+    for gpu, share in ((a100, costmodel.TRITON_FLASH_ON_AMPERE), (h100, 1.0)):
+        cm = CostModel(work, gpu)
+        fa2, _ = cm._attention(1, 1, 1, Stack(attention_kernel="fa2"))
+        triton, _ = cm._attention(1, 1, 1, Stack(attention_kernel="triton"))
+        overhead = gpu.kernel_overhead
+        assert (triton - overhead) == pytest.approx((fa2 - overhead) / share)
+    assert costmodel.TRITON_FLASH_ON_AMPERE < 1.0
+
+
 def test_every_other_matmul_selective_recompute():
     c = _layer()
     sw = Stack(selective="every_other_matmul")

@@ -21,8 +21,8 @@ from colossuslm.plan.validate import (
 # decided by `held_out_by_rule`.
 ORIGINAL_ROWS = 38
 # What the one cost model reaches today (colossus plan validate); a regression past these fails.
-FIT_MEDIAN, FIT_WORST = 0.065, 0.26
-HELDOUT_MEDIAN, HELDOUT_WORST = 0.08, 0.43
+FIT_MEDIAN, FIT_WORST = 0.06, 0.26
+HELDOUT_MEDIAN, HELDOUT_WORST = 0.05, 0.41
 
 
 def _run(run_id):
@@ -91,6 +91,18 @@ def test_fit_and_held_out_errors_stay_within_what_the_model_reaches():
     assert "fit rows" in text and "held-out rows" in text
     assert statistics.median(abs(r.error) for r in rows) <= max(TARGET_MEDIAN, HELDOUT_MEDIAN)
     assert TARGET_MAX == 0.25
+
+
+def test_long_sequences_cost_the_attention_kernel_the_source_ran():
+    """llm-foundry's A100 sweep (1B-13B, 16K-64K tokens, mostly attention) ran its Triton flash
+    attention: costed as FlashAttention-2 these rows were 17-39 % over; with the kernel's own rate
+    every one is within 10 %, fit and held-out rows alike."""
+    long = [r for r in validate() if r.run.id.startswith("mpt-") and "-a100-80gb-8-" in r.run.id]
+    long = [r for r in long if r.run.work.seq_len >= 16384]
+    assert len(long) >= 10 and any(r.run.heldout for r in long) and any(not r.run.heldout for r in long)
+    assert all(r.run.software.attention_kernel == "triton" for r in long)
+    for r in long:
+        assert abs(r.error) <= 0.10, (r.run.id, r.error)
 
 
 def test_deepseek_rows_cost_the_declared_architecture_and_compare_tokens_per_s():

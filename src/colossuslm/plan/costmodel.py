@@ -46,6 +46,11 @@ FLASH_BACKWARD_RATIO = 3.0
 # the kernels built for the part (cuDNN / Transformer Engine fused attention, FlashAttention-3:
 # 1.5-2x faster on H100, Shah et al. 2024, arXiv:2407.08608). On Ampere it is the native kernel.
 FA2_ON_HOPPER = 0.6
+# The Triton port of FlashAttention (flash_attn_triton.py, 2022-23; llm-foundry's attn_impl
+# 'triton') reaches this share of FlashAttention-2's CUDA rate on Ampere, where FA2 is hand-tuned
+# for mma.sync. On Hopper and later neither uses wgmma/TMA and both run at FA2_ON_HOPPER of the
+# fused kernels' rate. Set once against the fit rows (llm-foundry's A100 sequence-length sweep).
+TRITON_FLASH_ON_AMPERE = 0.65
 # Materialised attention: bytes moved per score element in the forward pass
 # (write scores, scale-mask-softmax read+write, dropout read+write+mask).
 SCORE_BYTES_FORWARD = 11
@@ -66,8 +71,9 @@ class Stack(Software):
     """`Software` plus the features of a training stack that only the cost model reads.
 
     attention_kernel: "fused" -- a kernel built for the GPU (cuDNN / Transformer Engine fused
-        attention, FlashAttention-3 on Hopper); "fa2" -- FlashAttention-2 through PyTorch SDPA
-        or its triton port, which on Hopper and later runs at FA2_ON_HOPPER of that rate.
+        attention, FlashAttention-3 on Hopper); "fa2" -- FlashAttention-2 through PyTorch SDPA,
+        which on Hopper and later runs at FA2_ON_HOPPER of that rate; "triton" -- the Triton
+        port of FlashAttention, at TRITON_FLASH_ON_AMPERE of FA2's rate on Ampere, FA2's on Hopper.
     selective: what `recompute = "selective"` reruns in backward. "attention" -- the attention
         core and the element-wise ops, GEMM outputs kept (Megatron, Korthikanti et al. 2022);
         "every_other_matmul" -- torchtitan's per-op policy (its `_save_list`): every second
@@ -75,7 +81,7 @@ class Stack(Software):
         the reduce-scatters are kept.
     """
 
-    attention_kernel: Literal["fused", "fa2"] = "fused"
+    attention_kernel: Literal["fused", "fa2", "triton"] = "fused"
     selective: Literal["attention", "every_other_matmul"] = "attention"
     # "learned": a trained router, whose per-rank loads vary by chance around the mean;
     # "balanced": the benchmark forces equal loads (NeMo's force-balanced / fake balanced gate).
@@ -114,6 +120,17 @@ def routing_imbalance(rows_per_rank: float, ranks: int) -> float:
 def stack_feature(sw: Software, name: str) -> str:
     """A `Stack` feature of `sw`, or its default when `sw` is a plain `Software`."""
     return getattr(sw, name, getattr(Stack, name))
+
+
+def attention_kernel_share(kernel: str, gpu: GPU) -> float:
+    """The share of `gpu.attention_efficiency` (the rate of the kernel built for the part) that a
+    stack's attention kernel reaches (see `Stack.attention_kernel`)."""
+    hopper_or_later = gpu.peak_fp8 > gpu.peak_bf16  # fp8 tensor cores mark Hopper and later
+    if kernel == "fused":
+        return 1.0
+    if hopper_or_later:  # "fa2" and "triton" both stay on Ampere's mma.sync
+        return FA2_ON_HOPPER
+    return TRITON_FLASH_ON_AMPERE if kernel == "triton" else 1.0
 
 
 def exposed(comm_time: float, window: float, overlap: bool) -> float:
@@ -299,9 +316,7 @@ class CostModel:
             # Causal: a fused kernel skips the masked half. With CP each GPU owns s/cp queries
             # against all s keys (load-balanced chunks).
             flops = 2.0 * micro_batch * (s / cp) * s * (qk + v) * heads * 0.5
-            efficiency = gpu.attention_efficiency
-            if stack_feature(sw, "attention_kernel") == "fa2" and gpu.peak_fp8 > gpu.peak_bf16:
-                efficiency *= FA2_ON_HOPPER  # fp8 tensor cores mark Hopper and later
+            efficiency = gpu.attention_efficiency * attention_kernel_share(stack_feature(sw, "attention_kernel"), gpu)
             t = flops / (gpu.peak_bf16 * efficiency) + gpu.kernel_overhead
             return t, FLASH_BACKWARD_RATIO
         # Materialised: batched QK^T and AV over the full s x s (the mask is applied, not skipped),
