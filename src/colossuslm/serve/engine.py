@@ -30,6 +30,7 @@ from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generat
 from colossuslm.serve.scheduler import ScheduledRequest, Scheduler
 from colossuslm.serve.settings import EngineConfig
 from colossuslm.serve.speculative import NgramProposer, SpeculativeStats, verify
+from colossuslm.serve.structured_output import GrammarCompiler, advance, constrain_logits
 
 
 @dataclass
@@ -69,6 +70,7 @@ class LLMEngine:
         self.device = model.tok_embeddings.weight.device
         self.vocab_size = model.cfg.vocab_size
         self._token_bytes = token_bytes_table(tokenizer)  # built once, shared by every request
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self.max_model_len = self._check_context(config.max_model_len, model.cfg.max_seq_len)
         cache_tokens = self._cache_tokens(config)
         whole_contexts = cache_tokens >= config.max_num_seqs * self.max_model_len
@@ -146,6 +148,7 @@ class LLMEngine:
             generator=make_generator(params.seed, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
             stop_matcher=StopStringMatcher(params.stop),
+            matcher=None if params.constraint is None else self.grammars.matcher(params.constraint),
         )
 
     def add(self, request: Request) -> None:
@@ -211,8 +214,12 @@ class LLMEngine:
             return outputs
         ready = [scheduled[i].request for i in rows]
         logits = out.logits if len(rows) == len(scheduled) else out.logits[torch.tensor(rows, device=out.logits.device)]
+        constrained = [i for i, r in enumerate(ready) if r.matcher is not None]
+        choose_from = logits  # log-probabilities stay the model's own, as vLLM's raw_logprobs
+        if constrained:
+            choose_from = constrain_logits(logits, constrained, [ready[i].matcher for i in constrained])
         # Only requests that sample draw from their generators, so chunking never shifts a seed's stream.
-        next_tokens = sample(logits, [r.params for r in ready], [r.generator for r in ready])
+        next_tokens = sample(choose_from, [r.params for r in ready], [r.generator for r in ready])
         chosen_logprobs = self._chosen_logprobs(ready, logits, next_tokens)
         for request, token, logprob in zip(ready, next_tokens, chosen_logprobs):
             if request.params.max_tokens == 0:  # the prompt was only to be scored
@@ -276,7 +283,8 @@ class LLMEngine:
     def _propose_drafts(self) -> None:
         """Drafts for every request that is decoding (prompt computed, one token to go)."""
         started = time.perf_counter()
-        self.proposer.propose_for(self.scheduler.decoding())
+        # A constrained request decodes a token at a time: drafts are not checked against its grammar.
+        self.proposer.propose_for([r for r in self.scheduler.decoding() if r.matcher is None])
         self.spec_stats.propose_seconds += time.perf_counter() - started  # drafts are on the host: synced
 
     @torch.inference_mode()
@@ -363,9 +371,10 @@ class LLMEngine:
         request.output_ids.append(token)
         if token in request.stop_token_ids:
             return "stop"
+        finished_constraint = request.matcher is not None and advance(request.matcher, token)
         matcher = request.stop_matcher
         matcher.add(request.detokenizer.push(token))
-        if matcher.stopped:
+        if matcher.stopped or finished_constraint:
             return "stop"
         return "length" if request.num_tokens >= request.max_total_tokens else None
 

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from colossuslm.serve.detokenizer import token_bytes_table
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
+from colossuslm.serve.structured_output import OutputConstraint, constraint_from_request
 
 # JSON has no -inf; vLLM reports a token the model rules out entirely with this stand-in too.
 LOGPROB_FLOOR = -9999.0
@@ -23,8 +24,8 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     # Unknown fields (user, metadata, ...) are accepted and ignored, as OpenAI's own API does;
-    # fields that would change what the reply is (structured output, tools) are declared below and
-    # refused, so a client asking for JSON mode never silently gets free text.
+    # fields that would change what the reply is and are not implemented (tools, penalties) are
+    # declared below and refused, so a client asking for a tool call never silently gets free text.
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -43,25 +44,25 @@ class _SamplingFields(BaseModel):
     # vLLM's extension: logprobs name tokens "token_id:N", so tokens that print alike (pieces of
     # one character, all U+FFFD) stay apart.
     return_tokens_as_token_ids: bool = False
+    # Structured output (serve/structured_output.py): OpenAI's field and vLLM's.
     response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None  # the deprecated form of tools
     function_call: Any = None
 
     def check_supported(self) -> None:
-        no_grammar = "is not supported: this server has no structured (grammar-constrained) output yet"
         no_tools = "is not supported: this server has no tool calling yet"
         unsupported = [
             (self.n not in (None, 1), "n", "only n = 1 is supported; send several requests instead"),
             (bool(self.presence_penalty), "presence_penalty", "is not supported; leave it at 0"),
             (bool(self.frequency_penalty), "frequency_penalty", "is not supported; leave it at 0"),
             (bool(self.logit_bias), "logit_bias", "is not supported"),
-            (
-                self.response_format not in (None, {"type": "text"}),
-                "response_format",
-                f"{self.response_format!r} {no_grammar}; leave it out or use {{'type': 'text'}}",
-            ),
             (bool(self.tools), "tools", f"{no_tools}; leave them out"),
             (self.tool_choice not in (None, "none"), "tool_choice", f"{no_tools}; leave it out"),
             (bool(self.functions), "functions", f"{no_tools}; leave them out"),
@@ -90,7 +91,12 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            constraint=self.output_constraint(),
         ).validate()
+
+    def output_constraint(self) -> OutputConstraint | None:
+        fields = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        return constraint_from_request({name: getattr(self, name) for name in (*fields, "structured_outputs")})
 
     @property
     def include_usage(self) -> bool:

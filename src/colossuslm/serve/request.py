@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
 from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -49,6 +50,8 @@ class Request:
     # Computed at the first prefill when params.prompt_logprobs asks (None for the first token,
     # which has no context); a preempted request keeps them instead of scoring its prompt again.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Where the output stands in its structured-output constraint (params.constraint); None without one.
+    matcher: llguidance.LLMatcher | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from colossuslm.serve.errors import InvalidRequestError
+from colossuslm.serve.structured_output import OutputConstraint
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 # Alternatives returned per token: vLLM's default max_logprobs and OpenAI's limit for chat
@@ -32,6 +33,8 @@ class SamplingParams:
     # The same for every prompt token after the first (scoring a text: OpenAI's `echo`). With it,
     # max_tokens may be 0: the prompt is scored and nothing is generated.
     prompt_logprobs: int | None = None
+    # The output must match this JSON schema, regex, choice or grammar (serve/structured_output.py).
+    constraint: OutputConstraint | None = None
 
     def validate(self) -> SamplingParams:
         if self.top_k == -1:
