@@ -238,8 +238,13 @@ def test_streamed_logprobs_match_the_plain_reply(server):
             "response_format",
             "needs json_schema.schema",
         ),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
-        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice", "tool calling"),
+        (
+            "/v1/chat/completions",
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+            "no place for tool definitions",
+        ),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice", "needs tools"),
     ],
 )
 def test_unsupported_or_too_large_requests_are_refused(server, path, body, param, fragment):

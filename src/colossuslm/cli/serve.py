@@ -67,6 +67,13 @@ def register(subparsers) -> None:
         default=ServerSettings.max_body_bytes,
         help="largest request body accepted, bytes (default %(default)s)",
     )
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=["hermes"],
+        default=None,
+        help="the format the model writes tool calls in, for tool_choice 'auto': hermes = "
+        "<tool_call>{JSON}</tool_call> (Hermes, Qwen2.5/3); without it 'required' and named calls still work",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(parser)
     add_tensor_parallel_arg(parser)
@@ -104,6 +111,7 @@ def _serve(args: argparse.Namespace, group) -> int:
         api_key=args.api_key,
         max_concurrent_requests=args.max_concurrent_requests,
         max_body_bytes=args.max_body_bytes,
+        tool_call_parser=args.tool_call_parser,
     )
     app = create_app(engine, settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -49,21 +49,28 @@ HF_CHAT_TEMPLATE = (
 Message = dict[str, Any]
 
 
-def validate_messages(messages: Sequence[Message]) -> list[tuple[str, str]]:
+def validate_messages(messages: Sequence[Message], with_tools: bool = False) -> list[tuple[str, str]]:
     """(role, content) pairs, or ColossusError naming the first malformed message.
 
     `content` may be a string or OpenAI's list of parts (`[{"type": "text", "text": ...}]`).
+    `with_tools` (a template that renders tool use): the "tool" role (a function's result) is
+    allowed too, and an assistant message that makes tool calls may have no content ("").
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ColossusError("messages must be a non-empty list of {role, content} objects")
+    roles = (*ROLES, "tool") if with_tools else ROLES
     pairs = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ColossusError(f"messages[{index}] must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role not in ROLES:
-            raise ColossusError(f"messages[{index}].role is {role!r}; use one of: {', '.join(ROLES)}")
-        pairs.append((role, _content_text(message.get("content"), index)))
+        if role not in roles:
+            hint = "" if with_tools or role != "tool" else " (this model's chat template has no place for tool results)"
+            raise ColossusError(f"messages[{index}].role is {role!r}; use one of: {', '.join(roles)}{hint}")
+        content = message.get("content")
+        if content is None and with_tools and role == "assistant" and message.get("tool_calls"):
+            content = ""
+        pairs.append((role, _content_text(content, index)))
     return pairs
 
 
@@ -105,6 +112,7 @@ class ChatTemplate(ABC):
     special: SpecialTokens
     stop_token_ids: tuple[int, ...]  # where a reply ends (its end-of-turn token, then the EOS ids)
     description: str  # names the template in error messages
+    accepts_tools = False  # has a place for tool definitions, tool calls and tool results
 
     @abstractmethod
     def render(
@@ -139,9 +147,13 @@ def chat_template_of(tokenizer: Tokenizer) -> ChatTemplate:
     return getattr(tokenizer, _BOUND_TEMPLATE, None) or ChatMLTemplate(tokenizer)
 
 
+def no_place_for_tools(description: str) -> str:
+    return f"{description} has no place for tool definitions; this model cannot be given tools"
+
+
 def refuse_tools(tools: list[dict] | None, description: str) -> None:
     if tools:
-        raise ColossusError(f"{description} has no place for tool definitions; this model cannot be given tools")
+        raise ColossusError(no_place_for_tools(description))
 
 
 # One copy per tokenizer that encodes special-token strings as plain text (see module docstring).
@@ -204,10 +216,16 @@ class ChatMLTemplate(ChatTemplate):
         return ids, mask
 
 
-def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = True,
+    *,
+    tools: list[dict] | None = None,
+) -> list[int]:
     """Token ids of a conversation in the tokenizer's model's template; by default ending where
-    the next reply begins."""
-    return chat_template_of(tokenizer).encode(messages, add_generation_prompt)
+    the next reply begins. `tools`: function definitions the template shows the model."""
+    return chat_template_of(tokenizer).encode(messages, add_generation_prompt, tools=tools)
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:

@@ -63,6 +63,8 @@ from colossuslm.errors import ColossusError
 # (the same pair transformers uses), so the encoder can tell them from the template's own.
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# What a message carries besides role and content when the template renders tool use.
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 
 
 def load_model_tokenizer(directory: str | Path) -> Tokenizer:
@@ -168,7 +170,7 @@ class JinjaChatTemplate(ChatTemplate):
             variables = jinja2.meta.find_undeclared_variables(self._environment.parse(source))
         except jinja2.TemplateSyntaxError as exc:
             raise ColossusError(f"{self.description} is not valid Jinja (line {exc.lineno}: {exc.message})") from None
-        self.uses_tools = "tools" in variables
+        self.accepts_tools = "tools" in variables
         self.marks_generation = bool(_GENERATION_TAG.search(source))
         added = tokenizer.get_added_tokens_decoder()
         self._added_ids = set(added)
@@ -187,20 +189,30 @@ class JinjaChatTemplate(ChatTemplate):
     ) -> str:
         return self._render(self._checked(messages), add_generation_prompt, self._checked_tools(tools))[0]
 
-    def _checked(self, messages: Sequence[Message]) -> list[dict[str, str]]:
-        return [{"role": role, "content": content} for role, content in validate_messages(messages)]
+    def _checked(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
+        pairs = validate_messages(messages, with_tools=self.accepts_tools)
+        checked: list[dict[str, Any]] = [{"role": role, "content": content} for role, content in pairs]
+        if self.accepts_tools:  # an assistant's calls and a result's call id, as plain JSON data
+            for entry, message in zip(checked, messages):
+                extra = {key: message[key] for key in _TOOL_FIELDS if message.get(key) is not None}
+                entry |= self._plain_json(extra, "messages")
+        return checked
+
+    @staticmethod
+    def _plain_json(value: Any, what: str) -> Any:
+        try:
+            return json.loads(json.dumps(value))  # plain JSON data: nothing the sandbox could misuse
+        except (TypeError, ValueError) as exc:
+            raise ColossusError(f"{what} must be plain JSON ({exc})") from None
 
     def _checked_tools(self, tools: list[dict] | None) -> list[dict] | None:
-        if tools and not self.uses_tools:
+        if tools and not self.accepts_tools:
             refuse_tools(tools, self.description)
         if tools is None:
             return None
         if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ColossusError("tools must be a list of JSON objects (function definitions)")
-        try:
-            return json.loads(json.dumps(tools))  # plain JSON data: nothing the sandbox could misuse
-        except (TypeError, ValueError) as exc:
-            raise ColossusError(f"tools must be plain JSON ({exc})") from None
+        return self._plain_json(tools, "tools")
 
     def _render(
         self, messages: list[dict[str, str]], add_generation_prompt: bool, tools: list[dict] | None, mark: bool = False

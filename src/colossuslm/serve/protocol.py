@@ -24,8 +24,8 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     # Unknown fields (user, metadata, ...) are accepted and ignored, as OpenAI's own API does;
-    # fields that would change what the reply is and are not implemented (tools, penalties) are
-    # declared below and refused, so a client asking for a tool call never silently gets free text.
+    # fields that would change what the reply is and are not implemented (penalties, logit bias,
+    # the deprecated functions) are declared below and refused, never silently dropped.
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -57,16 +57,13 @@ class _SamplingFields(BaseModel):
     function_call: Any = None
 
     def check_supported(self) -> None:
-        no_tools = "is not supported: this server has no tool calling yet"
         unsupported = [
             (self.n not in (None, 1), "n", "only n = 1 is supported; send several requests instead"),
             (bool(self.presence_penalty), "presence_penalty", "is not supported; leave it at 0"),
             (bool(self.frequency_penalty), "frequency_penalty", "is not supported; leave it at 0"),
             (bool(self.logit_bias), "logit_bias", "is not supported"),
-            (bool(self.tools), "tools", f"{no_tools}; leave them out"),
-            (self.tool_choice not in (None, "none"), "tool_choice", f"{no_tools}; leave it out"),
-            (bool(self.functions), "functions", f"{no_tools}; leave them out"),
-            (self.function_call not in (None, "none"), "function_call", f"{no_tools}; leave it out"),
+            (bool(self.functions), "functions", "is the deprecated form of tools; send tools instead"),
+            (self.function_call not in (None, "none"), "function_call", "is deprecated; send tool_choice instead"),
         ]
         for bad, param, why in unsupported:
             if bad:
@@ -122,6 +119,9 @@ class CompletionRequest(_SamplingFields):
     def check_supported(self) -> None:
         super().check_supported()
         _check_logprob_count(self.logprobs, "logprobs")
+        if self.tools or self.tool_choice not in (None, "none"):
+            param = "tools" if self.tools else "tool_choice"
+            raise InvalidRequestError(f"{param} is for /v1/chat/completions, not completions", param=param)
         if self.max_tokens == 0 and not self.echo:
             raise InvalidRequestError(
                 "max_tokens = 0 generates nothing; it is only allowed with echo = true, to score the prompt",
@@ -230,11 +230,15 @@ def completion_body(
 def chat_body(
     request_id: str,
     model: str,
-    text: str,
+    text: str | None,
     finish_reason: str | None,
     usage_counts: dict,
     logprobs: dict | None = None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -243,7 +247,7 @@ def chat_body(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }

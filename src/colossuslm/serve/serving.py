@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from colossuslm.data.chat import chat_template_of, encode_chat
+from colossuslm.data.chat import chat_template_of, encode_chat, no_place_for_tools
 from colossuslm.errors import ColossusError
 from colossuslm.serve.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from colossuslm.serve.errors import InvalidRequestError, ModelNotFoundError, ServerBusyError
@@ -42,6 +42,7 @@ from colossuslm.serve.protocol import (
 from colossuslm.serve.request import RequestOutput
 from colossuslm.serve.sampling import SamplingParams, TokenLogprob
 from colossuslm.serve.settings import ServerSettings
+from colossuslm.serve.tool_calls import StreamedToolCalls, ToolUse, messages_for_template, resolve_tool_use
 
 
 @dataclass
@@ -58,6 +59,7 @@ class _Job:
     logprobs: bool = False  # the reply carries logprobs
     tokens_as_ids: bool = False  # ... naming tokens "token_id:N"
     text_offset: int = 0  # streamed completion logprobs: characters of the tokens already sent
+    tool_use: ToolUse | None = None  # a chat with tools: how its reply becomes tool calls
     closed: bool = False
 
 
@@ -115,9 +117,11 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------------- tokenizer
 
-    def encode_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_messages(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
         try:
-            return encode_chat(self.tokenizer, messages, add_generation_prompt)
+            return encode_chat(self.tokenizer, messages, add_generation_prompt, tools=tools)
         except ColossusError as exc:
             raise InvalidRequestError(str(exc), param="messages") from None
 
@@ -169,10 +173,23 @@ class OpenAIServing:
 
     async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
+        if body.tools and not self.chat_template.accepts_tools:
+            raise InvalidRequestError(no_place_for_tools(self.chat_template.description), param="tools")
+        tool_use = resolve_tool_use(body.tools, body.tool_choice, self.settings.tool_call_parser)
         params = body.sampling_params(body.max_reply_tokens, stop_token_ids=self.chat_stop_ids)
-        prompt_ids = self.encode_messages(body.messages)
+        if tool_use is not None and tool_use.forced:
+            if params.constraint is not None:
+                raise InvalidRequestError(
+                    f"tool_choice forces a tool call, whose arguments are the output's constraint; leave out "
+                    f"{params.constraint.param}",
+                    param="tool_choice",
+                )
+            params.constraint = tool_use.constraint()
+        tools = None if tool_use is None else tool_use.tools
+        prompt_ids = self.encode_messages(messages_for_template(body.messages), tools=tools)
         job = self._admit("chat", new_id("chatcmpl"), prompt_ids, params, body.include_usage)
         job.logprobs, job.tokens_as_ids = bool(body.logprobs), body.return_tokens_as_token_ids
+        job.tool_use = tool_use
         if body.stream:
             return self._streaming(job, self._chat_events(job))
         return await self._plain(job, request)
@@ -249,7 +266,13 @@ class OpenAIServing:
             logprobs = None
             if job.logprobs:
                 logprobs = chat_logprobs(result.token_ids, result.logprobs, self.token_strings, job.tokens_as_ids)
-            return chat_body(job.id, model, result.text, last.finish_reason, counts, logprobs)
+            content, calls, reason = result.text, [], last.finish_reason
+            if job.tool_use is not None:
+                content, calls = job.tool_use.calls(result.text)
+                if calls and not job.tool_use.forced:
+                    reason = "tool_calls"
+            tool_calls = [call.body() for call in calls] or None
+            return chat_body(job.id, model, content, reason, counts, logprobs, tool_calls)
         logprobs = self._completion_reply_logprobs(job, result.token_ids, result.logprobs, result.prompt_logprobs)
         text = (job.echo_text or "") + result.text
         return completion_body(job.id, model, text, last.finish_reason, counts, logprobs=logprobs)
@@ -280,11 +303,24 @@ class OpenAIServing:
         model = self.settings.model_name
         yield _sse(chat_chunk(job.id, model, {"role": "assistant", "content": ""}, None))
 
+        use = job.tool_use
+        tools = StreamedToolCalls(use) if use is not None and use.mode != "none" else None
+
         def chunk(text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
             logprobs = None
             if job.logprobs:
                 logprobs = chat_logprobs(*_tokens_and_logprobs(outs), self.token_strings, job.tokens_as_ids)
-            return chat_chunk(job.id, model, {"content": text} if text else {}, reason, logprobs)
+            if tools is None:
+                return chat_chunk(job.id, model, {"content": text} if text else {}, reason, logprobs)
+            delta = tools.delta(text) or {}
+            if reason is not None:
+                last, called = tools.finish()
+                if last and "content" in last and "content" in delta:
+                    delta["content"] += last["content"]
+                elif last:
+                    delta |= last
+                reason = "tool_calls" if called else reason
+            return chat_chunk(job.id, model, delta, reason, logprobs)
 
         async for event in self._events(job, chunk):
             yield event

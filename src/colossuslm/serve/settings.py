@@ -46,6 +46,9 @@ class ServerSettings:
     api_key: str | None = None
     max_concurrent_requests: int = 256  # beyond this, 429 rather than an ever-growing queue
     max_body_bytes: int = 1 << 20
+    # The format the model writes tool calls in, for tool_choice "auto" (serve/tool_calls.py);
+    # None: "auto" is refused, "required" and a named function still work.
+    tool_call_parser: str | None = None
 
 
 __all__ = ["EngineConfig", "ServerSettings"]
