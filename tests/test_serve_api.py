@@ -270,3 +270,17 @@ def test_metrics_are_prometheus_text(server, client):
         assert name in text
     generated = next(line for line in text.splitlines() if line.startswith("colossus_generation_tokens_total "))
     assert float(generated.split()[1]) > 0
+
+
+def test_metric_values_keep_their_precision():
+    from colossuslm.serve.metrics import Counter, Gauge
+
+    tokens = Counter("colossus_tokens_total", "tokens")
+    tokens.inc(1234567)
+    assert tokens.render()[-1] == "colossus_tokens_total 1234567"  # not 1.23457e+06
+    tokens.inc(0.25)
+    assert tokens.render()[-1] == "colossus_tokens_total 1234567.25"
+    assert (
+        Gauge("colossus_seconds", "s", lambda: 0.12215656400439912).render()[-1]
+        == "colossus_seconds 0.12215656400439912"
+    )

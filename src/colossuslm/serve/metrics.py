@@ -14,6 +14,12 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 Labels = tuple[tuple[str, str], ...]
 
 
+def _number(value: float) -> str:
+    """A sample value at full precision (`:g` keeps 6 digits: 1234567 tokens would read 1.23457e+06)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
 def _format_labels(labels: Labels, extra: str = "") -> str:
     parts = [f'{key}="{value}"' for key, value in labels]
     if extra:
@@ -32,7 +38,7 @@ class Counter:
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        lines += [f"{self.name}{_format_labels(k)} {v:g}" for k, v in sorted(self.values.items())]
+        lines += [f"{self.name}{_format_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
         return lines
 
 
@@ -43,7 +49,11 @@ class Gauge:
         self.name, self.help, self.read, self.kind = name, help_text, read, kind
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", f"{self.name} {self.read():g}"]
+        return [
+            f"# HELP {self.name} {self.help}",
+            f"# TYPE {self.name} {self.kind}",
+            f"{self.name} {_number(self.read())}",
+        ]
 
 
 class Histogram:
@@ -64,7 +74,7 @@ class Histogram:
         for bound, count in zip([*map(str, self.buckets), "+Inf"], self.counts):
             cumulative += count
             lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        lines += [f"{self.name}_sum {self.total:g}", f"{self.name}_count {self.count}"]
+        lines += [f"{self.name}_sum {_number(self.total)}", f"{self.name}_count {self.count}"]
         return lines
 
 
