@@ -26,7 +26,14 @@ from colossuslm.serve.kv_cache import PagedKVCache
 from colossuslm.serve.loading import LoadedModel, load_for_inference
 from colossuslm.serve.model_runner import StepItem, make_runner
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
-from colossuslm.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
+from colossuslm.serve.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    adjust_logits,
+    make_generator,
+    sample,
+    token_logprobs,
+)
 from colossuslm.serve.scheduler import ScheduledRequest, Scheduler
 from colossuslm.serve.settings import EngineConfig
 from colossuslm.serve.speculative import NgramProposer, SpeculativeStats, verify
@@ -118,6 +125,8 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
         prompt_len = len(prompt_ids)
         if params.max_tokens is None:
             if prompt_len >= self.max_model_len:
@@ -214,10 +223,14 @@ class LLMEngine:
             return outputs
         ready = [scheduled[i].request for i in rows]
         logits = out.logits if len(rows) == len(scheduled) else out.logits[torch.tensor(rows, device=out.logits.device)]
-        constrained = [i for i, r in enumerate(ready) if r.matcher is not None]
         choose_from = logits  # log-probabilities stay the model's own, as vLLM's raw_logprobs
+        adjusted = [i for i, r in enumerate(ready) if r.params.adjusts_logits]
+        if adjusted:
+            histories = [(ready[i].prompt_ids, ready[i].output_ids) for i in adjusted]
+            choose_from = adjust_logits(choose_from, adjusted, [ready[i].params for i in adjusted], histories)
+        constrained = [i for i, r in enumerate(ready) if r.matcher is not None]
         if constrained:
-            choose_from = constrain_logits(logits, constrained, [ready[i].matcher for i in constrained])
+            choose_from = constrain_logits(choose_from, constrained, [ready[i].matcher for i in constrained])
         # Only requests that sample draw from their generators, so chunking never shifts a seed's stream.
         next_tokens = sample(choose_from, [r.params for r in ready], [r.generator for r in ready])
         chosen_logprobs = self._chosen_logprobs(ready, logits, next_tokens)
@@ -283,8 +296,7 @@ class LLMEngine:
     def _propose_drafts(self) -> None:
         """Drafts for every request that is decoding (prompt computed, one token to go)."""
         started = time.perf_counter()
-        # A constrained request decodes a token at a time: drafts are not checked against its grammar.
-        self.proposer.propose_for([r for r in self.scheduler.decoding() if r.matcher is None])
+        self.proposer.propose_for([r for r in self.scheduler.decoding() if r.speculates])
         self.spec_stats.propose_seconds += time.perf_counter() - started  # drafts are on the host: synced
 
     @torch.inference_mode()

@@ -24,8 +24,8 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     # Unknown fields (user, metadata, ...) are accepted and ignored, as OpenAI's own API does;
-    # fields that would change what the reply is and are not implemented (penalties, logit bias,
-    # the deprecated functions) are declared below and refused, never silently dropped.
+    # fields that would change what the reply is and are not implemented (n > 1, the deprecated
+    # functions) are declared below and refused, never silently dropped.
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -39,7 +39,8 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
+    repetition_penalty: float | None = None  # extension (vLLM has it too)
     ignore_eos: bool = False  # extension, for benchmarks
     # vLLM's extension: logprobs name tokens "token_id:N", so tokens that print alike (pieces of
     # one character, all U+FFFD) stay apart.
@@ -59,9 +60,6 @@ class _SamplingFields(BaseModel):
     def check_supported(self) -> None:
         unsupported = [
             (self.n not in (None, 1), "n", "only n = 1 is supported; send several requests instead"),
-            (bool(self.presence_penalty), "presence_penalty", "is not supported; leave it at 0"),
-            (bool(self.frequency_penalty), "frequency_penalty", "is not supported; leave it at 0"),
-            (bool(self.logit_bias), "logit_bias", "is not supported"),
             (bool(self.functions), "functions", "is the deprecated form of tools; send tools instead"),
             (self.function_call not in (None, "none"), "function_call", "is deprecated; send tool_choice instead"),
         ]
@@ -89,7 +87,22 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             constraint=self.output_constraint(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.token_biases(),
         ).validate()
+
+    def token_biases(self) -> dict[int, float]:
+        biases = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                biases[int(key)] = float(value)
+            except (TypeError, ValueError):
+                raise InvalidRequestError(
+                    f"logit_bias maps token ids to numbers; {key!r}: {value!r} is not that", param="logit_bias"
+                ) from None
+        return biases
 
     def output_constraint(self) -> OutputConstraint | None:
         fields = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")

@@ -67,6 +67,13 @@ class Request:
         return self.prompt_ids[start:] + self.output_ids[: end - prompt_len]
 
     @property
+    def speculates(self) -> bool:
+        """Whether drafts may be proposed for it. Verification checks drafts against the model's
+        own distribution: not against a grammar (structured output), penalties or logit biases,
+        so such a request decodes a token at a time."""
+        return self.matcher is None and not self.params.adjusts_logits
+
+    @property
     def needs_prompt_hidden_states(self) -> bool:
         """Its prompt log-probabilities are still to be computed, which takes the hidden state at
         every prompt position: such a prompt is computed in full, never taken from the cache."""

@@ -15,6 +15,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 # Alternatives returned per token: vLLM's default max_logprobs and OpenAI's limit for chat
 # top_logprobs (OpenAI's legacy completions stop at 5; we allow the same 20 there, as vLLM does).
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 @dataclass
@@ -35,6 +36,20 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # The output must match this JSON schema, regex, choice or grammar (serve/structured_output.py).
     constraint: OutputConstraint | None = None
+    # OpenAI's penalties on tokens already generated: minus presence_penalty once a token has
+    # appeared, minus frequency_penalty per time it has (both in [-2, 2]).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's and transformers': tokens of the prompt or the output so far have their logit divided
+    # by it where positive, multiplied where negative (1 = off).
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether anything here changes the model's logits before sampling."""
+        penalties = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty - 1.0)
+        return any(penalties) or bool(self.logit_bias)
 
     def validate(self) -> SamplingParams:
         if self.top_k == -1:
@@ -56,6 +71,14 @@ class SamplingParams:
             (self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits"),
             (_valid_logprobs(self.logprobs), "logprobs", f"must be between 0 and {MAX_LOGPROBS}"),
             (_valid_logprobs(self.prompt_logprobs), "prompt_logprobs", f"must be between 0 and {MAX_LOGPROBS}"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2"),
+            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]"),
+            (
+                all(abs(v) <= MAX_LOGIT_BIAS for v in self.logit_bias.values()),
+                "logit_bias",
+                f"values must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}",
+            ),
         ]
         for ok, param, why in checks:
             if not ok:
@@ -96,6 +119,29 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top_n: list[in
         TokenLogprob(token, value, list(zip(top_ids[row][:n], top_values[row][:n])))
         for row, (token, value, n) in enumerate(zip(token_ids.tolist(), chosen, top_n))
     ]
+
+
+def adjust_logits(
+    logits: torch.Tensor, rows: list[int], params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+) -> torch.Tensor:
+    """A copy of fp32 `logits` [B, V] with each of `rows` penalised and biased as its params say.
+    `histories[i]` is (prompt ids, output ids) of row `rows[i]`; the penalties are vLLM's."""
+    adjusted = logits.clone()
+    vocab, device = logits.shape[-1], logits.device
+    for row, p, (prompt, output) in zip(rows, params, histories):
+        values = adjusted[row]
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(device)
+            values -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[torch.tensor(prompt + output, dtype=torch.long, device=device)] = True
+            penalised = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            values.copy_(torch.where(seen, penalised, values))
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)
+            values[ids] += torch.tensor(list(p.logit_bias.values()), dtype=values.dtype, device=device)
+    return adjusted
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -171,6 +217,7 @@ __all__ = [
     "MAX_LOGPROBS",
     "SamplingParams",
     "TokenLogprob",
+    "adjust_logits",
     "make_generator",
     "sample",
     "sampling_probs",
