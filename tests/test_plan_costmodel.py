@@ -253,6 +253,16 @@ def test_triton_flash_attention_lags_fa2_on_ampere_and_matches_it_on_hopper(h100
     assert costmodel.TRITON_FLASH_ON_AMPERE < 1.0
 
 
+def test_a_share_of_tp_traffic_pipelined_lies_between_no_overlap_and_full_overlap():
+    comm, window, tp = 1.0, 3.0, 8
+    full = costmodel.exposed_tp(comm, window, True, tp)
+    none = costmodel.exposed_tp(comm, window, False, tp)
+    assert costmodel.exposed_tp(comm, window, True, tp, share=1.0) == full
+    assert costmodel.exposed_tp(comm, window, True, tp, share=0.0) == pytest.approx(none)
+    partial = costmodel.exposed_tp(comm, window, True, tp, share=costmodel.TORCH_ASYNC_TP_SHARE)
+    assert full < partial < none
+
+
 def test_every_other_matmul_selective_recompute():
     c = _layer()
     sw = Stack(selective="every_other_matmul")

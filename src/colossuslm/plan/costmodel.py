@@ -51,6 +51,12 @@ FA2_ON_HOPPER = 0.6
 # for mma.sync. On Hopper and later neither uses wgmma/TMA and both run at FA2_ON_HOPPER of the
 # fused kernels' rate. Set once against the fit rows (llm-foundry's A100 sequence-length sweep).
 TRITON_FLASH_ON_AMPERE = 0.65
+# PyTorch's async TP (torch.compile's micro-pipeline pass over symmetric memory, torchtitan's
+# enable_async_tensor_parallel) pipelines this share of the TP traffic with GEMMs; the rest stays
+# blocking. With all of it pipelined, as Megatron-Core's overlap is, async TP was credited 1.18-1.25x
+# over vanilla TP where torchtitan measured 1.06-1.10x. Set once against the fit rows (its 70B
+# async-TP row is closest at 0.4).
+TORCH_ASYNC_TP_SHARE = 0.4
 # Materialised attention: bytes moved per score element in the forward pass
 # (write scores, scale-mask-softmax read+write, dropout read+write+mask).
 SCORE_BYTES_FORWARD = 11
@@ -93,6 +99,9 @@ class Stack(Software):
     # gradient sync off until the last backward): one gather and one reduce-scatter a step, at
     # the memory of unsharded stage weights and gradients, which plan/memory.py does not count.
     fsdp_under_pp: Literal["per_micro_batch", "per_step"] = "per_micro_batch"
+    # Whose TP overlap `tp_overlap` is: Megatron-Core's (userbuffers) or PyTorch's async TP, which
+    # pipelines TORCH_ASYNC_TP_SHARE of the traffic.
+    tp_overlap_impl: Literal["megatron", "torch_async"] = "megatron"
 
 
 def pipeline_bubble(schedule: str, pp: int, vp: int) -> float:
@@ -140,7 +149,7 @@ def exposed(comm_time: float, window: float, overlap: bool) -> float:
     return max(0.0, comm_time - window) + OVERLAP_INTERFERENCE * min(comm_time, window)
 
 
-def exposed_tp(comm_time: float, window: float, overlap: bool, tp: int) -> float:
+def exposed_tp(comm_time: float, window: float, overlap: bool, tp: int, share: float = 1.0) -> float:
     """Tensor-parallel traffic left exposed. Overlapped TP (Megatron-Core's TP comm overlap,
     PyTorch async TP) splits each collective into `tp` chunks pipelined with GEMMs over the
     chunks already there (a ring): an all-gather + GEMM starts on the local shard, so all of it
@@ -150,8 +159,9 @@ def exposed_tp(comm_time: float, window: float, overlap: bool, tp: int) -> float
     every Megatron-Core row with TP overlap 10-25 % slow, so its kernels keep their efficiency."""
     if not overlap or tp <= 1:
         return exposed(comm_time, window, overlap)
-    last = 0.5 * comm_time / tp
-    return last + exposed(comm_time - last, window, True)
+    pipelined = share * comm_time  # the rest of it blocks, as without overlap
+    last = 0.5 * pipelined / tp
+    return comm_time - pipelined + last + exposed(pipelined - last, window, True)
 
 
 def gemm_knee(gpu: GPU, fp8: bool) -> float:
@@ -202,7 +212,8 @@ class LayerCost:
     tp_degree: int = 1
 
     def tp_exposed(self, sw: Software, window: float) -> float:
-        return exposed_tp(self.tp, window, sw.tp_overlap, self.tp_degree)
+        share = TORCH_ASYNC_TP_SHARE if stack_feature(sw, "tp_overlap_impl") == "torch_async" else 1.0
+        return exposed_tp(self.tp, window, sw.tp_overlap, self.tp_degree, share)
 
     def ep_window(self, sw: Software, scale: float) -> float:
         # DualPipe-style schedules hide one micro-batch's all-to-all behind another's whole
