@@ -169,7 +169,7 @@ def test_concurrent_requests_are_all_served(server, client):
         ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
-        ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n = 1"),
+        ({"model": MODEL, "prompt": "x", "n": 129}, 400, "between 1 and 128"),
         ({"model": MODEL, "prompt": "word " * 200}, 400, "maximum context length is 128"),
         ({"model": MODEL}, 400, "prompt"),
     ],

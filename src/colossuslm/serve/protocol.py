@@ -14,6 +14,8 @@ from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from colossuslm.serve.structured_output import OutputConstraint, constraint_from_request
 
+# Choices one request may ask for (OpenAI's limit); each is a sequence of its own in the batch.
+MAX_CHOICES = 128
 # JSON has no -inf; vLLM reports a token the model rules out entirely with this stand-in too.
 LOGPROB_FLOOR = -9999.0
 
@@ -32,7 +34,7 @@ class _SamplingFields(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # extension (vLLM has it too)
-    n: int | None = 1
+    n: int | None = 1  # choices: n sequences, seeds seed, seed + 1, ... when a seed is given
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -59,7 +61,11 @@ class _SamplingFields(BaseModel):
 
     def check_supported(self) -> None:
         unsupported = [
-            (self.n not in (None, 1), "n", "only n = 1 is supported; send several requests instead"),
+            (
+                not (self.n is None or 1 <= self.n <= MAX_CHOICES),
+                "n",
+                f"must be between 1 and {MAX_CHOICES}",
+            ),
             (bool(self.functions), "functions", "is the deprecated form of tools; send tools instead"),
             (self.function_call not in (None, "none"), "function_call", "is deprecated; send tool_choice instead"),
         ]
@@ -107,6 +113,10 @@ class _SamplingFields(BaseModel):
     def output_constraint(self) -> OutputConstraint | None:
         fields = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
         return constraint_from_request({name: getattr(self, name) for name in (*fields, "structured_outputs")})
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
@@ -219,65 +229,58 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
 def completion_body(
-    request_id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    usage_counts: dict | None,
-    chunk: bool = False,
-    logprobs: dict | None = None,
+    request_id: str, model: str, choices: list[dict], usage_counts: dict | None, chunk: bool = False
 ) -> dict:
     body = {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": choices,
     }
     if usage_counts is not None or not chunk:
         body["usage"] = usage_counts
     return body
 
 
-def chat_body(
-    request_id: str,
-    model: str,
-    text: str | None,
+def chat_choice(
+    index: int,
+    content: str | None,
     finish_reason: str | None,
-    usage_counts: dict,
     logprobs: dict | None = None,
     tool_calls: list[dict] | None = None,
 ) -> dict:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     if tool_calls:
         message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_body(request_id: str, model: str, choices: list[dict], usage_counts: dict) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": choices,
         "usage": usage_counts,
     }
 
 
 def chat_chunk(
-    request_id: str, model: str, delta: dict, finish_reason: str | None, logprobs: dict | None = None
+    request_id: str, model: str, delta: dict, finish_reason: str | None, logprobs: dict | None = None, index: int = 0
 ) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 

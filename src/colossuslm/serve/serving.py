@@ -10,6 +10,7 @@ as server-sent events). It raises `ApiError`s; the router turns them into OpenAI
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,9 +31,11 @@ from colossuslm.serve.protocol import (
     TokenizeRequest,
     TokenStrings,
     chat_body,
+    chat_choice,
     chat_chunk,
     chat_logprobs,
     completion_body,
+    completion_choice,
     completion_logprobs,
     error_body,
     new_id,
@@ -46,19 +49,28 @@ from colossuslm.serve.tool_calls import StreamedToolCalls, ToolUse, messages_for
 
 
 @dataclass
+class _Choice:
+    """One of a request's n sequences (`n` > 1: several engine requests on the same prompt)."""
+
+    index: int
+    stream: RequestStream
+    echo_text: str | None = None  # completions with echo: the prompt, returned before the completion
+    text_offset: int = 0  # streamed completion logprobs: characters of the tokens already sent
+    tool_stream: StreamedToolCalls | None = None  # a streamed chat with tools: its reply becoming calls
+
+
+@dataclass
 class _Job:
     """One admitted generation request, for the streaming and the plain paths alike."""
 
     kind: str  # "chat" | "completion"
     id: str
-    stream: RequestStream
+    choices: list[_Choice]
     include_usage: bool
     started: float
     prompt_ids: list[int]
-    echo_text: str | None = None  # completions with echo: the prompt, returned before the completion
     logprobs: bool = False  # the reply carries logprobs
     tokens_as_ids: bool = False  # ... naming tokens "token_id:N"
-    text_offset: int = 0  # streamed completion logprobs: characters of the tokens already sent
     tool_use: ToolUse | None = None  # a chat with tools: how its reply becomes tool calls
     closed: bool = False
 
@@ -75,8 +87,8 @@ class _Collected:
     prompt_logprobs: list[TokenLogprob | None] | None
 
 
-# A chunk of a streamed reply: (text, finish reason, the outputs it covers) -> the event's payload.
-ChunkFn = Callable[[str, str | None, list[RequestOutput]], dict]
+# A chunk of a streamed reply: (choice, text, finish reason, the outputs it covers) -> the event's payload.
+ChunkFn = Callable[[_Choice, str, str | None, list[RequestOutput]], dict]
 
 
 class OpenAIServing:
@@ -161,12 +173,12 @@ class OpenAIServing:
         params = body.sampling_params(body.max_tokens, stop_token_ids=[])
         prompt = body.single_prompt()
         prompt_ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
-        job = self._admit("completion", new_id("cmpl"), prompt_ids, params, body.include_usage)
+        job = self._admit("completion", new_id("cmpl"), prompt_ids, params, body.num_choices, body.include_usage)
         job.logprobs, job.tokens_as_ids = body.logprobs is not None, body.return_tokens_as_token_ids
         if body.echo:
-            job.echo_text = (
-                prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)
-            )
+            echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)
+            for choice in job.choices:
+                choice.echo_text = echo
         if body.stream:
             return self._streaming(job, self._completion_events(job))
         return await self._plain(job, request)
@@ -187,7 +199,7 @@ class OpenAIServing:
             params.constraint = tool_use.constraint()
         tools = None if tool_use is None else tool_use.tools
         prompt_ids = self.encode_messages(messages_for_template(body.messages), tools=tools)
-        job = self._admit("chat", new_id("chatcmpl"), prompt_ids, params, body.include_usage)
+        job = self._admit("chat", new_id("chatcmpl"), prompt_ids, params, body.num_choices, body.include_usage)
         job.logprobs, job.tokens_as_ids = bool(body.logprobs), body.return_tokens_as_token_ids
         job.tool_use = tool_use
         if body.stream:
@@ -195,26 +207,44 @@ class OpenAIServing:
         return await self._plain(job, request)
 
     def _admit(
-        self, kind: str, request_id: str, prompt_ids: list[int], params: SamplingParams, include_usage: bool
+        self, kind: str, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int, include_usage: bool
     ) -> _Job:
+        """Admit n sequences (each counts against the limit); choice i samples with seed + i."""
         limit = self.settings.max_concurrent_requests
-        if self.in_flight >= limit:
+        if self.in_flight + n > limit:
             raise ServerBusyError(
-                f"The server is handling {limit} requests, its limit; retry shortly.", code="server_busy"
+                f"The server is handling {self.in_flight} of its {limit} sequences; {n} more do not fit, retry "
+                "shortly.",
+                code="server_busy",
             )
-        stream = self.engine.add_request(prompt_ids, params, request_id)  # validates: 400 before any output
-        self.in_flight += 1
-        return _Job(kind, request_id, stream, include_usage, time.monotonic(), list(prompt_ids))
+        choices: list[_Choice] = []
+        try:
+            for index in range(n):
+                seeded = (
+                    params
+                    if params.seed is None or index == 0
+                    else dataclasses.replace(params, seed=params.seed + index)
+                )
+                engine_id = request_id if n == 1 else f"{request_id}-{index}"
+                # validates: a 400 before any output
+                choices.append(_Choice(index, self.engine.add_request(prompt_ids, seeded, engine_id)))
+        except BaseException:
+            for choice in choices:
+                choice.stream.abort()
+            raise
+        self.in_flight += n
+        return _Job(kind, request_id, choices, include_usage, time.monotonic(), list(prompt_ids))
 
     def _finish(
         self, job: _Job, prompt_tokens: int = 0, completion_tokens: int = 0, first_token: float | None = None
     ) -> None:
-        """Release the job's admission and engine slot, and record it; idempotent."""
+        """Release the job's admission and engine slots, and record it; idempotent."""
         if job.closed:
             return
         job.closed = True
-        self.in_flight -= 1
-        job.stream.abort()  # no-op if it finished; frees the slot if the client left early
+        self.in_flight -= len(job.choices)
+        for choice in job.choices:
+            choice.stream.abort()  # no-op if it finished; frees the slot if the client left early
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(completion_tokens)
         if first_token is not None:
@@ -224,6 +254,7 @@ class OpenAIServing:
     def _completion_reply_logprobs(
         self,
         job: _Job,
+        choice: _Choice,
         token_ids: list[int],
         entries: list[TokenLogprob],
         prompt_logprobs: list[TokenLogprob | None] | None,
@@ -233,49 +264,51 @@ class OpenAIServing:
             return None
         if prompt_logprobs is not None:
             token_ids, entries = job.prompt_ids + token_ids, prompt_logprobs + entries
-        body = completion_logprobs(token_ids, entries, self.token_strings, job.text_offset, job.tokens_as_ids)
-        job.text_offset += sum(len(self.token_strings.text_of(t)) for t in token_ids)
+        body = completion_logprobs(token_ids, entries, self.token_strings, choice.text_offset, job.tokens_as_ids)
+        choice.text_offset += sum(len(self.token_strings.text_of(t)) for t in token_ids)
         return body
 
     # ------------------------------------------------------------------------- a whole reply
 
     async def _plain(self, job: _Job, request: Request) -> Response:
-        """Collect the whole reply; give up (and free the slot) if the client disconnects meanwhile."""
-        collected = asyncio.ensure_future(collect(job.stream))
+        """Collect the whole reply; give up (and free the slots) if the client disconnects meanwhile."""
+        collected = asyncio.ensure_future(asyncio.gather(*(collect(c.stream) for c in job.choices)))
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
-        result: _Collected | None = None
+        results: list[_Collected] | None = None
         try:
             await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
             if collected.done():
-                result = collected.result()  # raises EngineDeadError if the engine failed
+                results = collected.result()  # raises EngineDeadError if the engine failed
         finally:
             gone.cancel()
             collected.cancel()
-            if result is None:
+            if results is None:
                 self._finish(job)
             else:
-                self._finish(job, result.last.prompt_tokens, result.last.completion_tokens, result.first_token)
-        if result is None:
+                generated = sum(r.last.completion_tokens for r in results)
+                self._finish(job, results[0].last.prompt_tokens, generated, min(r.first_token for r in results))
+        if results is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody will read it
-        return JSONResponse(self._reply_body(job, result))
+        counts = usage(results[0].last.prompt_tokens, sum(r.last.completion_tokens for r in results))
+        choices = [self._reply_choice(job, c, r) for c, r in zip(job.choices, results)]
+        body = chat_body if job.kind == "chat" else completion_body
+        return JSONResponse(body(job.id, self.settings.model_name, choices, counts))
 
-    def _reply_body(self, job: _Job, result: _Collected) -> dict:
-        last, model = result.last, self.settings.model_name
-        counts = usage(last.prompt_tokens, last.completion_tokens)
+    def _reply_choice(self, job: _Job, choice: _Choice, result: _Collected) -> dict:
+        reason = result.last.finish_reason
         if job.kind == "chat":
             logprobs = None
             if job.logprobs:
                 logprobs = chat_logprobs(result.token_ids, result.logprobs, self.token_strings, job.tokens_as_ids)
-            content, calls, reason = result.text, [], last.finish_reason
+            content, calls = result.text, []
             if job.tool_use is not None:
                 content, calls = job.tool_use.calls(result.text)
                 if calls and not job.tool_use.forced:
                     reason = "tool_calls"
-            tool_calls = [call.body() for call in calls] or None
-            return chat_body(job.id, model, content, reason, counts, logprobs, tool_calls)
-        logprobs = self._completion_reply_logprobs(job, result.token_ids, result.logprobs, result.prompt_logprobs)
-        text = (job.echo_text or "") + result.text
-        return completion_body(job.id, model, text, last.finish_reason, counts, logprobs=logprobs)
+            return chat_choice(choice.index, content, reason, logprobs, [call.body() for call in calls] or None)
+        entries = result.logprobs
+        logprobs = self._completion_reply_logprobs(job, choice, result.token_ids, entries, result.prompt_logprobs)
+        return completion_choice(choice.index, (choice.echo_text or "") + result.text, reason, logprobs)
 
     # ------------------------------------------------------------------------- streaming
 
@@ -288,30 +321,33 @@ class OpenAIServing:
         )
 
     async def _completion_events(self, job: _Job) -> AsyncIterator[str]:
-        def chunk(text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
+        def chunk(choice: _Choice, text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
             prompt_logprobs = None
-            if job.echo_text is not None:  # the first chunk carries the echoed prompt, and its logprobs
-                text, prompt_logprobs = job.echo_text + text, outs[0].prompt_logprobs
-                job.echo_text = None
-            logprobs = self._completion_reply_logprobs(job, *_tokens_and_logprobs(outs), prompt_logprobs)
-            return completion_body(job.id, self.settings.model_name, text, reason, None, chunk=True, logprobs=logprobs)
+            if choice.echo_text is not None:  # the first chunk carries the echoed prompt, and its logprobs
+                text, prompt_logprobs = choice.echo_text + text, outs[0].prompt_logprobs
+                choice.echo_text = None
+            logprobs = self._completion_reply_logprobs(job, choice, *_tokens_and_logprobs(outs), prompt_logprobs)
+            choices = [completion_choice(choice.index, text, reason, logprobs)]
+            return completion_body(job.id, self.settings.model_name, choices, None, chunk=True)
 
         async for event in self._events(job, chunk):
             yield event
 
     async def _chat_events(self, job: _Job) -> AsyncIterator[str]:
         model = self.settings.model_name
-        yield _sse(chat_chunk(job.id, model, {"role": "assistant", "content": ""}, None))
-
         use = job.tool_use
-        tools = StreamedToolCalls(use) if use is not None and use.mode != "none" else None
+        for choice in job.choices:
+            yield _sse(chat_chunk(job.id, model, {"role": "assistant", "content": ""}, None, index=choice.index))
+            if use is not None and use.mode != "none":
+                choice.tool_stream = StreamedToolCalls(use)
 
-        def chunk(text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
+        def chunk(choice: _Choice, text: str, reason: str | None, outs: list[RequestOutput]) -> dict:
             logprobs = None
             if job.logprobs:
                 logprobs = chat_logprobs(*_tokens_and_logprobs(outs), self.token_strings, job.tokens_as_ids)
+            tools = choice.tool_stream
             if tools is None:
-                return chat_chunk(job.id, model, {"content": text} if text else {}, reason, logprobs)
+                return chat_chunk(job.id, model, {"content": text} if text else {}, reason, logprobs, choice.index)
             delta = tools.delta(text) or {}
             if reason is not None:
                 last, called = tools.finish()
@@ -320,32 +356,65 @@ class OpenAIServing:
                 elif last:
                     delta |= last
                 reason = "tool_calls" if called else reason
-            return chat_chunk(job.id, model, delta, reason, logprobs)
+            return chat_chunk(job.id, model, delta, reason, logprobs, choice.index)
 
         async for event in self._events(job, chunk):
             yield event
 
     async def _events(self, job: _Job, chunk: ChunkFn) -> AsyncIterator[str]:
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = 0
+        completion_tokens = [0] * len(job.choices)
         first_token = None
-        pending: list[RequestOutput] = []  # outputs whose text is still held back, logprobs and all
+        pending: list[list[RequestOutput]] = [[] for _ in job.choices]  # outputs whose text is held back
         try:
-            async for out in job.stream:
+            async for choice, out in _merged(job.choices):
                 if first_token is None:
                     first_token = time.monotonic()
-                prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
-                pending.append(out)
+                prompt_tokens, completion_tokens[choice.index] = out.prompt_tokens, out.completion_tokens
+                pending[choice.index].append(out)
                 if out.text or out.finished:
-                    yield _sse(chunk(out.text, out.finish_reason, pending))
-                    pending = []
+                    yield _sse(chunk(choice, out.text, out.finish_reason, pending[choice.index]))
+                    pending[choice.index] = []
             if job.include_usage:
-                counts = usage(prompt_tokens, completion_tokens)
+                counts = usage(prompt_tokens, sum(completion_tokens))
                 yield _sse(usage_chunk(job.id, self.settings.model_name, job.kind, counts))
             yield "data: [DONE]\n\n"
         except EngineDeadError as exc:
             yield _sse(error_body(str(exc), "server_error"))
         finally:
-            self._finish(job, prompt_tokens, completion_tokens, first_token)
+            self._finish(job, prompt_tokens, sum(completion_tokens), first_token)
+
+
+async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
+    """The outputs of every choice's stream as they come (one stream: simply its outputs)."""
+    if len(choices) == 1:
+        async for out in choices[0].stream:
+            yield choices[0], out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: _Choice) -> None:
+        try:
+            async for out in choice.stream:
+                queue.put_nowait((choice, out))
+            queue.put_nowait((choice, None))
+        except BaseException as exc:  # EngineDeadError: re-raised where the outputs are read
+            queue.put_nowait((choice, exc))
+
+    tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+    try:
+        running = len(choices)
+        while running:
+            choice, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield choice, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class _ClosingStreamingResponse(StreamingResponse):
