@@ -61,6 +61,11 @@ def test_greedy_choices_are_alike(client):
 
 
 def test_choices_count_against_the_server_limit(client):
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.BadRequestError) as info:  # could never fit: not a retry later
         client.chat.completions.create(model="m", messages=HI, max_tokens=2, n=LIMIT + 1)
+    assert info.value.body["param"] == "n"
     assert len(client.chat.completions.create(model="m", messages=HI, max_tokens=2, n=LIMIT).choices) == LIMIT
+    with client.chat.completions.create(model="m", messages=HI, max_tokens=50, n=LIMIT - 1, stream=True) as busy:
+        next(iter(busy))  # LIMIT - 1 sequences admitted and running
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="m", messages=HI, max_tokens=2, n=2)

@@ -189,14 +189,8 @@ class OpenAIServing:
             raise InvalidRequestError(no_place_for_tools(self.chat_template.description), param="tools")
         tool_use = resolve_tool_use(body.tools, body.tool_choice, self.settings.tool_call_parser)
         params = body.sampling_params(body.max_reply_tokens, stop_token_ids=self.chat_stop_ids)
-        if tool_use is not None and tool_use.forced:
-            if params.constraint is not None:
-                raise InvalidRequestError(
-                    f"tool_choice forces a tool call, whose arguments are the output's constraint; leave out "
-                    f"{params.constraint.param}",
-                    param="tool_choice",
-                )
-            params.constraint = tool_use.constraint()
+        if tool_use is not None:
+            tool_use.constrain(params)
         tools = None if tool_use is None else tool_use.tools
         prompt_ids = self.encode_messages(messages_for_template(body.messages), tools=tools)
         job = self._admit("chat", new_id("chatcmpl"), prompt_ids, params, body.num_choices, body.include_usage)
@@ -211,6 +205,8 @@ class OpenAIServing:
     ) -> _Job:
         """Admit n sequences (each counts against the limit); choice i samples with seed + i."""
         limit = self.settings.max_concurrent_requests
+        if n > limit:
+            raise InvalidRequestError(f"n = {n} is more than the {limit} sequences this server runs at once", param="n")
         if self.in_flight + n > limit:
             raise ServerBusyError(
                 f"The server is handling {self.in_flight} of its {limit} sequences; {n} more do not fit, retry "

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from colossuslm.serve.errors import InvalidRequestError
+from colossuslm.serve.sampling import SamplingParams
 from colossuslm.serve.structured_output import OutputConstraint
 
 TOOL_CALL_PARSERS = ("hermes",)
@@ -56,6 +57,18 @@ class ToolUse:
     mode: str  # "none" | "auto" | "required" | "named"
     named: str | None = None  # the forced function, for "named"
     parser: str | None = None  # for "auto"
+
+    def constrain(self, params: SamplingParams) -> None:
+        """Make a forced call's arguments the output's constraint; no other may be given."""
+        if not self.forced:
+            return
+        if params.constraint is not None:
+            raise InvalidRequestError(
+                f"tool_choice forces a tool call, whose arguments are the output's constraint; leave out "
+                f"{params.constraint.param}",
+                param="tool_choice",
+            )
+        params.constraint = self.constraint()
 
     def constraint(self) -> OutputConstraint | None:
         """Structured output that forces the call, for "required" and "named"."""
