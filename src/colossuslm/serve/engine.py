@@ -223,16 +223,10 @@ class LLMEngine:
             return outputs
         ready = [scheduled[i].request for i in rows]
         logits = out.logits if len(rows) == len(scheduled) else out.logits[torch.tensor(rows, device=out.logits.device)]
-        choose_from = logits  # log-probabilities stay the model's own, as vLLM's raw_logprobs
-        adjusted = [i for i, r in enumerate(ready) if r.params.adjusts_logits]
-        if adjusted:
-            histories = [(ready[i].prompt_ids, ready[i].output_ids) for i in adjusted]
-            choose_from = adjust_logits(choose_from, adjusted, [ready[i].params for i in adjusted], histories)
-        constrained = [i for i, r in enumerate(ready) if r.matcher is not None]
-        if constrained:
-            choose_from = constrain_logits(choose_from, constrained, [ready[i].matcher for i in constrained])
         # Only requests that sample draw from their generators, so chunking never shifts a seed's stream.
-        next_tokens = sample(choose_from, [r.params for r in ready], [r.generator for r in ready])
+        next_tokens = sample(
+            self._logits_to_sample(ready, logits), [r.params for r in ready], [r.generator for r in ready]
+        )
         chosen_logprobs = self._chosen_logprobs(ready, logits, next_tokens)
         for request, token, logprob in zip(ready, next_tokens, chosen_logprobs):
             if request.params.max_tokens == 0:  # the prompt was only to be scored
@@ -240,6 +234,20 @@ class LLMEngine:
             else:
                 outputs.append(self._append_token(request, token, logprob))
         return outputs
+
+    @staticmethod
+    def _logits_to_sample(ready: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """What sampling draws from: the logits with penalties and biases applied, then limited to
+        what each structured-output constraint allows, for the requests that ask (a copy: the
+        log-probabilities returned stay the model's own, as vLLM's raw_logprobs)."""
+        adjusted = [i for i, r in enumerate(ready) if r.params.adjusts_logits]
+        if adjusted:
+            histories = [(ready[i].prompt_ids, ready[i].output_ids) for i in adjusted]
+            logits = adjust_logits(logits, adjusted, [ready[i].params for i in adjusted], histories)
+        constrained = [i for i, r in enumerate(ready) if r.matcher is not None]
+        if constrained:
+            logits = constrain_logits(logits, constrained, [ready[i].matcher for i in constrained])
+        return logits
 
     @staticmethod
     def _step_item(work: ScheduledRequest) -> StepItem:
