@@ -26,8 +26,8 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     # Unknown fields (user, metadata, ...) are accepted and ignored, as OpenAI's own API does;
-    # fields that would change what the reply is and are not implemented (n > 1, the deprecated
-    # functions) are declared below and refused, never silently dropped.
+    # fields that would change what the reply is and are not implemented (the deprecated
+    # functions / function_call) are declared below and refused, never silently dropped.
     model_config = ConfigDict(extra="allow")
 
     model: str
