@@ -3,10 +3,12 @@ and a small random-weight Transformer, saved with the trainer's own `save_checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,21 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def openai_client(checkpoint: Path, settings, config=None) -> Iterator:
+    """The official `openai` client of a real server on `checkpoint` (an engine with `config`,
+    the app with `settings`), for as long as the block runs."""
+    import openai
+
+    from colossuslm.serve.api import create_app
+    from colossuslm.serve.async_engine import AsyncEngine
+    from colossuslm.serve.engine import LLMEngine
+
+    engine = AsyncEngine(LLMEngine.from_checkpoint(checkpoint, device="cpu", config=config)).start()
+    try:
+        with ServerThread(create_app(engine, settings)) as server:
+            yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    finally:
+        engine.shutdown()

@@ -4,10 +4,9 @@ seed + i), plain and streamed, over HTTP with the official `openai` client."""
 import openai
 import pytest
 
-from colossuslm.serve.api import ServerSettings, create_app
-from colossuslm.serve.async_engine import AsyncEngine
-from colossuslm.serve.engine import EngineConfig, LLMEngine
-from tests.serve_helpers import ServerThread, make_checkpoint, one_torch_thread  # noqa: F401 (fixture)
+from colossuslm.serve.api import ServerSettings
+from colossuslm.serve.engine import EngineConfig
+from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
 
 LIMIT = 6
 HI = [{"role": "user", "content": "Hello there! How are you?"}]
@@ -16,11 +15,9 @@ HI = [{"role": "user", "content": "Hello there! How are you?"}]
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     ckpt = make_checkpoint(tmp_path_factory.mktemp("choices"))
-    engine = AsyncEngine(LLMEngine.from_checkpoint(ckpt, device="cpu", config=EngineConfig(max_num_seqs=4))).start()
     settings = ServerSettings(model_name="m", max_concurrent_requests=LIMIT)
-    with ServerThread(create_app(engine, settings)) as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
-    engine.shutdown()
+    with openai_client(ckpt, settings, EngineConfig(max_num_seqs=4)) as client:
+        yield client
 
 
 def test_each_choice_is_the_request_with_its_own_seed(client):

@@ -5,12 +5,11 @@ import openai
 import pytest
 import torch
 
-from colossuslm.serve.api import ServerSettings, create_app
-from colossuslm.serve.async_engine import AsyncEngine
+from colossuslm.serve.api import ServerSettings
 from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import SamplingParams, adjust_logits
-from tests.serve_helpers import ServerThread, make_checkpoint, one_torch_thread  # noqa: F401 (fixture)
+from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
 
 
 def reference_adjust(logits: list[float], params: SamplingParams, prompt: list[int], output: list[int]) -> list[float]:
@@ -103,23 +102,18 @@ def test_penalised_requests_are_not_speculated_and_decode_the_same(checkpoint, e
     assert speculative.stats().spec_draft_tokens == 0
 
 
-def test_http_fields(checkpoint):
-    engine = AsyncEngine(LLMEngine.from_checkpoint(checkpoint, device="cpu")).start()
-    try:
-        with ServerThread(create_app(engine, ServerSettings(model_name="m"))) as server:
-            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
-            reply = client.completions.create(
-                model="m", prompt="Hello", max_tokens=3, logit_bias={"7": 100}, frequency_penalty=1.0
-            )
-            assert reply.choices[0].text == engine.engine.tokenizer.decode([7, 7, 7])  # +100 outweighs -1 a time
-            for extra, param in [
-                ({"presence_penalty": 3}, "presence_penalty"),
-                ({"logit_bias": {"seven": 1}}, "logit_bias"),
-                ({"logit_bias": {"7": 500}}, "logit_bias"),
-                ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
-            ]:
-                with pytest.raises(openai.BadRequestError) as info:
-                    client.completions.create(model="m", prompt="Hello", max_tokens=2, **extra)
-                assert info.value.body["param"] == param
-    finally:
-        engine.shutdown()
+def test_http_fields(checkpoint, engine):
+    with openai_client(checkpoint, ServerSettings(model_name="m")) as client:
+        reply = client.completions.create(
+            model="m", prompt="Hello", max_tokens=3, logit_bias={"7": 100}, frequency_penalty=1.0
+        )
+        assert reply.choices[0].text == engine.tokenizer.decode([7, 7, 7])  # +100 outweighs -1 a time
+        for extra, param in [
+            ({"presence_penalty": 3}, "presence_penalty"),
+            ({"logit_bias": {"seven": 1}}, "logit_bias"),
+            ({"logit_bias": {"7": 500}}, "logit_bias"),
+            ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as info:
+                client.completions.create(model="m", prompt="Hello", max_tokens=2, **extra)
+            assert info.value.body["param"] == param

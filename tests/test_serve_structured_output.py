@@ -8,13 +8,12 @@ import openai
 import pytest
 import torch
 
-from colossuslm.serve.api import ServerSettings, create_app
-from colossuslm.serve.async_engine import AsyncEngine
+from colossuslm.serve.api import ServerSettings
 from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import SamplingParams
 from colossuslm.serve.structured_output import allowed_tokens, constraint_from_request
-from tests.serve_helpers import ServerThread, make_checkpoint, one_torch_thread  # noqa: F401 (fixture)
+from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
 
 SCHEMA = {
     "type": "object",
@@ -142,12 +141,8 @@ def test_bad_constraints_are_refused_naming_the_field(engine, fields, param, fra
 
 @pytest.fixture(scope="module")
 def client(checkpoint):
-    engine = AsyncEngine(
-        LLMEngine.from_checkpoint(checkpoint, device="cpu", config=EngineConfig(max_num_seqs=4))
-    ).start()
-    with ServerThread(create_app(engine, ServerSettings(model_name="tiny"))) as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    engine.shutdown()
+    with openai_client(checkpoint, ServerSettings(model_name="tiny"), EngineConfig(max_num_seqs=4)) as client:
+        yield client
 
 
 def test_openai_client_gets_json_matching_its_schema(client):

@@ -9,12 +9,11 @@ import pytest
 
 from colossuslm.data.chat import chat_template_of
 from colossuslm.data.chat_template import load_model_tokenizer
-from colossuslm.serve.api import ServerSettings, create_app
-from colossuslm.serve.async_engine import AsyncEngine
-from colossuslm.serve.engine import EngineConfig, LLMEngine
+from colossuslm.serve.api import ServerSettings
+from colossuslm.serve.engine import EngineConfig
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.tool_calls import StreamedToolCalls, messages_for_template, parse_hermes, resolve_tool_use
-from tests.serve_helpers import ServerThread, make_checkpoint, one_torch_thread  # noqa: F401 (fixture)
+from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
 
 # Qwen2.5's way with tools, shortened: definitions in the system turn, calls as <tool_call> JSON,
 # results as <tool_response> in a user turn.
@@ -93,13 +92,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(checkpoint):
-    engine = AsyncEngine(
-        LLMEngine.from_checkpoint(checkpoint, device="cpu", config=EngineConfig(max_num_seqs=4))
-    ).start()
     settings = ServerSettings(model_name="tiny", tool_call_parser="hermes")
-    with ServerThread(create_app(engine, settings)) as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    engine.shutdown()
+    with openai_client(checkpoint, settings, EngineConfig(max_num_seqs=4)) as client:
+        yield client
 
 
 def test_a_named_function_is_called_with_arguments_valid_for_its_schema(client):
@@ -224,12 +219,7 @@ def test_tools_are_refused_where_they_have_no_place(client, tmp_path):
         )
     assert info.value.body["param"] == "tool_choice"
     chatml = make_checkpoint(tmp_path)  # ChatML: no place for tool definitions
-    engine = AsyncEngine(LLMEngine.from_checkpoint(chatml, device="cpu")).start()
-    try:
-        with ServerThread(create_app(engine, ServerSettings(model_name="m", tool_call_parser="hermes"))) as srv:
-            plain = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=30)
-            with pytest.raises(openai.BadRequestError) as info:
-                plain.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=2)
-            assert info.value.body["param"] == "tools" and "no place for tool" in info.value.body["message"]
-    finally:
-        engine.shutdown()
+    with openai_client(chatml, ServerSettings(model_name="m", tool_call_parser="hermes")) as plain:
+        with pytest.raises(openai.BadRequestError) as info:
+            plain.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=2)
+        assert info.value.body["param"] == "tools" and "no place for tool" in info.value.body["message"]

@@ -27,9 +27,8 @@ from tokenizers import Tokenizer
 from colossuslm.serve.errors import InvalidRequestError
 
 ConstraintKind = Literal["json", "regex", "choice", "grammar"]
-# llguidance's grammar formats for each kind ("grammar" takes Lark or llama.cpp's GBNF).
+# llguidance's grammar formats of the kinds besides JSON ("grammar" takes Lark or llama.cpp's GBNF).
 _FORMATS: dict[str, llguidance.GrammarFormat] = {
-    "json": "json_schema",
     "regex": "regex",
     "choice": "choice",
     "grammar": "grammar",

@@ -29,7 +29,6 @@ from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import SamplingParams
 from colossuslm.serve.structured_output import OutputConstraint
 
-TOOL_CALL_PARSERS = ("hermes",)
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 HERMES_OPEN = "<tool_call>"
 
@@ -56,7 +55,6 @@ class ToolUse:
     tools: list[dict]  # as the template receives them
     mode: str  # "none" | "auto" | "required" | "named"
     named: str | None = None  # the forced function, for "named"
-    parser: str | None = None  # for "auto"
 
     def constrain(self, params: SamplingParams) -> None:
         """Make a forced call's arguments the output's constraint; no other may be given."""
@@ -133,7 +131,7 @@ def resolve_tool_use(tools: Any, tool_choice: Any, parser: str | None) -> ToolUs
                 'writes calls in, e.g. hermes); "required", a named function or "none" work without it',
                 param="tool_choice",
             )
-        return ToolUse(checked, "auto", parser=parser)
+        return ToolUse(checked, "auto")  # hermes, the one format --tool-call-parser offers
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in names:
@@ -267,7 +265,6 @@ def _call_for_template(call: Any) -> Any:
 __all__ = [
     "HERMES_OPEN",
     "StreamedToolCalls",
-    "TOOL_CALL_PARSERS",
     "ToolCall",
     "ToolUse",
     "messages_for_template",
