@@ -109,10 +109,11 @@ def activation_bytes_per_token(cfg: ModelConfig, recompute: str = "none", bytes_
     return float(attention + ffn)
 
 
-def logits_bytes_per_token(cfg: ModelConfig) -> float:
-    """fp32 logits and their gradient held around the loss (a vocabulary-parallel head that
-    materializes them, as Megatron-style stacks do; the trainer's own loss is `loss_bytes`)."""
-    return 2.0 * 4 * cfg.vocab_size
+def logits_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 4) -> float:
+    """Logits and their gradient held around the loss, by a head that materializes them: fp32 as
+    Megatron-style stacks cast them, or `bytes_per_value` 2 where a fused cross-entropy kernel
+    reads them and writes their gradient in the compute dtype. The trainer's own loss is `loss_bytes`."""
+    return 2.0 * bytes_per_value * cfg.vocab_size
 
 
 # Rows of hidden states the fused cross-entropy (models/loss.py) projects to logits at a time.

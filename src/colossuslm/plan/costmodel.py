@@ -102,6 +102,11 @@ class Stack(Software):
     # Whose TP overlap `tp_overlap` is: Megatron-Core's (userbuffers) or PyTorch's async TP, which
     # pipelines TORCH_ASYNC_TP_SHARE of the traffic.
     tp_overlap_impl: Literal["megatron", "torch_async"] = "megatron"
+    # The cross-entropy over materialized logits (memory only): "fp32" -- cast to fp32 and kept
+    # with an fp32 gradient (Megatron's vocab-parallel loss); "fused" -- a kernel that reads them
+    # and writes their gradient in the compute dtype (flash-attn's cross_entropy, llm-foundry's
+    # default loss_fn 'fused_crossentropy').
+    loss_kernel: Literal["fp32", "fused"] = "fp32"
 
 
 def pipeline_bubble(schedule: str, pp: int, vp: int) -> float:

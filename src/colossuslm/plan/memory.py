@@ -319,7 +319,9 @@ def memory_per_gpu(
     if lay.software.colossus_trainer:  # replicated head: each TP rank computes the whole (fused) loss
         logits = loss_bytes(cfg, tokens)
     else:
-        logits = logits_bytes_per_token(cfg) * tokens / lay.tp
+        # a stack's fused cross-entropy keeps them in the compute dtype (costmodel.Stack.loss_kernel)
+        fused = getattr(lay.software, "loss_kernel", "fp32") == "fused"
+        logits = logits_bytes_per_token(cfg, 2 if fused else 4) * tokens / lay.tp
 
     # First stage: most activations in flight, plus the input embedding.
     dense, expert = params or params_per_gpu(work, lay, layers)
