@@ -8,7 +8,7 @@ import torch
 from colossuslm.serve.api import ServerSettings
 from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.errors import InvalidRequestError
-from colossuslm.serve.sampling import SamplingParams, adjust_logits
+from colossuslm.serve.sampling import LogitsAdjuster, SamplingParams
 from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
 
 
@@ -26,6 +26,18 @@ def reference_adjust(logits: list[float], params: SamplingParams, prompt: list[i
     return out
 
 
+def adjusted_row(
+    logits: torch.Tensor, params: SamplingParams, prompt: list[int], outputs: list[list[int]]
+) -> torch.Tensor:
+    """`logits` after an adjuster has seen the output grow through each list of `outputs` in turn."""
+    adjuster = LogitsAdjuster(params, prompt, logits.shape[-1], logits.device)
+    for output in outputs:
+        adjuster.observe(output)
+    row = logits.clone()
+    adjuster.apply_(row)
+    return row
+
+
 def test_each_adjustment_matches_its_rule():
     torch.manual_seed(0)
     logits = torch.randn(3, 8)
@@ -35,12 +47,16 @@ def test_each_adjustment_matches_its_rule():
         SamplingParams(frequency_penalty=-1.0, repetition_penalty=0.8),
     ]
     histories = [([1, 2], [3, 3, 4]), ([0, 6], [6, 7]), ([5], [1, 1, 1, 2])]
-    adjusted = adjust_logits(logits, [0, 1, 2], cases, histories)
     for row, (params, (prompt, output)) in enumerate(zip(cases, histories)):
         expected = reference_adjust(logits[row].tolist(), params, prompt, output)
-        assert adjusted[row].tolist() == pytest.approx(expected, rel=1e-6, abs=1e-6)
-    untouched = adjust_logits(logits, [1], [cases[1]], [histories[1]])
-    assert torch.equal(untouched[[0, 2]], logits[[0, 2]])  # only the rows asked for change
+        assert adjusted_row(logits[row], params, prompt, [output]).tolist() == pytest.approx(
+            expected, rel=1e-6, abs=1e-6
+        )
+        # the history kept on the device and grown a token at a time (as the engine feeds it) is the same
+        grown = [output[:n] for n in range(len(output) + 1)]
+        assert torch.equal(
+            adjusted_row(logits[row], params, prompt, grown), adjusted_row(logits[row], params, prompt, [output])
+        )
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from colossuslm.serve.loading import LoadedModel, load_for_inference
 from colossuslm.serve.model_runner import StepItem, make_runner
 from colossuslm.serve.request import GenerationResult, Request, RequestOutput
 from colossuslm.serve.sampling import (
+    LogitsAdjuster,
     SamplingParams,
     TokenLogprob,
-    adjust_logits,
     make_generator,
     sample,
     token_logprobs,
@@ -37,7 +37,7 @@ from colossuslm.serve.sampling import (
 from colossuslm.serve.scheduler import ScheduledRequest, Scheduler
 from colossuslm.serve.settings import EngineConfig
 from colossuslm.serve.speculative import NgramProposer, SpeculativeStats, verify
-from colossuslm.serve.structured_output import GrammarCompiler, advance, constrain_logits
+from colossuslm.serve.structured_output import GrammarCompiler, advance, constrain_logits_
 
 
 @dataclass
@@ -158,6 +158,9 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
             stop_matcher=StopStringMatcher(params.stop),
             matcher=None if params.constraint is None else self.grammars.matcher(params.constraint),
+            adjuster=LogitsAdjuster(params, prompt_ids, self.vocab_size, self.device)
+            if params.adjusts_logits
+            else None,
         )
 
     def add(self, request: Request) -> None:
@@ -240,13 +243,17 @@ class LLMEngine:
         """What sampling draws from: the logits with penalties and biases applied, then limited to
         what each structured-output constraint allows, for the requests that ask (a copy: the
         log-probabilities returned stay the model's own, as vLLM's raw_logprobs)."""
-        adjusted = [i for i, r in enumerate(ready) if r.params.adjusts_logits]
-        if adjusted:
-            histories = [(ready[i].prompt_ids, ready[i].output_ids) for i in adjusted]
-            logits = adjust_logits(logits, adjusted, [ready[i].params for i in adjusted], histories)
+        adjusted = [r.adjuster for r in ready]
         constrained = [i for i, r in enumerate(ready) if r.matcher is not None]
+        if not constrained and all(a is None for a in adjusted):
+            return logits
+        logits = logits.clone()
+        for row, (request, adjuster) in enumerate(zip(ready, adjusted)):
+            if adjuster is not None:
+                adjuster.observe(request.output_ids)
+                adjuster.apply_(logits[row])
         if constrained:
-            logits = constrain_logits(logits, constrained, [ready[i].matcher for i in constrained])
+            constrain_logits_(logits, constrained, [ready[i].matcher for i in constrained])
         return logits
 
     @staticmethod

@@ -9,7 +9,7 @@ import llguidance
 import torch
 
 from colossuslm.serve.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from colossuslm.serve.sampling import SamplingParams, TokenLogprob
+from colossuslm.serve.sampling import LogitsAdjuster, SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -52,6 +52,8 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # Where the output stands in its structured-output constraint (params.constraint); None without one.
     matcher: llguidance.LLMatcher | None = None
+    # Its penalties and logit biases with the token history they need (params.adjusts_logits); None without.
+    adjuster: LogitsAdjuster | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -71,7 +73,7 @@ class Request:
         """Whether drafts may be proposed for it. Verification checks drafts against the model's
         own distribution: not against a grammar (structured output), penalties or logit biases,
         so such a request decodes a token at a time."""
-        return self.matcher is None and not self.params.adjusts_logits
+        return self.matcher is None and self.adjuster is None
 
     @property
     def needs_prompt_hidden_states(self) -> bool:

@@ -121,27 +121,56 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top_n: list[in
     ]
 
 
-def adjust_logits(
-    logits: torch.Tensor, rows: list[int], params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
-) -> torch.Tensor:
-    """A copy of fp32 `logits` [B, V] with each of `rows` penalised and biased as its params say.
-    `histories[i]` is (prompt ids, output ids) of row `rows[i]`; the penalties are vLLM's."""
-    adjusted = logits.clone()
-    vocab, device = logits.shape[-1], logits.device
-    for row, p, (prompt, output) in zip(rows, params, histories):
-        values = adjusted[row]
-        if p.presence_penalty or p.frequency_penalty:
-            counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(device)
-            values -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            seen[torch.tensor(prompt + output, dtype=torch.long, device=device)] = True
-            penalised = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-            values.copy_(torch.where(seen, penalised, values))
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)
-            values[ids] += torch.tensor(list(p.logit_bias.values()), dtype=values.dtype, device=device)
-    return adjusted
+class LogitsAdjuster:
+    """One request's penalties and biases (vLLM's rules), with what they need of its token history
+    kept up to date a token at a time, so a step costs one pass over the vocabulary at most:
+
+    - presence/frequency: a dense vector of each token's penalty, rewritten only where a new
+      output token lands;
+    - repetition: the distinct ids of prompt + output, whose logits alone are rescaled.
+
+    Rebuilt from the whole history at every step instead, they would cost O(prompt + output) host
+    work and ~10 vocabulary-sized passes per request and step (36 ms a step for 16 requests of 8.5K
+    tokens over Llama 3's vocabulary, against 7: bench/serve_sampling.py)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab: int, device: torch.device) -> None:
+        self.params = params
+        self.device = device
+        self.num_observed = 0  # output tokens already taken into account
+        self.counts: dict[int, int] = {}  # output token -> times generated
+        penalises_output = bool(params.presence_penalty or params.frequency_penalty)
+        self.penalty = torch.zeros(vocab, device=device) if penalises_output else None
+        self.seen: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+        self.seen_ids = self._ids(sorted(self.seen)) if self.seen is not None else None
+        self.bias_ids = self._ids(list(params.logit_bias))
+        self.bias_values = torch.tensor(list(params.logit_bias.values()), device=device)
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def observe(self, output_ids: list[int]) -> None:
+        """Take in the output tokens generated since the last call."""
+        p, fresh = self.params, []
+        for token in output_ids[self.num_observed :]:
+            count = self.counts[token] = self.counts.get(token, 0) + 1
+            if self.penalty is not None:
+                self.penalty[token] = p.frequency_penalty * count + p.presence_penalty
+            if self.seen is not None and token not in self.seen:
+                self.seen.add(token)
+                fresh.append(token)
+        self.num_observed = len(output_ids)
+        if fresh:
+            self.seen_ids = torch.cat([self.seen_ids, self._ids(fresh)])
+
+    def apply_(self, values: torch.Tensor) -> None:
+        """Penalise and bias one row of fp32 logits [V], in place."""
+        if self.penalty is not None:
+            values -= self.penalty
+        if self.seen_ids is not None and len(self.seen_ids):
+            rate, picked = self.params.repetition_penalty, values[self.seen_ids]
+            values[self.seen_ids] = torch.where(picked > 0, picked / rate, picked * rate)
+        if len(self.bias_ids):
+            values[self.bias_ids] += self.bias_values
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -215,9 +244,9 @@ def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tup
 
 __all__ = [
     "MAX_LOGPROBS",
+    "LogitsAdjuster",
     "SamplingParams",
     "TokenLogprob",
-    "adjust_logits",
     "make_generator",
     "sample",
     "sampling_probs",

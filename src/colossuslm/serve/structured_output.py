@@ -178,13 +178,11 @@ def allowed_tokens(matchers: Sequence[llguidance.LLMatcher], vocab_size: int) ->
     return bits.reshape(len(matchers), -1)[:, :vocab_size].bool()
 
 
-def constrain_logits(logits: torch.Tensor, rows: list[int], matchers: Sequence[llguidance.LLMatcher]) -> torch.Tensor:
-    """A copy of fp32 `logits` [B, V] with each of `rows` limited to what its matcher allows."""
+def constrain_logits_(logits: torch.Tensor, rows: list[int], matchers: Sequence[llguidance.LLMatcher]) -> None:
+    """Limit each of `rows` of fp32 `logits` [B, V] to what its matcher allows, in place."""
     allowed = allowed_tokens(matchers, logits.shape[-1]).to(logits.device)
-    constrained = logits.clone()
     index = torch.tensor(rows, device=logits.device)
-    constrained[index] = logits[index].masked_fill(~allowed, float("-inf"))
-    return constrained
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 def advance(matcher: llguidance.LLMatcher, token: int) -> bool:
@@ -200,6 +198,6 @@ __all__ = [
     "OutputConstraint",
     "advance",
     "allowed_tokens",
-    "constrain_logits",
+    "constrain_logits_",
     "constraint_from_request",
 ]
