@@ -33,7 +33,7 @@ def test_rows_use_their_own_parameters_and_generators():
 
 
 def test_truncate_keeps_at_least_the_best_token():
-    sorted_logits, ids = _truncate(torch.tensor([[0.0, 9.0, 1.0]]), top_k=[3], top_p=[1e-9])
+    sorted_logits, ids = _truncate(torch.tensor([[0.0, 9.0, 1.0]]), top_k=[3], top_p=[1e-9], min_p=[0.0])
     assert ids[0, 0] == 1 and torch.isfinite(sorted_logits[0]).tolist() == [True, False, False]
 
 

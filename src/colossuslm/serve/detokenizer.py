@@ -88,22 +88,28 @@ class StopStringMatcher:
     start of a stop string that the next token completes; the client never sees part of a stop.
     """
 
-    def __init__(self, stop: list[str]):
+    def __init__(self, stop: list[str], keep_stop: bool = False):
         self.stop = stop
+        self.keep_stop = keep_stop  # the text ends after the stop string instead of before it
         self._hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.sent = 0  # characters of `text` already handed out
         self.stopped = False
 
-    def add(self, new_text: str) -> None:
-        """Append text; sets `stopped` and truncates `text` when a stop string appears."""
+    def add(self, new_text: str, search: bool = True) -> None:
+        """Append text; sets `stopped` and truncates `text` when a stop string appears (not looked
+        for while `search` is False: before a request's min_tokens; a stop string that began then
+        and ends later still counts)."""
         if self.stopped or not new_text:
             return
         search_from = max(0, len(self.text) - self._hold)
         self.text += new_text
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if not search:
+            return
+        hits = [(i, len(s)) for i, s in ((self.text.find(s, search_from), s) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            start, length = min(hits)
+            self.text = self.text[: start + length if self.keep_stop else start]
             self.stopped = True
 
     def take(self, final: bool) -> str:

@@ -125,8 +125,13 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
-        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
+        for param, ids in (
+            ("logit_bias", params.logit_bias),
+            ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
+        ):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise InvalidRequestError(f"{param} token ids must be in [0, {self.vocab_size})", param=param)
         prompt_len = len(prompt_ids)
         if params.max_tokens is None:
             if prompt_len >= self.max_model_len:
@@ -156,9 +161,9 @@ class LLMEngine:
             stop_token_ids=frozenset(stop_ids),
             generator=make_generator(params.seed, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
-            stop_matcher=StopStringMatcher(params.stop),
+            stop_matcher=StopStringMatcher(params.stop, keep_stop=params.include_stop_str_in_output),
             matcher=None if params.constraint is None else self.grammars.matcher(params.constraint),
-            adjuster=LogitsAdjuster(params, prompt_ids, self.vocab_size, self.device)
+            adjuster=LogitsAdjuster(params, prompt_ids, self.vocab_size, self.device, frozenset(stop_ids))
             if params.adjusts_logits
             else None,
         )
@@ -396,11 +401,13 @@ class LLMEngine:
     def _push_token(request: Request, token: int) -> str | None:
         """Append a generated token; the finish reason if it ends the request."""
         request.output_ids.append(token)
-        if token in request.stop_token_ids:
+        # before min_tokens nothing but the length ends it (stop tokens were masked when sampling)
+        may_stop = len(request.output_ids) >= request.params.min_tokens
+        if token in request.stop_token_ids and may_stop:
             return "stop"
         finished_constraint = request.matcher is not None and advance(request.matcher, token)
         matcher = request.stop_matcher
-        matcher.add(request.detokenizer.push(token))
+        matcher.add(request.detokenizer.push(token), search=may_stop)
         if matcher.stopped or finished_constraint:
             return "stop"
         return "length" if request.num_tokens >= request.max_total_tokens else None

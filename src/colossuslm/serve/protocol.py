@@ -20,6 +20,29 @@ MAX_CHOICES = 128
 LOGPROB_FLOOR = -9999.0
 
 
+# vLLM's request fields that would change the reply and that this server does not implement,
+# with the value that means "off": any other value is refused with a 400 rather than ignored
+# (unknown fields are otherwise accepted, as OpenAI's API accepts `user` or `metadata`).
+NOT_IMPLEMENTED: dict[str, Any] = {
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "watermarking": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": None,
+    "logprob_token_ids": None,
+    "bad_words": [],
+    "continue_final_message": False,
+    "documents": None,
+    "chat_template": None,
+    "chat_template_kwargs": None,
+    "mm_processor_kwargs": None,
+    "guided_whitespace_pattern": None,
+    "logits_processors": None,
+    "vllm_xargs": None,
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -44,6 +67,12 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
     repetition_penalty: float | None = None  # extension (vLLM has it too)
     ignore_eos: bool = False  # extension, for benchmarks
+    # vLLM's sampling extensions (SamplingParams says what each does).
+    min_p: float | None = None
+    min_tokens: int | None = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
     # vLLM's extension: logprobs name tokens "token_id:N", so tokens that print alike (pieces of
     # one character, all U+FFFD) stay apart.
     return_tokens_as_token_ids: bool = False
@@ -60,6 +89,12 @@ class _SamplingFields(BaseModel):
     function_call: Any = None
 
     def check_supported(self) -> None:
+        for param, default in NOT_IMPLEMENTED.items():
+            value = (self.model_extra or {}).get(param)
+            if value is not None and value != default:
+                raise InvalidRequestError(
+                    f"{param} = {value!r} is not supported (vLLM's option; this server would ignore it)", param=param
+                )
         unsupported = [
             (
                 not (self.n is None or 1 <= self.n <= MAX_CHOICES),
@@ -88,8 +123,12 @@ class _SamplingFields(BaseModel):
             top_k=self.top_k or 0,
             seed=self.seed,
             stop=stop,
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=stop_token_ids + list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            allowed_token_ids=self.allowed_token_ids,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             constraint=self.output_constraint(),

@@ -24,10 +24,15 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) = no top-k cut
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p x the likeliest one (0 = off)
     seed: int | None = None  # same seed, prompt and parameters -> same text
     stop: list[str] = field(default_factory=list)  # stop before any of these strings; not returned
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    # vLLM's: EOS, stop tokens and stop strings take no effect before this many output tokens.
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the reply is kept
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these tokens
     # Log-probabilities of each generated token and of its `logprobs` likeliest alternatives
     # (0: the chosen token's only); None: not computed.
     logprobs: int | None = None
@@ -49,7 +54,7 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether anything here changes the model's logits before sampling."""
         penalties = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty - 1.0)
-        return any(penalties) or bool(self.logit_bias)
+        return any(penalties) or bool(self.logit_bias) or self.min_tokens > 0 or self.allowed_token_ids is not None
 
     def validate(self) -> SamplingParams:
         if self.top_k == -1:
@@ -66,6 +71,17 @@ class SamplingParams:
             (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be -1 or 0 (off) or a positive number of tokens"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (
+                self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+                "min_tokens",
+                "must be between 0 and max_tokens",
+            ),
+            (
+                self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+                "allowed_token_ids",
+                "must not be empty",
+            ),
             (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"takes at most {MAX_STOP_STRINGS} strings"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "entries must be non-empty strings"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must fit in 64 bits"),
@@ -133,7 +149,14 @@ class LogitsAdjuster:
     work and ~10 vocabulary-sized passes per request and step (36 ms a step for 16 requests of 8.5K
     tokens over Llama 3's vocabulary, against 7: bench/serve_sampling.py)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        vocab: int,
+        device: torch.device,
+        stop_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self.params = params
         self.device = device
         self.num_observed = 0  # output tokens already taken into account
@@ -144,6 +167,10 @@ class LogitsAdjuster:
         self.seen_ids = self._ids(sorted(self.seen)) if self.seen is not None else None
         self.bias_ids = self._ids(list(params.logit_bias))
         self.bias_values = torch.tensor(list(params.logit_bias.values()), device=device)
+        # min_tokens: what would end the reply (EOS and stop tokens) is ruled out until then
+        self.held_back = self._ids(sorted(stop_token_ids)) if params.min_tokens > 0 else None
+        allowed = params.allowed_token_ids
+        self.allowed_ids = None if allowed is None else self._ids(sorted(set(allowed)))
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -171,6 +198,12 @@ class LogitsAdjuster:
             values[self.seen_ids] = torch.where(picked > 0, picked / rate, picked * rate)
         if len(self.bias_ids):
             values[self.bias_ids] += self.bias_values
+        if self.held_back is not None and self.num_observed < self.params.min_tokens:
+            values[self.held_back] = float("-inf")
+        if self.allowed_ids is not None:
+            kept = values[self.allowed_ids]
+            values.fill_(float("-inf"))
+            values[self.allowed_ids] = kept
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -194,8 +227,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     vocab = logits.shape[-1]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in sub_params]
     top_p = [p.top_p for p in sub_params]
-    if min(top_k) < vocab or min(top_p) < 1.0:
-        candidates, candidate_ids = _truncate(scaled, top_k, top_p)
+    min_p = [p.min_p for p in sub_params]
+    if min(top_k) < vocab or min(top_p) < 1.0 or max(min_p) > 0.0:
+        candidates, candidate_ids = _truncate(scaled, top_k, top_p, min_p)
     else:
         candidates, candidate_ids = scaled, None
 
@@ -215,26 +249,31 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution `sample` draws from for one request, over the whole vocabulary: rows of
-    fp32 `logits` [N, V] after temperature, top-k and top-p (what speculative verification needs)."""
+    fp32 `logits` [N, V] after temperature, min-p, top-k and top-p (what speculative verification needs)."""
     scaled = logits / params.temperature
     vocab = logits.shape[-1]
     top_k = params.top_k if 0 < params.top_k < vocab else vocab
-    if top_k < vocab or params.top_p < 1.0:
+    if top_k < vocab or params.top_p < 1.0 or params.min_p > 0.0:
         rows = logits.shape[0]
-        kept, ids = _truncate(scaled, [top_k] * rows, [params.top_p] * rows)
+        kept, ids = _truncate(scaled, [top_k] * rows, [params.top_p] * rows, [params.min_p] * rows)
         scaled = torch.full_like(scaled, float("-inf")).scatter(1, ids, kept)
     return scaled.softmax(dim=-1)
 
 
-def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each row once and mask, in sorted order, what top-k and top-p exclude.
+def _truncate(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row once and mask, in sorted order, what min-p, top-k and top-p exclude: min-p
+    and top-k first, then top-p over what they keep (vLLM's order).
 
     Returns (masked sorted logits, their token ids).
     """
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
     keep_k = torch.tensor(top_k, device=logits.device).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(rank >= keep_k, float("-inf"))
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+    floor = sorted_logits[:, :1] + torch.tensor(min_p, device=logits.device).unsqueeze(1).log()
+    sorted_logits = sorted_logits.masked_fill((rank >= keep_k) | (sorted_logits < floor), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
     p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
