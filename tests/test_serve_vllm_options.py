@@ -116,8 +116,9 @@ def test_http_takes_vllm_fields_and_refuses_those_it_would_ignore(checkpoint, en
             with pytest.raises(openai.BadRequestError) as info:
                 client.completions.create(model="m", prompt="Hello", max_tokens=2, extra_body=extra)
             assert info.value.body["param"] == next(iter(extra)), extra
-        with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "Hi"}], extra_body={"chat_template_kwargs": {"x": 1}}
-            )
-        assert info.value.body["param"] == "chat_template_kwargs"
+        chat = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        client.chat.completions.create(**chat, modalities=["text"])
+        for extra in ({"chat_template_kwargs": {"x": 1}}, {"modalities": ["text", "audio"]}):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(**chat, extra_body=extra)
+            assert info.value.body["param"] == next(iter(extra))

@@ -20,10 +20,14 @@ MAX_CHOICES = 128
 LOGPROB_FLOOR = -9999.0
 
 
-# vLLM's request fields that would change the reply and that this server does not implement,
-# with the value that means "off": any other value is refused with a 400 rather than ignored
-# (unknown fields are otherwise accepted, as OpenAI's API accepts `user` or `metadata`).
+# Request fields (vLLM's, and OpenAI's for other output kinds) that would change the reply and
+# that this server does not implement, with the value that means "off": any other value is
+# refused with a 400 rather than ignored (unknown fields are otherwise accepted, as OpenAI's API
+# accepts `user` or `metadata`).
 NOT_IMPLEMENTED: dict[str, Any] = {
+    "modalities": ["text"],
+    "audio": None,
+    "web_search_options": None,
     "use_beam_search": False,
     "length_penalty": 1.0,
     "watermarking": False,
@@ -93,7 +97,7 @@ class _SamplingFields(BaseModel):
             value = (self.model_extra or {}).get(param)
             if value is not None and value != default:
                 raise InvalidRequestError(
-                    f"{param} = {value!r} is not supported (vLLM's option; this server would ignore it)", param=param
+                    f"{param} = {value!r} is not supported by this server (it would be ignored)", param=param
                 )
         unsupported = [
             (
