@@ -83,6 +83,20 @@ def make_checkpoint(root: Path, seed: int = 0, **model_overrides) -> Path:
     )
 
 
+@pytest.fixture(scope="module", name="checkpoint")
+def checkpoint_fixture(tmp_path_factory) -> Path:
+    """`make_checkpoint`'s tiny model, once per test module that imports this fixture."""
+    return make_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module", name="engine")
+def engine_fixture(checkpoint):
+    """An in-process engine over `checkpoint` running up to four sequences a step."""
+    from colossuslm.serve.engine import EngineConfig, LLMEngine
+
+    return LLMEngine.from_checkpoint(checkpoint, device="cpu", config=EngineConfig(max_num_seqs=4))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ from colossuslm.serve.api import ServerSettings
 from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import LogitsAdjuster, SamplingParams
-from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
+from tests.serve_helpers import checkpoint_fixture, engine_fixture, one_torch_thread, openai_client  # noqa: F401 (fixtures)
 
 
 def reference_adjust(logits: list[float], params: SamplingParams, prompt: list[int], output: list[int]) -> list[float]:
@@ -57,16 +57,6 @@ def test_each_adjustment_matches_its_rule():
         assert torch.equal(
             adjusted_row(logits[row], params, prompt, grown), adjusted_row(logits[row], params, prompt, [output])
         )
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("penalties"))
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return LLMEngine.from_checkpoint(checkpoint, device="cpu", config=EngineConfig(max_num_seqs=4))
 
 
 def greedy_by_hand(engine: LLMEngine, prompt: list[int], params: SamplingParams, steps: int) -> list[int]:

@@ -13,7 +13,7 @@ from colossuslm.serve.engine import EngineConfig, LLMEngine
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import SamplingParams
 from colossuslm.serve.structured_output import allowed_tokens, constraint_from_request
-from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
+from tests.serve_helpers import checkpoint_fixture, engine_fixture, one_torch_thread, openai_client  # noqa: F401 (fixtures)
 
 SCHEMA = {
     "type": "object",
@@ -54,16 +54,6 @@ CASES = {
     "choice": ({"guided_choice": CHOICES}, lambda text: text in CHOICES),
     "grammar": ({"structured_outputs": {"grammar": GRAMMAR}}, lambda text: re.fullmatch(r"\([0-9](\+[0-9])*\)", text)),
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("structured"))
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return LLMEngine.from_checkpoint(checkpoint, device="cpu", config=EngineConfig(max_num_seqs=4))
 
 
 def prompt_of(engine: LLMEngine) -> list[int]:

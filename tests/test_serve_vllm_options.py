@@ -8,20 +8,10 @@ import torch
 
 from colossuslm.serve.api import ServerSettings
 from colossuslm.serve.detokenizer import StopStringMatcher
-from colossuslm.serve.engine import EngineConfig, LLMEngine
+from colossuslm.serve.engine import LLMEngine
 from colossuslm.serve.errors import InvalidRequestError
 from colossuslm.serve.sampling import SamplingParams, sample, sampling_probs
-from tests.serve_helpers import make_checkpoint, one_torch_thread, openai_client  # noqa: F401 (fixture)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("vllm-options"))
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return LLMEngine.from_checkpoint(checkpoint, device="cpu", config=EngineConfig(max_num_seqs=4))
+from tests.serve_helpers import checkpoint_fixture, engine_fixture, one_torch_thread, openai_client  # noqa: F401 (fixtures)
 
 
 def greedy(engine: LLMEngine, prompt: list[int], tokens: int, **fields) -> list[int]:

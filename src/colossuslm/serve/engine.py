@@ -150,20 +150,18 @@ class LLMEngine:
                     f"completion). Shorten the prompt or lower max_tokens.",
                     param="max_tokens",
                 )
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(self.eos_token_ids)
+        stop_ids = frozenset(params.stop_token_ids).union(() if params.ignore_eos else self.eos_token_ids)
         return Request(
             request_id=request_id or f"req-{next(self._ids)}",
             prompt_ids=list(prompt_ids),
             params=params,
             max_total_tokens=max_total,
-            stop_token_ids=frozenset(stop_ids),
+            stop_token_ids=stop_ids,
             generator=make_generator(params.seed, self.device),
             detokenizer=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
             stop_matcher=StopStringMatcher(params.stop, keep_stop=params.include_stop_str_in_output),
             matcher=None if params.constraint is None else self.grammars.matcher(params.constraint),
-            adjuster=LogitsAdjuster(params, prompt_ids, self.vocab_size, self.device, frozenset(stop_ids))
+            adjuster=LogitsAdjuster(params, prompt_ids, self.vocab_size, self.device, stop_ids)
             if params.adjusts_logits
             else None,
         )
@@ -248,15 +246,14 @@ class LLMEngine:
         """What sampling draws from: the logits with penalties and biases applied, then limited to
         what each structured-output constraint allows, for the requests that ask (a copy: the
         log-probabilities returned stay the model's own, as vLLM's raw_logprobs)."""
-        adjusted = [r.adjuster for r in ready]
         constrained = [i for i, r in enumerate(ready) if r.matcher is not None]
-        if not constrained and all(a is None for a in adjusted):
+        if not constrained and all(r.adjuster is None for r in ready):
             return logits
         logits = logits.clone()
-        for row, (request, adjuster) in enumerate(zip(ready, adjusted)):
-            if adjuster is not None:
-                adjuster.observe(request.output_ids)
-                adjuster.apply_(logits[row])
+        for row, request in enumerate(ready):
+            if request.adjuster is not None:
+                request.adjuster.observe(request.output_ids)
+                request.adjuster.apply_(logits[row])
         if constrained:
             constrain_logits_(logits, constrained, [ready[i].matcher for i in constrained])
         return logits

@@ -160,7 +160,7 @@ class LogitsAdjuster:
         self.params = params
         self.device = device
         self.num_observed = 0  # output tokens already taken into account
-        self.counts: dict[int, int] = {}  # output token -> times generated
+        self.counts: dict[int, int] = {}  # output token -> times generated (for the penalty)
         penalises_output = bool(params.presence_penalty or params.frequency_penalty)
         self.penalty = torch.zeros(vocab, device=device) if penalises_output else None
         self.seen: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
@@ -179,8 +179,8 @@ class LogitsAdjuster:
         """Take in the output tokens generated since the last call."""
         p, fresh = self.params, []
         for token in output_ids[self.num_observed :]:
-            count = self.counts[token] = self.counts.get(token, 0) + 1
             if self.penalty is not None:
+                count = self.counts[token] = self.counts.get(token, 0) + 1
                 self.penalty[token] = p.frequency_penalty * count + p.presence_penalty
             if self.seen is not None and token not in self.seen:
                 self.seen.add(token)

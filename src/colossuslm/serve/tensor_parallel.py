@@ -25,9 +25,10 @@ Processes: `tensor_parallel_processes` spawns ranks 1..N-1 (each reads only its 
 checkpoint, `loading.build_sharded_model`, and loops in `serve_steps`) and joins the group as
 rank 0. gloo on CPU, NCCL with one GPU per rank (rank r on cuda:r). On exit rank 0 sends a stop
 message and joins the workers; workers ignore Ctrl-C (the terminal sends it to the whole process
-group: rank 0 decides when they stop). When rank 0 leaves on Ctrl-C or SIGTERM (uvicorn's graceful shutdown, then KeyboardInterrupt or
-SystemExit) the workers are terminated; they also die with their parent however it dies
-(PR_SET_PDEATHSIG) and leave their loop if rank 0's group goes away.
+group: rank 0 decides when they stop). When rank 0 leaves on Ctrl-C or SIGTERM (uvicorn's
+graceful shutdown, then KeyboardInterrupt or SystemExit) the workers are terminated; they also die
+with their parent however it dies (PR_SET_PDEATHSIG) and leave their loop if rank 0's group goes
+away.
 """
 
 from __future__ import annotations
