@@ -8,9 +8,9 @@ import pytest
 from colossuslm.models.arithmetic import head_matmul, layer_matmuls, model_arithmetic
 from colossuslm.models.presets import get_preset
 from colossuslm.plan import comm, costmodel
-from colossuslm.plan.costmodel import CostModel, LayerCost, Stack, exposed, exposed_tp, gemm_time
+from colossuslm.plan.costmodel import CostModel, LayerCost, exposed, exposed_tp, gemm_time
 from colossuslm.plan.hardware import load_catalogue
-from colossuslm.plan.layout import Layout, Software
+from colossuslm.plan.layout import Layout, Software, Stack
 from colossuslm.plan.workload import resolve_model
 
 

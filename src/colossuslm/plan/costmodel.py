@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from colossuslm.config.schema import PP_ZERO_BUBBLE_SCHEDULES
 from colossuslm.models.arithmetic import MatmulShape
 from colossuslm.plan import comm
 from colossuslm.plan.hardware import GPU
-from colossuslm.plan.layout import Layout, Software
+from colossuslm.plan.layout import Layout, Software, stack_feature
 from colossuslm.plan.memory import MemoryBreakdown, memory_per_gpu, params_per_gpu, stage_layers
 from colossuslm.plan.workload import Workload
 
@@ -72,43 +71,6 @@ KERNELS_PER_LAYER_FORWARD = 14
 EAGER_PASSES = 3
 
 
-@dataclass(frozen=True)
-class Stack(Software):
-    """`Software` plus the features of a training stack that only the cost model reads.
-
-    attention_kernel: "fused" -- a kernel built for the GPU (cuDNN / Transformer Engine fused
-        attention, FlashAttention-3 on Hopper); "fa2" -- FlashAttention-2 through PyTorch SDPA,
-        which on Hopper and later runs at FA2_ON_HOPPER of that rate; "triton" -- the Triton
-        port of FlashAttention, at TRITON_FLASH_ON_AMPERE of FA2's rate on Ampere, FA2's on Hopper.
-    selective: what `recompute = "selective"` reruns in backward. "attention" -- the attention
-        core and the element-wise ops, GEMM outputs kept (Megatron, Korthikanti et al. 2022);
-        "every_other_matmul" -- torchtitan's per-op policy (its `_save_list`): every second
-        matmul, the element-wise ops and the TP all-gathers are rerun; the attention output and
-        the reduce-scatters are kept.
-    """
-
-    attention_kernel: Literal["fused", "fa2", "triton"] = "fused"
-    selective: Literal["attention", "every_other_matmul"] = "attention"
-    # "learned": a trained router, whose per-rank loads vary by chance around the mean;
-    # "balanced": the benchmark forces equal loads (NeMo's force-balanced / fake balanced gate).
-    routing: Literal["learned", "balanced"] = "learned"
-    # FSDP under pipeline parallelism: "per_micro_batch" -- weights regathered and gradients
-    # reduce-scattered for every micro-batch, so they stay sharded as the memory model assumes;
-    # "per_step" -- torch.distributed.pipelining with FSDP2 (torchtitan, NeMo AutoModel) keeps the
-    # gathered weights and unreduced gradients across the step's micro-batches (resharding and
-    # gradient sync off until the last backward): one gather and one reduce-scatter a step, at
-    # the memory of unsharded stage weights and gradients, which plan/memory.py does not count.
-    fsdp_under_pp: Literal["per_micro_batch", "per_step"] = "per_micro_batch"
-    # Whose TP overlap `tp_overlap` is: Megatron-Core's (userbuffers) or PyTorch's async TP, which
-    # pipelines TORCH_ASYNC_TP_SHARE of the traffic.
-    tp_overlap_impl: Literal["megatron", "torch_async"] = "megatron"
-    # The cross-entropy over materialized logits (memory only): "fp32" -- cast to fp32 and kept
-    # with an fp32 gradient (Megatron's vocab-parallel loss); "fused" -- a kernel that reads them
-    # and writes their gradient in the compute dtype (flash-attn's cross_entropy, llm-foundry's
-    # default loss_fn 'fused_crossentropy').
-    loss_kernel: Literal["fp32", "fused"] = "fp32"
-
-
 def pipeline_bubble(schedule: str, pp: int, vp: int) -> float:
     """Idle time per step of a pipeline schedule, in micro-batch times (one micro-batch's forward
     plus backward on a rank): (pp - 1) / vp for 1F1B, GPipe and interleaved 1F1B; the zero-bubble
@@ -129,11 +91,6 @@ def routing_imbalance(rows_per_rank: float, ranks: int) -> float:
     if ranks <= 1 or rows_per_rank <= 0:
         return 1.0
     return 1.0 + math.sqrt(2.0 * math.log(ranks) / rows_per_rank)
-
-
-def stack_feature(sw: Software, name: str) -> str:
-    """A `Stack` feature of `sw`, or its default when `sw` is a plain `Software`."""
-    return getattr(sw, name, getattr(Stack, name))
 
 
 def attention_kernel_share(kernel: str, gpu: GPU) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 # Activation recomputation, cheapest compute first and least memory last:
 #   none       keep every activation the backward pass needs;
@@ -37,6 +38,49 @@ class Software:
     # FSDP2 under pipelining keeping each stage gathered with unsharded gradients through the step.
     # False = Megatron-style stacks (vocabulary-parallel head with whole fp32 logits).
     colossus_trainer: bool = False
+
+
+@dataclass(frozen=True)
+class Stack(Software):
+    """`Software` plus the features of a training stack that only the planner's cost and memory
+    models read (plan/costmodel.py, whose constants the names below refer to; plan/memory.py).
+
+    attention_kernel: "fused" -- a kernel built for the GPU (cuDNN / Transformer Engine fused
+        attention, FlashAttention-3 on Hopper); "fa2" -- FlashAttention-2 through PyTorch SDPA,
+        which on Hopper and later runs at FA2_ON_HOPPER of that rate; "triton" -- the Triton
+        port of FlashAttention, at TRITON_FLASH_ON_AMPERE of FA2's rate on Ampere, FA2's on Hopper.
+    selective: what `recompute = "selective"` reruns in backward. "attention" -- the attention
+        core and the element-wise ops, GEMM outputs kept (Megatron, Korthikanti et al. 2022);
+        "every_other_matmul" -- torchtitan's per-op policy (its `_save_list`): every second
+        matmul, the element-wise ops and the TP all-gathers are rerun; the attention output and
+        the reduce-scatters are kept.
+    """
+
+    attention_kernel: Literal["fused", "fa2", "triton"] = "fused"
+    selective: Literal["attention", "every_other_matmul"] = "attention"
+    # "learned": a trained router, whose per-rank loads vary by chance around the mean;
+    # "balanced": the benchmark forces equal loads (NeMo's force-balanced / fake balanced gate).
+    routing: Literal["learned", "balanced"] = "learned"
+    # FSDP under pipeline parallelism: "per_micro_batch" -- weights regathered and gradients
+    # reduce-scattered for every micro-batch, so they stay sharded as the memory model assumes;
+    # "per_step" -- torch.distributed.pipelining with FSDP2 (torchtitan, NeMo AutoModel) keeps the
+    # gathered weights and unreduced gradients across the step's micro-batches (resharding and
+    # gradient sync off until the last backward): one gather and one reduce-scatter a step, at
+    # the memory of unsharded stage weights and gradients, which plan/memory.py does not count.
+    fsdp_under_pp: Literal["per_micro_batch", "per_step"] = "per_micro_batch"
+    # Whose TP overlap `tp_overlap` is: Megatron-Core's (userbuffers) or PyTorch's async TP, which
+    # pipelines TORCH_ASYNC_TP_SHARE of the traffic.
+    tp_overlap_impl: Literal["megatron", "torch_async"] = "megatron"
+    # The cross-entropy over materialized logits (memory only): "fp32" -- cast to fp32 and kept
+    # with an fp32 gradient (Megatron's vocab-parallel loss); "fused" -- a kernel that reads them
+    # and writes their gradient in the compute dtype (flash-attn's cross_entropy, llm-foundry's
+    # default loss_fn 'fused_crossentropy').
+    loss_kernel: Literal["fp32", "fused"] = "fp32"
+
+
+def stack_feature(sw: Software, name: str) -> str:
+    """A `Stack` feature of `sw`, or its default when `sw` is a plain `Software`."""
+    return getattr(sw, name, getattr(Stack, name))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from colossuslm.config.schema import PP_V_SHAPED_SCHEDULES
 from colossuslm.models.arithmetic import logits_bytes_per_token, loss_bytes
 from colossuslm.plan.hardware import GPU
-from colossuslm.plan.layout import Layout
+from colossuslm.plan.layout import Layout, stack_feature
 from colossuslm.plan.workload import Workload
 
 WEIGHT_BYTES = 2
@@ -319,8 +319,8 @@ def memory_per_gpu(
     if lay.software.colossus_trainer:  # replicated head: each TP rank computes the whole (fused) loss
         logits = loss_bytes(cfg, tokens)
     else:
-        # a stack's fused cross-entropy keeps them in the compute dtype (costmodel.Stack.loss_kernel)
-        fused = getattr(lay.software, "loss_kernel", "fp32") == "fused"
+        # a stack's fused cross-entropy keeps them in the compute dtype (layout.Stack.loss_kernel)
+        fused = stack_feature(lay.software, "loss_kernel") == "fused"
         logits = logits_bytes_per_token(cfg, 2 if fused else 4) * tokens / lay.tp
 
     # First stage: most activations in flight, plus the input embedding.

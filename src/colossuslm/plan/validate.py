@@ -28,8 +28,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from colossuslm.errors import ColossusError
-from colossuslm.plan.costmodel import Stack, StepEstimate
+from colossuslm.plan.costmodel import StepEstimate
 from colossuslm.plan.hardware import load_catalogue
+from colossuslm.plan.layout import Stack
 from colossuslm.plan.search import search
 from colossuslm.plan.workload import LatentAttention, Workload, model_from_table
 
