@@ -65,6 +65,22 @@ def test_cli_writes_a_config_the_trainer_loads(tmp_path, capsys):
     assert cfg.train.grad_accum >= 16 and cfg.data.seq_len == cfg.model.max_seq_len
 
 
+def test_write_config_keeps_an_existing_file_unless_forced(tmp_path, capsys):
+    args = ["plan", "--model", "llama3-8b", "--cluster", "h100", "--gpus", "64"]
+    out = tmp_path / "new" / "folders" / "run.toml"
+    assert main([*args, "--write-config", str(out)]) == 0  # its folders are created
+    written = out.read_text()
+    out.write_text("# my edits\n" + written)
+    capsys.readouterr()
+    assert main([*args, "--write-config", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_text().startswith("# my edits")
+    assert main([*args, "--write-config", str(out), "--force"]) == 0
+    assert out.read_text() == written
+    assert main([*args, "--write-config", str(tmp_path)]) == 2
+    assert "directory" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 2
+
+
 def test_a_fixed_schedule_is_searched_costed_written_and_read_back(tmp_path):
     from colossuslm.plan.calibrate import run_layout
     from colossuslm.plan.costmodel import CostModel

@@ -93,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--pick", type=int, metavar="N", help="with --write-config: write row N of the table instead of the best"
     )
+    parser.add_argument("--force", action="store_true", help="with --write-config: replace an existing file")
     parser.add_argument(
         "--simulate-failures",
         action="store_true",
@@ -203,6 +204,8 @@ def _plan(args: argparse.Namespace) -> int:
         raise ColossusError("--top must be >= 1")
     if args.pick is not None and not args.write_config:
         raise ColossusError("--pick chooses the row --write-config writes: add --write-config RUN.toml")
+    if args.force and not args.write_config:
+        raise ColossusError("--force lets --write-config replace an existing file: add --write-config RUN.toml")
     if args.write_config:
         if args.sweep:
             raise ColossusError("--write-config writes one plan's config; it does not combine with --sweep")
@@ -307,7 +310,7 @@ def _write_config(args: argparse.Namespace, plan) -> dict:
     from colossuslm.plan.to_config import pick_runnable, write_config
 
     chosen = pick_runnable(plan.work, plan.result.ranked, args.pick)
-    path = write_config(args.write_config, plan.work, chosen, plan.gpu.description)
+    path = write_config(args.write_config, plan.work, chosen, plan.gpu.description, force=args.force)
     return {"path": str(path), "layout": chosen.layout.short(), "n_gpus": chosen.layout.n_gpus}
 
 

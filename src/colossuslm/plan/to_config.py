@@ -152,8 +152,15 @@ def pick_runnable(work: Workload, ranked: list[StepEstimate], pick: int | None) 
     raise ColossusError("none of the listed layouts can run on the trainer:\n  " + "\n  ".join(reasons))
 
 
-def write_config(path: str | Path, work: Workload, est: StepEstimate, gpu_name: str) -> Path:
+def write_config(path: str | Path, work: Workload, est: StepEstimate, gpu_name: str, force: bool = False) -> Path:
+    """Write the trainer config of `est` to `path` (its folders created). An existing file is the
+    user's (perhaps an edited plan) and is only replaced with `force`."""
     out = Path(path)
+    if out.is_dir():
+        raise ColossusError(f"--write-config {out}: that is a directory; give a file name such as {out / 'run.toml'}")
+    if out.exists() and not force:
+        raise ColossusError(f"--write-config {out}: the file exists; choose a new name or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(config_text(work, est, gpu_name), encoding="utf-8")
     return out
 
