@@ -81,7 +81,7 @@ def test_validate_and_hardware(capsys):
 
 
 def test_sweep_with_plot(tmp_path, capsys):
-    png = tmp_path / "scaling.png"
+    png = tmp_path / "plots" / "scaling.png"  # its folder is created
     assert (
         main(["plan", "--model", "llama3-8b", "--cluster", "h100", "--sweep", "gpus=64,...,1024", "--plot", str(png)])
         == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from colossuslm.errors import ColossusError
 from colossuslm.plan.layout import Software
@@ -129,5 +130,6 @@ def plot_sweep(points: list[SweepPoint], path: str, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
