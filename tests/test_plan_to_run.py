@@ -70,7 +70,7 @@ def planned_families(tmp_path: Path) -> dict[str, object]:
     hardware.write_text(HARDWARE)
     gpu = load_catalogue(str(hardware)).gpu("cpu4")
     work = model_from_table("micro-moe", MODEL, SEQ)
-    result = search(work, gpu, 4, global_batch=8, software=Software(colossus_trainer=True), fixed={"zero": 3}, top=100)
+    result = search(work, gpu, 4, global_batch=4, software=Software(colossus_trainer=True), fixed={"zero": 3}, top=100)
     return work, {family: outcome.best for family, outcome in result.families.items() if outcome.best}
 
 
