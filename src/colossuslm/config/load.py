@@ -47,6 +47,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check a TOML value against a dataclass field type; ints are accepted where floats are."""
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typing.get_origin(annotation) is dict:  # a table of name = number (data.mixture)
+        numbers = isinstance(value, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+        )
+        if not numbers:
+            raise ColossusError(
+                f"config: {key} = {value!r} has the wrong type: expected a table of name = number, "
+                'e.g. {"/data/web" = 7, "/data/code" = 3}'
+            )
+        return {str(name): float(number) for name, number in value.items()}
     if annotation is bool:
         ok = isinstance(value, bool)
     elif annotation is int:

@@ -190,13 +190,38 @@ class DataConfig:
     val_fraction: float = 0.01
     jsonl_field: str = "text"
     prepare_workers: int = 0  # 0 = one per CPU core
+    # Several prepared datasets mixed by weight, e.g. {"/data/web" = 7, "/data/code" = 3} ("default"
+    # = the embedded corpus): each training sequence comes from one of them, in those proportions
+    # (data/mixture.py); they must share one tokenizer. Empty = train on data.dataset alone.
+    mixture: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         _positive("data", self, "seq_len")
         _require(self.dataset != "", "data.dataset", self.dataset, "give a prepared dataset directory or 'default'")
         _require(self.format in ("tokens", "chat"), "data.format", self.format, "choose tokens or chat")
+        if self.mixture:
+            self._validate_mixture()
         _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
         _require(self.prepare_workers >= 0, "data.prepare_workers", self.prepare_workers, "must be >= 0")
+
+    def _validate_mixture(self) -> None:
+        for name, weight in self.mixture.items():
+            _require(name.strip() != "", "data.mixture", self.mixture, "dataset names must not be empty")
+            _require(
+                0 < weight < float("inf"), f"data.mixture[{name!r}]", weight, "a weight must be a finite number > 0"
+            )
+        _require(
+            self.dataset == "default",
+            "data.dataset",
+            self.dataset,
+            "set data.dataset or data.mixture, not both: add this dataset to the mixture with its weight",
+        )
+        _require(
+            self.format == "tokens",
+            "data.mixture",
+            self.mixture,
+            "mixes token datasets; data.format = 'chat' trains on one conversation file",
+        )
 
 
 @dataclass

@@ -66,10 +66,15 @@ class ChatLoader:
         if not (self._targets != IGNORE).any():
             raise ColossusError(f"no assistant token survives truncation to seq_len = {seq_len}; raise data.seq_len")
         self.n_rows = len(chosen)
+        self.source = str(conversations_path or "the bundled conversation set")
         self.tokens_in_split = int((self._targets != IGNORE).sum())
         self.fingerprint = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         self._samples_seen = 0
         self._order, self._order_epoch = np.arange(self.n_rows), -1
+
+    def describe(self) -> str:
+        """One line for the run's log."""
+        return f"conversations from {self.source} ({self.n_rows:,} in the {self.split} split)"
 
     def _row_order(self, epoch: int) -> np.ndarray:
         if self.split == "val":

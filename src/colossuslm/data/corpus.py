@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -153,6 +154,28 @@ def resolve_dataset(data_cfg: DataConfig, vocab_size: int) -> Path:
         )
     _check_sequences_fit(path, manifest, data_cfg.seq_len)
     return path
+
+
+def resolve_mixture(data_cfg: DataConfig, vocab_size: int) -> list[tuple[Path, float]]:
+    """[(prepared dataset directory, weight)] for `data.mixture`, each resolved as `data.dataset`
+    would be; they must be distinct and tokenized by one tokenizer (the same ids mean the same text)."""
+    sources: list[tuple[Path, float]] = []
+    for name, weight in data_cfg.mixture.items():
+        one = dataclasses.replace(data_cfg, dataset=name, mixture={})
+        sources.append((resolve_dataset(one, vocab_size), weight))
+    seen: dict[Path, str] = {}
+    for (path, _), name in zip(sources, data_cfg.mixture):
+        if path.resolve() in seen:
+            raise ColossusError(f"data.mixture names {path} twice ({seen[path.resolve()]!r} and {name!r})")
+        seen[path.resolve()] = name
+    first, tokenizer = sources[0][0], read_manifest(sources[0][0])["tokenizer"]["sha256"]
+    for path, _ in sources[1:]:
+        if read_manifest(path)["tokenizer"]["sha256"] != tokenizer:
+            raise ColossusError(
+                f"data.mixture: {path} was tokenized with another tokenizer than {first}; prepare every "
+                f"dataset of a mixture with one tokenizer: `colossus data prepare INPUT --out DIR --tokenizer {first}`"
+            )
+    return sources
 
 
 def _check_sequences_fit(path: Path, manifest: dict, seq_len: int | None) -> None:

@@ -24,7 +24,7 @@ STATE_VERSION = 1
 _M64 = (1 << 64) - 1
 
 
-def _mix64(value: int) -> int:
+def mix64(value: int) -> int:
     """splitmix64 finalizer on a Python int: a well-spread 64-bit hash of `value`."""
     z = (value + 0x9E3779B97F4A7C15) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
@@ -33,7 +33,7 @@ def _mix64(value: int) -> int:
 
 
 def _mix64_array(x: np.ndarray) -> np.ndarray:
-    """Same as `_mix64`, elementwise on uint64 arrays (numpy array arithmetic wraps mod 2**64)."""
+    """Same as `mix64`, elementwise on uint64 arrays (numpy array arithmetic wraps mod 2**64)."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -56,8 +56,8 @@ class ShuffledOrder:
         bits = max(2, (n - 1).bit_length())
         self.half_bits = (bits + 1) // 2
         self.mask = np.uint64((1 << self.half_bits) - 1)
-        base = _mix64(_mix64(seed & _M64) ^ (epoch & _M64))
-        self.keys = [np.uint64(_mix64(base + r)) for r in range(self.ROUNDS)]
+        base = mix64(mix64(seed & _M64) ^ (epoch & _M64))
+        self.keys = [np.uint64(mix64(base + r)) for r in range(self.ROUNDS)]
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         shift = np.uint64(self.half_bits)
@@ -73,6 +73,35 @@ class ShuffledOrder:
             x[outside] = self._encrypt(x[outside])
             outside = x >= self.n
         return x.astype(np.int64)
+
+
+READS = {"dataset": "one data.dataset", "mixture": "a data.mixture"}
+
+
+def check_loader_state(state: dict, kind: str, version: int, expected: dict) -> None:
+    """Refuse a saved loader state that is not this loader's: another kind of loader (`READS`),
+    another state version, or other `expected` settings."""
+    saved = state.get("kind", "dataset")
+    if saved != kind:
+        raise ColossusError(
+            f"cannot resume the data loader: the checkpoint was reading {READS.get(saved, saved)} and this run "
+            f"reads {READS[kind]}; resume with the same data settings"
+        )
+    if state.get("version") != version:
+        raise ColossusError(f"loader state has version {state.get('version')!r}, this code reads version {version}")
+    for key, value in expected.items():
+        if state.get(key) != value:
+            what = "dataset contents" if key == "dataset" else key
+            raise ColossusError(
+                f"cannot resume the data loader: the saved state has {what} {state.get(key)!r} but "
+                f"this run has {value!r}; resume with the same dataset and data settings"
+            )
+
+
+def inputs_and_targets(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token windows [B, seq_len + 1] -> (inputs, targets) int64 [B, seq_len], targets shifted by one."""
+    rows = rows.astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(rows[:, :-1])), torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
 
 
 class TokenLoader:
@@ -119,25 +148,31 @@ class TokenLoader:
         self._samples_seen = 0  # samples (windows) handed out to all ranks together
         self._orders: dict[int, ShuffledOrder] = {}
 
+    def describe(self) -> str:
+        """One line for the run's log."""
+        return f"{self.dataset_dir} ({self.n_windows:,} sequences of {self.seq_len} tokens in the {self.split} split)"
+
     @property
     def epoch(self) -> int:
         return self._samples_seen // self.n_windows
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self._samples_seen + self.rank * self.batch_size
-        epochs, positions = np.divmod(np.arange(first, first + self.batch_size), self.n_windows)
+        rows = self.rows(np.arange(first, first + self.batch_size))
+        self._samples_seen += self.batch_size * self.world_size
+        return inputs_and_targets(rows)
+
+    def rows(self, samples: np.ndarray) -> np.ndarray:
+        """Token windows [len(samples), seq_len + 1] of the split's samples number `samples` (sample k
+        is window order(k div n_windows)[k mod n_windows]); the counter is not moved."""
+        epochs, positions = np.divmod(np.asarray(samples, dtype=np.int64), self.n_windows)
         windows = positions
         if self.shuffle:
             windows = np.empty_like(positions)
             for epoch in np.unique(epochs):  # a batch may straddle an epoch boundary
                 here = epochs == epoch
                 windows[here] = self._order(int(epoch))[positions[here]]
-        rows = np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in windows])
-        rows = rows.astype(np.int64)
-        self._samples_seen += self.batch_size * self.world_size
-        inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
-        targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
-        return inputs, targets
+        return np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in windows])
 
     def _order(self, epoch: int) -> ShuffledOrder:
         if epoch not in self._orders:
@@ -178,18 +213,8 @@ class TokenLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was taken. Batch size and world size may differ (elastic
         restarts): the position counts samples, so no sample is repeated or skipped."""
-        if state.get("version") != STATE_VERSION:
-            raise ColossusError(
-                f"loader state has version {state.get('version')!r}, this code reads version {STATE_VERSION}"
-            )
         mine = {"split": self.split, "seq_len": self.seq_len, "dataset": self.fingerprint}
         if self.shuffle:
             mine["seed"] = self.seed
-        for key, value in mine.items():
-            if state.get(key) != value:
-                what = "dataset contents" if key == "dataset" else key
-                raise ColossusError(
-                    f"cannot resume the data loader: the saved state has {what} {state.get(key)!r} but "
-                    f"this run has {value!r}; resume with the same dataset and data settings"
-                )
+        check_loader_state(state, "dataset", STATE_VERSION, mine)
         self._samples_seen = int(state["samples_seen"])

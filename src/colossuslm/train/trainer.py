@@ -220,6 +220,17 @@ class Trainer:
                 tokenizer_json,
             )
 
+        if cfg.data.mixture:
+            from colossuslm.data.corpus import resolve_mixture
+            from colossuslm.data.mixture import MixtureLoader
+
+            sources = resolve_mixture(cfg.data, cfg.model.vocab_size)  # each file-locked across ranks
+            return (
+                MixtureLoader(sources, split="train", **loader_args),
+                MixtureLoader(sources, split="val", **loader_args),
+                sources[0][0] / "tokenizer.json",  # one tokenizer for all of them (resolve_mixture)
+            )
+
         from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
         from colossuslm.data.loader import TokenLoader
 
@@ -500,6 +511,7 @@ class Trainer:
             f"{a.flops_per_token / 1e6:.1f} MFLOP/token; device {device_name(self.device)} "
             f"(peak {si(self.peak_flops, 'FLOP/s', 2)} {tc.dtype}); {self.tokens_per_step} tokens/step"
         )
+        self._log(f"data: {self.train_loader.describe()}")
 
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.watchdog.start()
