@@ -270,6 +270,10 @@ class TrainConfig:
     # restart it. It must exceed the longest phase (a checkpoint save, an eval); 0 disables it.
     hang_timeout_s: float = 300.0
     progress: bool = True
+    # torch.profiler traces of steps profile_start .. profile_start + profile_steps - 1 on every rank,
+    # written to RUN_DIR/profile/ (train/profiling.py); 0 = off.
+    profile_start: int = 0
+    profile_steps: int = 2
     # Float8 matmuls for the Linears (torchao; CUDA compute capability >= 8.9, or CPU for numerics):
     # tensorwise = one scale per tensor (fastest), rowwise = one scale per row (more accurate).
     float8: bool = False
@@ -338,6 +342,14 @@ class TrainConfig:
             'must be comma-separated task names without empty entries, e.g. "colossus_mc,colossus_gen"',
         )
         self._validate_fault_tolerance()
+        _require(self.profile_start >= 0, "train.profile_start", self.profile_start, "must be >= 0 (0 = off)")
+        _require(self.profile_steps >= 1, "train.profile_steps", self.profile_steps, "must be >= 1")
+        _require(
+            self.profile_start <= self.steps,
+            "train.profile_start",
+            self.profile_start,
+            f"is after the run's last step (train.steps = {self.steps})",
+        )
         _require(self.eval_tasks_limit >= 0, "train.eval_tasks_limit", self.eval_tasks_limit, "must be >= 0 (0 = all)")
         _require(
             self.eval_tasks != "" or self.eval_tasks_include_path == "",

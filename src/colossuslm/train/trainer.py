@@ -44,6 +44,7 @@ from colossuslm.train.metrics import MetricsLogger, NullMetrics, ProgressDisplay
 from colossuslm.train.optim import build_optimizer, build_scheduler
 from colossuslm.train.peak import device_name, device_profile, peak_flops
 from colossuslm.train.precision import resolve_train_dtype
+from colossuslm.train.profiling import StepProfiler, written_message
 from colossuslm.train.report import RunReport, StepResult, straggler_report
 from colossuslm.train.watchdog import HangWatchdog, collective_timeout_s, setup_timeout_s
 
@@ -70,6 +71,9 @@ class Trainer:
         self.watchdog.beat("rendezvous")
         self.env = init_distributed(tc.device, timeout_s=setup_timeout_s(tc.hang_timeout_s))
         self.device = self.env.device
+        self.profiler = StepProfiler(
+            self.run_dir / "profile", self.env.rank, tc.profile_start, tc.profile_steps, self.device
+        )
         self.dims = ParallelDims.resolve(cfg.parallel, self.env.world_size)
         self.meshes = build_mesh(self.dims, self.device.type) if self.env.world_size > 1 else None
         set_collective_timeout(self.meshes, setup_timeout_s(tc.hang_timeout_s))  # the mesh's groups too
@@ -521,8 +525,13 @@ class Trainer:
                 first_val = val_loss = self.evaluate()
                 metrics.log({"step": 0, "tokens": 0, "val_loss": val_loss})
             with ProgressDisplay(tc.steps, self.step, tc.progress, silent=not self.is_main) as bar:
+                profiled = False  # a step since the last metrics record ran under the profiler
                 while self.step < tc.steps and not self._stop_agreed():
+                    profiled |= self.profiler.active(self.step + 1)
+                    self.profiler.step_begins(self.step + 1)
                     result = self.train_step()
+                    if (trace := self.profiler.step_ends(self.step)) is not None:
+                        bar.print(written_message(trace))
                     window.append(result)
                     step_times.append(result.step_time_s)
                     if self.bad_steps_in_row >= tc.max_bad_steps:
@@ -546,6 +555,8 @@ class Trainer:
                         bar.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                     if record is not None and self.replicas is not None:
                         record |= self._replica_record()
+                    if record is not None and profiled:
+                        record["profiled"], profiled = True, False  # slower: the profiler was recording
                     if record is not None:
                         metrics.log(record)
                         bar.update(
@@ -565,6 +576,8 @@ class Trainer:
                     self.wait_for_checkpoint()
                     bar.print(f"stopped by signal {self._stop_signal}: checkpoint saved to {path}")
         finally:
+            if (trace := self.profiler.finish(self.step)) is not None:  # the run ended inside the window
+                self._log(written_message(trace))
             self.watchdog.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
