@@ -158,6 +158,19 @@ def test_validation_reads_each_dataset_in_order_from_the_start_again_after_reset
     assert torch.equal(rows[0], torch.from_numpy(fruit_val[: SEQ + 1]))  # the first window, unshuffled
 
 
+def test_validation_is_stratified_by_dataset(datasets):
+    loader = mixture(datasets, {"fruit": 6, "tools": 3, "birds": 1}, split="val", batch_size=2, rank=1, world_size=2)
+    parts = loader.validation_parts(8)
+    assert [(label, round(w, 2), n) for label, w, _, n in parts] == [
+        ("fruit", 0.6, 5),
+        ("tools", 0.3, 2),
+        ("birds", 0.1, 1),
+    ]
+    fruit = parts[0][2]  # each dataset's own val split, read by this rank's share
+    assert (fruit.split, fruit.rank, fruit.world_size, fruit.batch_size) == ("val", 1, 2, 2)
+    assert fruit.dataset_dir == datasets["fruit"] and loader.validation_parts(8)[0][2] is fruit
+
+
 def test_a_single_dataset_state_and_a_mixture_state_refuse_each_other(datasets):
     single = TokenLoader(datasets["fruit"], "train", SEQ, 4)
     mixed = mixture(datasets, {"fruit": 1, "tools": 1}, batch_size=4)
@@ -225,6 +238,9 @@ def test_a_run_trains_on_a_mixture_and_resumes_it(datasets, tmp_path):
     train(4)  # resumes from step 2's checkpoint
     records = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    for r in (r for r in records if "val_loss" in r):  # the mixture's loss, stratified by dataset
+        assert r["val_loss"] == pytest.approx(0.75 * r["val_loss/fruit"] + 0.25 * r["val_loss/birds"])
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
     state = json.loads(next((tmp_path / "mix" / "checkpoints").glob("step_00000004/trainer_state.json")).read_text())
     sources = state["train_loader"]["sources"]
     assert state["train_loader"]["kind"] == "mixture" and state["train_loader"]["samples_seen"] == 16

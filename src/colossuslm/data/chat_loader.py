@@ -72,6 +72,10 @@ class ChatLoader:
         self._samples_seen = 0
         self._order, self._order_epoch = np.arange(self.n_rows), -1
 
+    def validation_parts(self, eval_batches: int) -> list[tuple[str, float, ChatLoader, int]]:
+        """What a validation pass reads: this loader, `eval_batches` batches (see MixtureLoader)."""
+        return [("", 1.0, self, eval_batches)]
+
     def describe(self) -> str:
         """One line for the run's log."""
         return f"conversations from {self.source} ({self.n_rows:,} in the {self.split} split)"

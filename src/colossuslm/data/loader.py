@@ -148,6 +148,10 @@ class TokenLoader:
         self._samples_seen = 0  # samples (windows) handed out to all ranks together
         self._orders: dict[int, ShuffledOrder] = {}
 
+    def validation_parts(self, eval_batches: int) -> list[tuple[str, float, TokenLoader, int]]:
+        """What a validation pass reads: this loader, `eval_batches` batches (see MixtureLoader)."""
+        return [("", 1.0, self, eval_batches)]
+
     def describe(self) -> str:
         """One line for the run's log."""
         return f"{self.dataset_dir} ({self.n_windows:,} sequences of {self.seq_len} tokens in the {self.split} split)"

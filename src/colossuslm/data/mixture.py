@@ -61,6 +61,35 @@ class MixtureLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self._samples_seen = 0  # global samples handed out to all ranks together
         self._drawn = np.zeros(len(sources), dtype=np.int64)  # of them, from each source
+        self._val_parts: list[tuple[str, float, TokenLoader]] | None = None
+
+    def validation_parts(self, eval_batches: int) -> list[tuple[str, float, TokenLoader, int]]:
+        """The validation loss of a mixture, stratified: each dataset's own val split on
+        max(1, round(eval_batches * weight)) batches, as (label, weight, loader, batches); the
+        weighted mean of their losses estimates the mixture's loss, with each dataset's on the side."""
+        if self._val_parts is None:
+            names = [loader.dataset_dir.name for loader in self.loaders]
+            if len(set(names)) < len(names):  # two datasets called alike: their whole paths then
+                names = [str(loader.dataset_dir) for loader in self.loaders]
+            self._val_parts = [
+                (
+                    name,
+                    float(weight),
+                    TokenLoader(
+                        loader.dataset_dir,
+                        self.split,
+                        self.seq_len,
+                        self.batch_size,
+                        self.seed,
+                        self.rank,
+                        self.world_size,
+                    ),
+                )
+                for name, weight, loader in zip(names, self.weights, self.loaders)
+            ]
+        return [
+            (name, weight, loader, max(1, round(eval_batches * weight))) for name, weight, loader in self._val_parts
+        ]
 
     def describe(self) -> str:
         """One line for the run's log: each dataset with its share and size."""

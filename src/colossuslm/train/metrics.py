@@ -51,9 +51,12 @@ class MetricsLogger:
 
 
 def _tensorboard_tag(key: str) -> str:
-    """val_loss -> val/loss; keys that name their group (eval/TASK/METRIC) keep it; others train/KEY."""
+    """val_loss -> val/loss, a mixture's val_loss/DATASET -> val/loss_DATASET; keys that name their
+    group (eval/TASK/METRIC) keep it; others train/KEY."""
     if key == "val_loss":
         return "val/loss"
+    if key.startswith("val_loss/"):
+        return "val/loss_" + key.removeprefix("val_loss/")
     return key if "/" in key else f"train/{key}"
 
 

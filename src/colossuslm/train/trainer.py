@@ -342,10 +342,16 @@ class Trainer:
         self.watchdog.mark("data")
         return self.train_loader.next_batch()
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> tuple[float, dict[str, float]]:
+        """(validation loss, {"val_loss/DATASET": loss} of a data.mixture's datasets, else {})."""
         self.watchdog.beat("eval")
-        self.val_loader.reset()
-        return self.runner.eval_loss(self.val_loader, self.cfg.train.eval_batches)
+        parts = self.val_loader.validation_parts(self.cfg.train.eval_batches)
+        losses = {}
+        for label, _, loader, batches in parts:
+            loader.reset()
+            losses[label] = self.runner.eval_loss(loader, batches)
+        total = sum(weight * losses[label] for label, weight, _, _ in parts)
+        return total, ({f"val_loss/{label}": loss for label, loss in losses.items()} if len(parts) > 1 else {})
 
     def _check_eval_tasks(self):
         """Find train.eval_tasks before step 1, so a misspelt task fails now, not hours in."""
@@ -522,8 +528,9 @@ class Trainer:
         started, step_times, window, first_val, val_loss = time.perf_counter(), [], [], None, None
         try:
             if self.step == 0 and not self._restarted_replica_group():
-                first_val = val_loss = self.evaluate()
-                metrics.log({"step": 0, "tokens": 0, "val_loss": val_loss})
+                first_val, by_dataset = self.evaluate()
+                val_loss = first_val
+                metrics.log({"step": 0, "tokens": 0, "val_loss": val_loss} | by_dataset)
             with ProgressDisplay(tc.steps, self.step, tc.progress, silent=not self.is_main) as bar:
                 profiled = False  # a step since the last metrics record ran under the profiler
                 while self.step < tc.steps and not self._stop_agreed():
@@ -546,9 +553,11 @@ class Trainer:
                         record = self._record(window)
                         window = []
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                        val_loss = self.evaluate()
+                        val_loss, by_dataset = self.evaluate()
                         record = (record or {"step": self.step, "tokens": self.tokens_seen}) | {"val_loss": val_loss}
-                        bar.print(f"step {self.step}: val_loss {val_loss:.4f}")
+                        record |= by_dataset
+                        each = ", ".join(f"{k.removeprefix('val_loss/')} {v:.4f}" for k, v in by_dataset.items())
+                        bar.print(f"step {self.step}: val_loss {val_loss:.4f}" + (f" ({each})" if each else ""))
                     if tc.eval_tasks and (self.step % tc.eval_tasks_every == 0 or self.step == tc.steps):
                         scores = self.evaluate_tasks()
                         record = (record or {"step": self.step, "tokens": self.tokens_seen}) | scores
