@@ -84,6 +84,7 @@ def reference(tmp_path_factory):
     # Virtual pipeline stages: 4 blocks, four micro-batches of 2 (one block per stage, pp=2 x V=2).
     train(run_dir, "single-virtual_pipeline", 1, [], KIND_EXTRA["virtual_pipeline"], dp=4)
     train(run_dir, "single-softcap", 1, [], KIND_EXTRA["softcap"])
+    train(run_dir, "single-document_mask", 1, [], KIND_EXTRA["document_mask"])
     return {kind: losses(run_dir, f"single-{kind}") for kind in KIND_EXTRA}
 
 
@@ -104,6 +105,8 @@ KIND_EXTRA = {
     "virtual_pipeline": ["model.tie_embeddings=false", "model.n_layers=4", "train.grad_accum=4"],
     # Grok's attention logit cap, small enough to bite on a freshly initialized model
     "softcap": ["model.attn_logit_softcap=0.1"],
+    # attention within each packed document (the embedded corpus has an EOS every ~70 tokens)
+    "document_mask": ["data.document_mask=true"],
 }
 
 
@@ -178,7 +181,13 @@ LAYOUTS = {
     # routing statistics are per rank's tokens, so MoE under cp is compared without auxiliary losses
     "cp_ep": (4, ["parallel.cp=2", "parallel.ep=2", "parallel.dp_shard=2"], 4, "pipeline_moe_no_aux"),
     "cp_softcap": (2, ["parallel.cp=2", "parallel.dp_shard=1"], 1, "softcap"),
+    # the document mask reaches attention through FSDP2 and TP (with SP) hooks
+    "fsdp_tp_document_mask": (4, ["parallel.dp_shard=2", "parallel.tp=2"], 2, "document_mask"),
 }
+
+
+def test_the_document_mask_changes_what_one_process_learns(reference):
+    assert reference["document_mask"] != pytest.approx(reference["dense"], rel=1e-4)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -186,7 +195,7 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     nproc, overrides, dp, kind = LAYOUTS[layout]
     # The reference accumulates micro-batches to see what the ranks see; the ranks get the model
     # settings only (their micro-batches come from dp and the pipeline).
-    extra = [o for o in KIND_EXTRA[kind] if o.startswith("model.")]
+    extra = [o for o in KIND_EXTRA[kind] if o.startswith(("model.", "data."))]
     if kind.startswith("pipeline"):
         extra.append("train.grad_accum=2")
     train(tmp_path, layout, nproc, overrides, extra, dp=dp)

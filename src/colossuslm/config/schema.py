@@ -194,6 +194,10 @@ class DataConfig:
     # = the embedded corpus): each training sequence comes from one of them, in those proportions
     # (data/mixture.py); they must share one tokenizer. Empty = train on data.dataset alone.
     mixture: dict[str, float] = field(default_factory=dict)
+    # Attention stays inside each document of a packed training sequence (documents end with the
+    # dataset's EOS id), as Llama 3 trained and Megatron's reset_attention_mask does; off, a
+    # sequence's tokens also read the documents packed before them.
+    document_mask: bool = False
 
     def validate(self) -> None:
         _positive("data", self, "seq_len")
@@ -515,6 +519,8 @@ class Config:
             )
         if self.train.ft_enabled:
             self._validate_fault_tolerance()
+        if self.data.document_mask:
+            self._validate_document_mask()
         if self.parallel.cp > 1:
             self._validate_context_parallel()
         if self.parallel.pp > 1:
@@ -527,6 +533,25 @@ class Config:
                 f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)",
             )
         return self
+
+    def _validate_document_mask(self) -> None:
+        key, value = "data.document_mask", self.data.document_mask
+        _require(
+            self.data.format == "tokens", key, value, "chat fine-tuning has one conversation per row, nothing packed"
+        )
+        _require(
+            self.parallel.pp == 1,
+            key,
+            value,
+            "pipeline stages after the first see hidden states, not the tokens whose EOS ids mark the documents; "
+            "use parallel.pp = 1",
+        )
+        _require(
+            self.parallel.cp == 1,
+            key,
+            value,
+            "context parallelism's ring attention does not take document masks; use parallel.cp = 1",
+        )
 
     def _validate_fault_tolerance(self) -> None:
         _require(

@@ -18,12 +18,16 @@ SCORE_CHUNK_BYTES = 64 * 2**20
 
 
 def _capped_scores(
-    grouped_q: torch.Tensor, k: torch.Tensor, first_query: int | None, softcap: float
+    grouped_q: torch.Tensor,
+    k: torch.Tensor,
+    first_query: int | None,
+    softcap: float,
+    documents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 scores [B, KVH, G, Cq, Sk] of a chunk of query rows against keys 0..Sk-1, masked to
     -inf where a key comes after the query when causal (`first_query`: the chunk's first query
-    position; None: not causal), and the tanh of the uncapped scores when softcapped (its
-    derivative needs it)."""
+    position; None: not causal) or lies in another document (`documents` [B, S]: each position's
+    document number), and the tanh of the uncapped scores when softcapped (its derivative needs it)."""
     scores = (grouped_q @ k.unsqueeze(2).transpose(-2, -1)).to(_accumulate_dtype(k)) / math.sqrt(grouped_q.shape[-1])
     tanh = None
     if softcap > 0:
@@ -32,6 +36,10 @@ def _capped_scores(
     if first_query is not None:
         queries = torch.arange(first_query, first_query + scores.shape[-2], device=scores.device)
         allowed = torch.arange(scores.shape[-1], device=scores.device) <= queries.unsqueeze(-1)
+        if documents is not None:
+            query_docs = documents[:, first_query : first_query + scores.shape[-2]]
+            allowed = allowed & (query_docs.unsqueeze(-1) == documents[:, None, : scores.shape[-1]])
+            allowed = allowed[:, None, None]  # [B, 1, 1, Cq, Sk] over the K/V heads and query groups
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores, tanh
 
@@ -60,20 +68,28 @@ class _BlockAttention(torch.autograd.Function):
     chunks of query rows bound the scores alive at once in both passes."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: float):
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        softcap: float,
+        documents: torch.Tensor | None,
+    ):
         kv_heads, acc = k.shape[1], _accumulate_dtype(k)
         grouped_q = _grouped(q, kv_heads)
         out = grouped_q.new_empty(grouped_q.shape, dtype=acc)
         lse = grouped_q.new_empty(grouped_q.shape[:-1], dtype=acc)
         for first, end, keys in _query_chunks(q, k.shape[2], causal):
             chunk_q = grouped_q[..., first:end, :]
-            scores, _ = _capped_scores(chunk_q, k[:, :, :keys], first if causal else None, softcap)
+            scores, _ = _capped_scores(chunk_q, k[:, :, :keys], first if causal else None, softcap, documents)
             chunk_lse = scores.logsumexp(dim=-1)
             probs = (scores - chunk_lse.unsqueeze(-1)).exp()
             out[..., first:end, :] = probs.to(v.dtype) @ v[:, :, :keys].unsqueeze(2)
             lse[..., first:end] = chunk_lse
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softcap = causal, softcap
+        ctx.causal, ctx.softcap, ctx.documents = causal, softcap, documents
         return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
     @staticmethod
@@ -91,7 +107,7 @@ class _BlockAttention(torch.autograd.Function):
         for first, end, keys in _query_chunks(q, k.shape[2], ctx.causal):
             rows = slice(first, end)
             chunk_q, chunk_k, chunk_v = grouped_q[..., rows, :], k[:, :, :keys], v[:, :, :keys]
-            scores, tanh = _capped_scores(chunk_q, chunk_k, first if ctx.causal else None, ctx.softcap)
+            scores, tanh = _capped_scores(chunk_q, chunk_k, first if ctx.causal else None, ctx.softcap, ctx.documents)
             probs = (scores - lse[..., rows].unsqueeze(-1)).exp()  # 0 where masked
             chunk_grad_out = grad_out[..., rows, :]
             grad_scores = chunk_grad_out @ chunk_v.unsqueeze(2).to(acc).transpose(-2, -1) - row_term[..., rows, :]
@@ -104,18 +120,27 @@ class _BlockAttention(torch.autograd.Function):
             grad_q[..., rows, :] = grad_scores @ chunk_k.unsqueeze(2).to(acc)
             grad_k[:, :, :keys] += (grad_scores.transpose(-2, -1) @ chunk_q.to(acc)).sum(2)  # over the query group
             grad_v[:, :, :keys] += (probs.transpose(-2, -1) @ chunk_grad_out).sum(2)
-        return grad_q.reshape(q.shape).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+        return grad_q.reshape(q.shape).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
 def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    softcap: float = 0.0,
+    documents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q against one K/V block, with its log-sum-exp for merging.
 
     q: [B, H, Sq, hd]; k, v: [B, KVH, Sk, hd], query head h reading K/V head h // (H / KVH) (as SDPA's
     enable_gqa). `causal` needs Sq == Sk. Scores in fp32, `softcap * tanh(scores / softcap)` when
-    softcap > 0. Returns (output [B, H, Sq, hd] fp32, lse [B, H, Sq] fp32), both differentiable."""
-    return _BlockAttention.apply(q, k, v, causal, softcap)
+    softcap > 0. `documents` [B, S] (causal only): each position's document in a packed sequence;
+    a query reads only keys of its own document. Returns (output [B, H, Sq, hd] fp32,
+    lse [B, H, Sq] fp32), both differentiable."""
+    if documents is not None and not causal:
+        raise ValueError("block_attention: documents mask causal self-attention of one packed sequence")
+    return _BlockAttention.apply(q, k, v, causal, softcap, documents)
 
 
 __all__ = ["block_attention"]

@@ -69,6 +69,20 @@ def softcapped_attention(
     return probs.to(v.dtype) @ v
 
 
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each position's document in packed sequences [B, S] whose documents end with `eos_id`: the
+    number of EOS tokens before it (an EOS belongs to the document it ends)."""
+    ends = (tokens == eos_id).to(torch.int32)
+    return ends.cumsum(dim=-1) - ends
+
+
+def document_causal_mask(documents: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, S, S]: query i reads key j when j <= i and both lie in one document."""
+    seq = documents.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril()
+    return (causal & (documents.unsqueeze(-1) == documents.unsqueeze(-2))).unsqueeze(1)
+
+
 class AttentionCore(nn.Module):
     """Causal self-attention of already-projected, rotated heads; no parameters.
 
@@ -81,11 +95,17 @@ class AttentionCore(nn.Module):
         super().__init__()
         self.softcap = softcap
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [B, H, S, hd]; k, v: [B, KVH, S, hd] (H a multiple of KVH) -> [B, H, S, hd]."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q: [B, H, S, hd]; k, v: [B, KVH, S, hd] (H a multiple of KVH) -> [B, H, S, hd].
+        `documents` [B, S] (`document_ids`): packed documents attend only within themselves."""
         if self.softcap > 0:  # scores recomputed in backward: O(S) kept, not the S x S scores
-            return block_attention(q, k, v, causal=True, softcap=self.softcap)[0].to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            return block_attention(q, k, v, causal=True, softcap=self.softcap, documents=documents)[0].to(q.dtype)
+        gqa = q.shape[1] != k.shape[1]
+        if documents is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(documents), enable_gqa=gqa)
 
 
 class KVCacheAttention(Protocol):
@@ -128,12 +148,20 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheAttention | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCacheAttention | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, heads, S, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v) if kv_cache is None else kv_cache.attend(self.layer_id, q, k, v)
+        if kv_cache is not None:
+            out = kv_cache.attend(self.layer_id, q, k, v)
+        else:  # documents only when given: context parallelism's core takes q, k, v alone
+            out = self.core(q, k, v) if documents is None else self.core(q, k, v, documents=documents)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -150,9 +178,14 @@ class TransformerBlock(nn.Module):
             self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCacheAttention | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCacheAttention | None = None,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache=kv_cache)
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache=kv_cache, documents=documents)
         if self.is_moe:
             ffn_out, aux = self.moe(self.ffn_norm(x))
         else:
@@ -221,6 +254,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         kv_cache: KVCacheAttention | None = None,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: [B, S] int64 -> (logits [B, S, vocab], summed MoE auxiliary loss scalar).
 
@@ -230,28 +264,35 @@ class Transformer(nn.Module):
         by default 0..S-1; a context-parallel rank holding chunks of longer sequences passes their
         global positions (colossuslm.parallel.context). With `kv_cache` the same modules run one
         serving step: attention reads and extends the cache (`KVCacheAttention`); the engine then
-        asks for hidden states and applies `logits` to the rows it samples from.
+        asks for hidden states and applies `logits` to the rows it samples from. `documents` ([B, S],
+        `document_ids`) keeps attention inside each document of packed training sequences.
         """
-        h, aux_total = self.hidden_states(tokens, positions, kv_cache)
+        h, aux_total = self.hidden_states(tokens, positions, kv_cache, documents)
         if self.norm is None:  # a pipeline stage before the last hands its hidden states on
             return h, aux_total
         return (self.loss(h, targets) if targets is not None else self.logits(h)), aux_total
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, kv_cache: KVCacheAttention | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCacheAttention | None = None,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks (after the embedding, when this model or stage has it) and the final norm
         (when it has it): ([B, S, d], summed MoE auxiliary loss). A pipeline stage after the
-        first passes hidden states instead of token ids. `kv_cache`: as in `forward`."""
+        first passes hidden states instead of token ids. `kv_cache`, `documents`: as in `forward`."""
         seq = tokens.shape[1]
         if positions is None and seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         cos, sin = self._rope(positions, seq, h)
         aux_total = h.new_zeros((), dtype=torch.float32)
+        # A block's wrappers and TP hooks see three positional inputs; the rest go by keyword, only
+        # when given.
+        extra = {name: value for name, value in (("kv_cache", kv_cache), ("documents", documents)) if value is not None}
         for block in self.layers.values():
-            # Training calls a block as before (its wrappers and TP hooks see three inputs).
-            h, aux = block(h, cos, sin) if kv_cache is None else block(h, cos, sin, kv_cache=kv_cache)
+            h, aux = block(h, cos, sin, **extra)
             aux_total = aux_total + aux
         return (h if self.norm is None else self.norm(h)), aux_total
 

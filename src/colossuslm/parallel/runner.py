@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from colossuslm.models.transformer import document_ids
 from colossuslm.parallel.grads import clip_grad_norm
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -55,6 +56,12 @@ def average_and_clip(
     return loss.item(), float(grad_norm)
 
 
+def document_kwargs(inputs: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tensor]:
+    """The model's `documents` argument for packed `inputs` whose documents end with `eos_id`
+    (data.document_mask), or nothing when attention spans the whole sequence."""
+    return {} if eos_id is None else {"documents": document_ids(inputs, eos_id)}
+
+
 def forward_backward(
     step_model: torch.nn.Module,
     model: torch.nn.Module,
@@ -64,20 +71,22 @@ def forward_backward(
     grad_clip: float,
     device: torch.device,
     dp_group: dist.ProcessGroup | None = None,
+    eos_id: int | None = None,
 ) -> tuple[float, float]:
     """Accumulate gradients over `grad_accum` micro-batches and clip them.
 
     Returns (mean loss over micro-batches and data-parallel ranks, gradient norm before
     clipping). `step_model` may be the compiled wrapper of `model`; gradients live on `model`'s
     parameters either way. A non-finite loss on any rank makes the returned loss non-finite on
-    every rank, so all ranks take the same skip decision.
+    every rank, so all ranks take the same skip decision. With `eos_id`, attention stays inside
+    each document of the packed sequences (`document_ids`).
     """
     model.train()
     total_loss = torch.zeros((), device=device)
     for inputs, targets in batches:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast:
-            loss, aux_loss = step_model(inputs, targets)
+            loss, aux_loss = step_model(inputs, targets, **document_kwargs(inputs, eos_id))
         ((loss + aux_loss) / grad_accum).backward()
         total_loss += loss.detach() / grad_accum
     return average_and_clip(total_loss, model, grad_clip, dp_group)
@@ -96,10 +105,12 @@ class PlainRunner:
         autocast: torch.autocast,
         device: torch.device,
         dp_group: dist.ProcessGroup | None,
+        eos_id: int | None = None,
     ):
         self.step_model, self.model = step_model, model
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.autocast, self.device, self.dp_group = autocast, device, dp_group
+        self.eos_id = eos_id  # data.document_mask: documents end here, and attend only within themselves
 
     def train_step(self, batches: Iterable[Batch]) -> tuple[float, float]:
         return forward_backward(
@@ -111,6 +122,7 @@ class PlainRunner:
             self.grad_clip,
             self.device,
             self.dp_group,
+            self.eos_id,
         )
 
     @torch.no_grad()
@@ -118,9 +130,9 @@ class PlainRunner:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for _ in range(n_batches):
-            inputs, targets = loader.next_batch()
+            inputs, targets = (t.to(self.device) for t in loader.next_batch())
             with self.autocast:
-                loss, _ = self.step_model(inputs.to(self.device), targets.to(self.device))
+                loss, _ = self.step_model(inputs, targets, **document_kwargs(inputs, self.eos_id))
             total += loss.float()
         return mean_over_group(total, self.dp_group).item() / n_batches
 
@@ -131,6 +143,7 @@ __all__ = [
     "PlainRunner",
     "StepRunner",
     "average_and_clip",
+    "document_kwargs",
     "forward_backward",
     "mean_over_group",
 ]

@@ -198,6 +198,7 @@ class Trainer:
             autocast=self.autocast,
             device=self.device,
             dp_group=self.dp_group,
+            eos_id=self.eos_id if self.cfg.data.document_mask else None,
         )
 
     def _build_loaders(self):
@@ -224,11 +225,15 @@ class Trainer:
                 tokenizer_json,
             )
 
+        from colossuslm.data.shards import read_manifest
+
+        self.eos_id: int | None = None  # what ends a document in the token stream (none for chat rows)
         if cfg.data.mixture:
             from colossuslm.data.corpus import resolve_mixture
             from colossuslm.data.mixture import MixtureLoader
 
             sources = resolve_mixture(cfg.data, cfg.model.vocab_size)  # each file-locked across ranks
+            self.eos_id = read_manifest(sources[0][0])["eos_id"]  # one tokenizer for all of them
             return (
                 MixtureLoader(sources, split="train", **loader_args),
                 MixtureLoader(sources, split="val", **loader_args),
@@ -239,6 +244,7 @@ class Trainer:
         from colossuslm.data.loader import TokenLoader
 
         dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)  # file-locked across ranks
+        self.eos_id = read_manifest(dataset_dir)["eos_id"]  # what ends each document in the token stream
         return (
             TokenLoader(dataset_dir, split="train", **loader_args),
             TokenLoader(dataset_dir, split="val", **loader_args),

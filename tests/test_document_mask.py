@@ -1,0 +1,77 @@
+"""data.document_mask: packed documents attend only within themselves (SDPA mask and Grok's
+softcapped block attention), document ids from EOS tokens, and the settings it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colossuslm.config import ModelConfig, load_config
+from colossuslm.errors import ColossusError
+from colossuslm.models import attention
+from colossuslm.models.attention import block_attention
+from colossuslm.models.transformer import Transformer, document_causal_mask, document_ids
+
+EOS = 0
+
+
+def test_document_ids_count_the_documents_ended_before_each_position():
+    tokens = torch.tensor([[5, 0, 7, 8, 0, 9], [0, 0, 3, 4, 5, 6]])
+    assert document_ids(tokens, EOS).tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("softcap", [0.0, 0.5])
+def test_a_packed_document_reads_only_itself(softcap):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, attn_logit_softcap=softcap
+    )
+    model = Transformer(cfg).eval()
+    first = torch.randint(1, 64, (1, 7))
+    second = torch.randint(1, 64, (1, 9))
+    packed = torch.cat([first, torch.tensor([[EOS]]), second], dim=1)  # first ends with EOS
+    with torch.no_grad():
+        masked, _ = model(packed, documents=document_ids(packed, EOS))
+        alone, _ = model(second)
+        unmasked, _ = model(packed)
+    # RoPE scores depend on relative positions only, so the second document at offset 8 is
+    # exactly the second document at offset 0 once it cannot see the first.
+    torch.testing.assert_close(masked[:, 8:], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(unmasked[:, 8:], alone, rtol=1e-3, atol=1e-3)
+    # The first document (and its EOS) never sees the second, masked or not.
+    torch.testing.assert_close(masked[:, :8], unmasked[:, :8], rtol=1e-5, atol=1e-5)
+
+
+def test_block_attention_with_documents_matches_a_masked_softmax(monkeypatch):
+    monkeypatch.setattr(attention, "SCORE_CHUNK_BYTES", 2 * 4 * 4 * 12 * 4)  # chunks of 2 query rows
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 12, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 12, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 12, 8, dtype=torch.float64, requires_grad=True)
+    documents = document_ids(torch.tensor([[1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 9, 1], [0] + [1] * 11]), EOS)
+    got, lse = block_attention(q, k, v, causal=True, softcap=0.3, documents=documents)
+
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = 0.3 * torch.tanh(q @ kk.transpose(-2, -1) / 8**0.5 / 0.3)
+    scores = scores.masked_fill(~document_causal_mask(documents), float("-inf"))
+    want = scores.softmax(-1) @ vv
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    weights = torch.randn_like(want)
+    grads = torch.autograd.grad((got * weights).sum() + lse.sum(), (q, k, v))
+    expected = torch.autograd.grad((want * weights).sum() + scores.logsumexp(-1).sum(), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["parallel.pp=2", "model.tie_embeddings=false", "train.grad_accum=2"], "parallel.pp = 1"),
+        (["parallel.cp=2"], "parallel.cp = 1"),
+        (["data.format=chat", "train.init_from=runs/x"], "nothing packed"),
+    ],
+)
+def test_layouts_the_mask_cannot_reach_are_refused(settings, message):
+    with pytest.raises(ColossusError, match=message):
+        load_config([], ["data.document_mask=true", *settings])
