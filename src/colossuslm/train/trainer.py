@@ -203,6 +203,7 @@ class Trainer:
 
     def _build_loaders(self):
         cfg, tc = self.cfg, self.cfg.train
+        self.eos_id: int | None = None  # what ends a document in the token stream (chat rows: none)
         # Replica group g of a fault-tolerant run reads the g-th share of every global batch.
         groups, group = (tc.ft_num_groups, tc.ft_replica_group) if tc.ft_enabled else (1, 0)
         loader_args = dict(
@@ -227,17 +228,17 @@ class Trainer:
 
         from colossuslm.data.shards import read_manifest
 
-        self.eos_id: int | None = None  # what ends a document in the token stream (none for chat rows)
         if cfg.data.mixture:
             from colossuslm.data.corpus import resolve_mixture
             from colossuslm.data.mixture import MixtureLoader
 
             sources = resolve_mixture(cfg.data, cfg.model.vocab_size)  # each file-locked across ranks
-            self.eos_id = read_manifest(sources[0][0])["eos_id"]  # one tokenizer for all of them
+            first = sources[0][0]  # every dataset of a mixture has its tokenizer (resolve_mixture)
+            self.eos_id = read_manifest(first)["eos_id"]
             return (
                 MixtureLoader(sources, split="train", **loader_args),
                 MixtureLoader(sources, split="val", **loader_args),
-                sources[0][0] / "tokenizer.json",  # one tokenizer for all of them (resolve_mixture)
+                first / "tokenizer.json",
             )
 
         from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
