@@ -68,10 +68,27 @@ def test_block_attention_with_documents_matches_a_masked_softmax(monkeypatch):
     ("settings", "message"),
     [
         (["parallel.pp=2", "model.tie_embeddings=false", "train.grad_accum=2"], "parallel.pp = 1"),
-        (["parallel.cp=2"], "parallel.cp = 1"),
         (["data.format=chat", "train.init_from=runs/x"], "nothing packed"),
     ],
 )
 def test_layouts_the_mask_cannot_reach_are_refused(settings, message):
     with pytest.raises(ColossusError, match=message):
         load_config([], ["data.document_mask=true", *settings])
+
+
+def test_a_query_with_no_key_of_its_document_in_a_block_gives_nothing_to_the_merge():
+    """Ring attention's blocks: a query row whose document has no key in the block gets output 0
+    and lse -inf (so the online-softmax merge ignores it), with finite gradients."""
+    torch.manual_seed(2)
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    query_docs, key_docs = torch.tensor([[0, 1, 2]]), torch.tensor([[0, 0, 1, 1, 1]])
+    out, lse = block_attention(q, k, v, causal=False, documents=query_docs, key_documents=key_docs)
+    assert torch.isinf(lse[..., 2]).all() and (out[..., 2, :] == 0).all()
+    other = query_docs[:, None, :, None] != key_docs[:, None, None, :]  # [1, 1, 3, 5]
+    scores = (q @ k.transpose(-2, -1) / 2).masked_fill(other, float("-inf"))
+    torch.testing.assert_close(out[..., :2, :], scores[..., :2, :].softmax(-1) @ v)
+    merged_lse = torch.logaddexp(lse, torch.zeros_like(lse))  # merged with a block of lse 0, as the ring does
+    grads = torch.autograd.grad((out.sum() + merged_lse.sum()), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)

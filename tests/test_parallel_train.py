@@ -183,6 +183,8 @@ LAYOUTS = {
     "cp_softcap": (2, ["parallel.cp=2", "parallel.dp_shard=1"], 1, "softcap"),
     # the document mask reaches attention through FSDP2 and TP (with SP) hooks
     "fsdp_tp_document_mask": (4, ["parallel.dp_shard=2", "parallel.tp=2"], 2, "document_mask"),
+    # ... and through the ring: each K/V block travels with its tokens' document numbers
+    "cp_document_mask": (2, ["parallel.cp=2", "parallel.dp_shard=1"], 1, "document_mask"),
 }
 
 

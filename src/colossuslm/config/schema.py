@@ -546,12 +546,6 @@ class Config:
             "pipeline stages after the first see hidden states, not the tokens whose EOS ids mark the documents; "
             "use parallel.pp = 1",
         )
-        _require(
-            self.parallel.cp == 1,
-            key,
-            value,
-            "context parallelism's ring attention does not take document masks; use parallel.cp = 1",
-        )
 
     def _validate_fault_tolerance(self) -> None:
         _require(

@@ -20,28 +20,39 @@ SCORE_CHUNK_BYTES = 64 * 2**20
 def _capped_scores(
     grouped_q: torch.Tensor,
     k: torch.Tensor,
-    first_query: int | None,
+    first_query: int,
+    causal: bool,
     softcap: float,
-    documents: torch.Tensor | None = None,
+    documents: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 scores [B, KVH, G, Cq, Sk] of a chunk of query rows against keys 0..Sk-1, masked to
-    -inf where a key comes after the query when causal (`first_query`: the chunk's first query
-    position; None: not causal) or lies in another document (`documents` [B, S]: each position's
-    document number), and the tanh of the uncapped scores when softcapped (its derivative needs it)."""
+    """fp32 scores [B, KVH, G, Cq, Sk] of the chunk of query rows starting at `first_query` against
+    keys 0..Sk-1, masked to -inf where a key comes after the query (`causal`) or lies in another
+    document (`documents`: the queries' and the keys' document numbers, [B, Sq] and [B, Sk]), and
+    the tanh of the uncapped scores when softcapped (its derivative needs it)."""
     scores = (grouped_q @ k.unsqueeze(2).transpose(-2, -1)).to(_accumulate_dtype(k)) / math.sqrt(grouped_q.shape[-1])
     tanh = None
     if softcap > 0:
         tanh = torch.tanh(scores / softcap)
         scores = softcap * tanh
-    if first_query is not None:
-        queries = torch.arange(first_query, first_query + scores.shape[-2], device=scores.device)
-        allowed = torch.arange(scores.shape[-1], device=scores.device) <= queries.unsqueeze(-1)
-        if documents is not None:
-            query_docs = documents[:, first_query : first_query + scores.shape[-2]]
-            allowed = allowed & (query_docs.unsqueeze(-1) == documents[:, None, : scores.shape[-1]])
-            allowed = allowed[:, None, None]  # [B, 1, 1, Cq, Sk] over the K/V heads and query groups
+    rows, keys = scores.shape[-2], scores.shape[-1]
+    allowed = None
+    if causal:
+        queries = torch.arange(first_query, first_query + rows, device=scores.device)
+        allowed = torch.arange(keys, device=scores.device) <= queries.unsqueeze(-1)
+    if documents is not None:
+        query_docs, key_docs = documents[0][:, first_query : first_query + rows], documents[1][:, :keys]
+        same = (query_docs.unsqueeze(-1) == key_docs.unsqueeze(-2))[:, None, None]  # [B, 1, 1, Cq, Sk]
+        allowed = same if allowed is None else allowed & same
+    if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores, tanh
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (a query row no key of this block may read: another document) replaced by 0,
+    so exp(scores - lse) is 0 there instead of NaN; the -inf lse itself is kept, and merging it
+    with other blocks (online softmax) gives it no weight."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
 def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,7 +86,7 @@ class _BlockAttention(torch.autograd.Function):
         v: torch.Tensor,
         causal: bool,
         softcap: float,
-        documents: torch.Tensor | None,
+        documents: tuple[torch.Tensor, torch.Tensor] | None,
     ):
         kv_heads, acc = k.shape[1], _accumulate_dtype(k)
         grouped_q = _grouped(q, kv_heads)
@@ -83,9 +94,9 @@ class _BlockAttention(torch.autograd.Function):
         lse = grouped_q.new_empty(grouped_q.shape[:-1], dtype=acc)
         for first, end, keys in _query_chunks(q, k.shape[2], causal):
             chunk_q = grouped_q[..., first:end, :]
-            scores, _ = _capped_scores(chunk_q, k[:, :, :keys], first if causal else None, softcap, documents)
+            scores, _ = _capped_scores(chunk_q, k[:, :, :keys], first, causal, softcap, documents)
             chunk_lse = scores.logsumexp(dim=-1)
-            probs = (scores - chunk_lse.unsqueeze(-1)).exp()
+            probs = (scores - _finite(chunk_lse).unsqueeze(-1)).exp()
             out[..., first:end, :] = probs.to(v.dtype) @ v[:, :, :keys].unsqueeze(2)
             lse[..., first:end] = chunk_lse
         ctx.save_for_backward(q, k, v, out, lse)
@@ -107,8 +118,8 @@ class _BlockAttention(torch.autograd.Function):
         for first, end, keys in _query_chunks(q, k.shape[2], ctx.causal):
             rows = slice(first, end)
             chunk_q, chunk_k, chunk_v = grouped_q[..., rows, :], k[:, :, :keys], v[:, :, :keys]
-            scores, tanh = _capped_scores(chunk_q, chunk_k, first if ctx.causal else None, ctx.softcap, ctx.documents)
-            probs = (scores - lse[..., rows].unsqueeze(-1)).exp()  # 0 where masked
+            scores, tanh = _capped_scores(chunk_q, chunk_k, first, ctx.causal, ctx.softcap, ctx.documents)
+            probs = (scores - _finite(lse[..., rows]).unsqueeze(-1)).exp()  # 0 where masked
             chunk_grad_out = grad_out[..., rows, :]
             grad_scores = chunk_grad_out @ chunk_v.unsqueeze(2).to(acc).transpose(-2, -1) - row_term[..., rows, :]
             if grad_lse is not None:  # d(lse)/d(scores) = probs
@@ -130,17 +141,21 @@ def block_attention(
     causal: bool,
     softcap: float = 0.0,
     documents: torch.Tensor | None = None,
+    key_documents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q against one K/V block, with its log-sum-exp for merging.
 
     q: [B, H, Sq, hd]; k, v: [B, KVH, Sk, hd], query head h reading K/V head h // (H / KVH) (as SDPA's
     enable_gqa). `causal` needs Sq == Sk. Scores in fp32, `softcap * tanh(scores / softcap)` when
-    softcap > 0. `documents` [B, S] (causal only): each position's document in a packed sequence;
-    a query reads only keys of its own document. Returns (output [B, H, Sq, hd] fp32,
+    softcap > 0. `documents` [B, Sq]: each query's document in packed sequences, and
+    `key_documents` [B, Sk] each key's (default: `documents`, for self-attention): a query reads
+    only keys of its own document. A query that may read no key of this block gets output 0 and
+    lse -inf, which merging with other blocks ignores. Returns (output [B, H, Sq, hd] fp32,
     lse [B, H, Sq] fp32), both differentiable."""
-    if documents is not None and not causal:
-        raise ValueError("block_attention: documents mask causal self-attention of one packed sequence")
-    return _BlockAttention.apply(q, k, v, causal, softcap, documents)
+    if documents is None and key_documents is not None:
+        raise ValueError("block_attention: key_documents without the queries' documents")
+    pair = None if documents is None else (documents, documents if key_documents is None else key_documents)
+    return _BlockAttention.apply(q, k, v, causal, softcap, pair)
 
 
 __all__ = ["block_attention"]

@@ -21,6 +21,11 @@ So every step after the first costs half of the first, on every rank. Each step 
 partial output and its log-sum-exp (scores in fp32, softcapped when model.attn_logit_softcap > 0),
 and the running (output, lse) pair is merged with the online-softmax rule, which is exact.
 
+Packed documents (data.document_mask). The runner numbers each token's document over the whole
+sequence; a rank takes its chunks' numbers like its tokens, and they travel the ring with the K/V
+(a plain integer all-to-all), so every block masks keys of other documents. A query row with no
+key of its document in a block gets lse -inf there, which the merge gives no weight.
+
 The K/V hop is `all_to_all_single_autograd` with every element sent to rank + 1, so autograd
 derives the backward ring itself (the K/V gradients travel the other way, summed where a chunk was
 used), and the next hop is issued before the current step computes, so it overlaps with it.
@@ -51,7 +56,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from colossuslm.models.attention import block_attention
@@ -100,27 +105,55 @@ class RingAttention(nn.Module):
         self.rank, self.size = cp_mesh.get_local_rank(), cp_mesh.size()
         self.softcap = softcap
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [B, H, L, hd]; k, v: [B, KVH, L, hd], L = this rank's head chunk then its tail chunk."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q: [B, H, L, hd]; k, v: [B, KVH, L, hd], L = this rank's head chunk then its tail chunk.
+        `documents` [B, L]: the document of each of these tokens (data.document_mask); they travel
+        the ring with the K/V, so every block masks keys of other documents."""
         half = q.shape[2] // 2
         kv = torch.stack([k, v])
         in_flight = _send_to_next_rank(kv, self.group, self.rank, self.size)
-        out, lse = block_attention(q, k, v, causal=True, softcap=self.softcap)
+        docs_in_flight = None if documents is None else self._pass_documents(documents)
+        out, lse = block_attention(q, k, v, causal=True, softcap=self.softcap, documents=documents)
         for step in range(1, self.size):
-            kv = in_flight
+            kv, key_docs = in_flight, docs_in_flight
             if step < self.size - 1:  # issue the next hop before computing with this block
                 in_flight = _send_to_next_rank(kv, self.group, self.rank, self.size)
-            out, lse = self._merge_step(q, kv, (self.rank - step) % self.size, half, out, lse)
+                docs_in_flight = None if documents is None else self._pass_documents(key_docs)
+            source = (self.rank - step) % self.size
+            out, lse = self._merge_step(q, kv, source, half, out, lse, documents, key_docs)
         return out.to(q.dtype)
 
+    def _pass_documents(self, documents: torch.Tensor) -> torch.Tensor:
+        """Document numbers to rank + 1, rank - 1's back (integers: no autograd)."""
+        flat = documents.reshape(-1)
+        send = [0] * self.size
+        receive = [0] * self.size
+        send[(self.rank + 1) % self.size] = flat.numel()
+        receive[(self.rank - 1) % self.size] = flat.numel()
+        return all_to_all_single(flat, receive, send, self.group).view(documents.shape)
+
     def _merge_step(
-        self, q: torch.Tensor, kv: torch.Tensor, source: int, half: int, out: torch.Tensor, lse: torch.Tensor
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        source: int,
+        half: int,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        documents: torch.Tensor | None,
+        key_docs: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if source < self.rank:  # the source's head precedes both our chunks; its tail follows both
-            partial = block_attention(q, kv[0, :, :, :half], kv[1, :, :, :half], False, self.softcap)
+            head_docs = None if key_docs is None else key_docs[:, :half]
+            partial = block_attention(
+                q, kv[0, :, :, :half], kv[1, :, :, :half], False, self.softcap, documents, head_docs
+            )
             return merge_attention(out, lse, *partial)
         # source > rank: only our tail comes after the source's chunks (both of them)
-        partial = block_attention(q[:, :, half:], kv[0], kv[1], False, self.softcap)
+        tail_docs = None if documents is None else documents[:, half:]
+        partial = block_attention(q[:, :, half:], kv[0], kv[1], False, self.softcap, tail_docs, key_docs)
         tail_out, tail_lse = merge_attention(out[:, :, half:], lse[:, :, half:], *partial)
         return torch.cat([out[:, :, :half], tail_out], dim=2), torch.cat([lse[:, :, :half], tail_lse], dim=2)
 
@@ -185,10 +218,14 @@ class ContextParallelStep:
     def __init__(self, step_model: nn.Module, shard: ContextShard):
         self.step_model, self.shard = step_model, shard
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, inputs: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         local_targets = self.shard.take(targets)
         positions = self.shard.positions(inputs.shape[1], inputs.device)
-        loss, aux = self.step_model(self.shard.take(inputs), local_targets, positions=positions)
+        # documents numbered over the whole sequence, so chunks of one document match across ranks
+        extra = {} if documents is None else {"documents": self.shard.take(documents)}
+        loss, aux = self.step_model(self.shard.take(inputs), local_targets, positions=positions, **extra)
         return loss * self.shard.loss_weight(targets, local_targets), aux
 
 
