@@ -85,6 +85,8 @@ def reference(tmp_path_factory):
     train(run_dir, "single-virtual_pipeline", 1, [], KIND_EXTRA["virtual_pipeline"], dp=4)
     train(run_dir, "single-softcap", 1, [], KIND_EXTRA["softcap"])
     train(run_dir, "single-document_mask", 1, [], KIND_EXTRA["document_mask"])
+    train(run_dir, "single-pipeline_document_mask", 1, [], KIND_EXTRA["pipeline_document_mask"], dp=2)
+    train(run_dir, "single-virtual_pipeline_document_mask", 1, [], KIND_EXTRA["virtual_pipeline_document_mask"], dp=4)
     return {kind: losses(run_dir, f"single-{kind}") for kind in KIND_EXTRA}
 
 
@@ -107,6 +109,13 @@ KIND_EXTRA = {
     "softcap": ["model.attn_logit_softcap=0.1"],
     # attention within each packed document (the embedded corpus has an EOS every ~70 tokens)
     "document_mask": ["data.document_mask=true"],
+    "pipeline_document_mask": ["model.tie_embeddings=false", "train.grad_accum=2", "data.document_mask=true"],
+    "virtual_pipeline_document_mask": [
+        "model.tie_embeddings=false",
+        "model.n_layers=4",
+        "train.grad_accum=4",
+        "data.document_mask=true",
+    ],
 }
 
 
@@ -185,6 +194,15 @@ LAYOUTS = {
     "fsdp_tp_document_mask": (4, ["parallel.dp_shard=2", "parallel.tp=2"], 2, "document_mask"),
     # ... and through the ring: each K/V block travels with its tokens' document numbers
     "cp_document_mask": (2, ["parallel.cp=2", "parallel.dp_shard=1"], 1, "document_mask"),
+    # ... and to every pipeline stage as a keyword input of the schedule (split backward included)
+    "pp_document_mask": (2, ["parallel.pp=2", "parallel.dp_shard=1"], 2, "pipeline_document_mask"),
+    "pp_zbv_document_mask": (
+        2,
+        ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_virtual_stages=2", "train.grad_accum=4"]
+        + ["parallel.pp_schedule=zbv"],
+        4,
+        "virtual_pipeline_document_mask",
+    ),
 }
 
 

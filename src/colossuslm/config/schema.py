@@ -205,6 +205,12 @@ class DataConfig:
         _require(self.format in ("tokens", "chat"), "data.format", self.format, "choose tokens or chat")
         if self.mixture:
             self._validate_mixture()
+        _require(
+            not self.document_mask or self.format == "tokens",
+            "data.document_mask",
+            self.document_mask,
+            "chat fine-tuning has one conversation per row, nothing packed to mask",
+        )
         _require(0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
         _require(self.prepare_workers >= 0, "data.prepare_workers", self.prepare_workers, "must be >= 0")
 
@@ -519,8 +525,6 @@ class Config:
             )
         if self.train.ft_enabled:
             self._validate_fault_tolerance()
-        if self.data.document_mask:
-            self._validate_document_mask()
         if self.parallel.cp > 1:
             self._validate_context_parallel()
         if self.parallel.pp > 1:
@@ -533,19 +537,6 @@ class Config:
                 f"must divide model.n_experts = {self.model.n_experts} (and the model must be MoE)",
             )
         return self
-
-    def _validate_document_mask(self) -> None:
-        key, value = "data.document_mask", self.data.document_mask
-        _require(
-            self.data.format == "tokens", key, value, "chat fine-tuning has one conversation per row, nothing packed"
-        )
-        _require(
-            self.parallel.pp == 1,
-            key,
-            value,
-            "pipeline stages after the first see hidden states, not the tokens whose EOS ids mark the documents; "
-            "use parallel.pp = 1",
-        )
 
     def _validate_fault_tolerance(self) -> None:
         _require(

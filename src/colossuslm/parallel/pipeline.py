@@ -46,7 +46,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.pipelining.schedules import _ComputationType
 
 from colossuslm.parallel.context import ContextShard
-from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip, mean_over_group
+from colossuslm.parallel.runner import Batch, BatchSource, average_and_clip, document_kwargs, mean_over_group
 
 # One stage per rank: the schedule takes a single stage.
 SINGLE_STAGE_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
@@ -139,10 +139,11 @@ def _stage_class(model_class: type[nn.Module]) -> type[nn.Module]:
     states), one out (hidden states, normed on the last stage: its loss function applies the head
     fused with the cross-entropy, as the unsplit model does), the MoE auxiliary losses attached."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         # Under context parallelism every stage runs its cp rank's chunks at their global positions.
         positions = None if self.context is None else self.context.local_positions(x.shape[1], x.device)
-        output, aux = model_class.hidden_states(self, x, positions=positions)
+        # `documents` (data.document_mask) reaches every stage as a keyword input of the schedule.
+        output, aux = model_class.hidden_states(self, x, positions=positions, documents=documents)
         if self.has_moe and torch.is_grad_enabled():
             output = _AttachAuxLoss.apply(output, aux)
         if output._base is not None:  # e.g. the SP gather's: zero-bubble schedules detach outputs in place
@@ -271,8 +272,10 @@ class PipelineRunner:
         grad_clip: float = 0.0,
         dp_group: dist.ProcessGroup | None = None,
         context: ContextShard | None = None,
+        eos_id: int | None = None,
     ):
         self.model = model
+        self.eos_id = eos_id  # data.document_mask: documents end here, and attend only within themselves
         # Context parallelism: this cp rank's chunks of every sequence, and the loss weighted for them.
         self.context = context
         self.group = pp_mesh.get_group()
@@ -302,10 +305,15 @@ class PipelineRunner:
     def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One pass of the schedule over the stacked micro-batches; returns the mean loss on every rank."""
         losses: list[torch.Tensor] = []
+        # Every stage of a replica read the whole batch, so each numbers the documents itself: the
+        # schedule splits keyword inputs into micro-batches and hands them to every stage.
+        model_kwargs = document_kwargs(inputs, self.eos_id)
         if self.context is not None:  # every cp rank of a replica read the whole batch: take its chunks
             inputs, targets = self.context.take(inputs), self.context.pipeline_targets(targets)
+            model_kwargs = {name: self.context.take(value) for name, value in model_kwargs.items()}
         args = (inputs.to(self.device),) if self.holds_first else ()
         kwargs = {"target": targets.to(self.device), "losses": losses} if self.holds_last else {}
+        kwargs |= {name: value.to(self.device) for name, value in model_kwargs.items()}
         with self.autocast:
             run(*args, **kwargs, return_outputs=False)
         mean = (

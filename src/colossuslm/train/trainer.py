@@ -188,6 +188,7 @@ class Trainer:
                 grad_clip=tc.grad_clip,
                 dp_group=self.dp_group,
                 context=context,
+                eos_id=self.eos_id if self.cfg.data.document_mask else None,
             )
         step_model = self.step_model if context is None else ContextParallelStep(self.step_model, context)
         return PlainRunner(
