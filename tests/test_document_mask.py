@@ -86,3 +86,27 @@ def test_a_query_with_no_key_of_its_document_in_a_block_gives_nothing_to_the_mer
     merged_lse = torch.logaddexp(lse, torch.zeros_like(lse))  # merged with a block of lse 0, as the ring does
     grads = torch.autograd.grad((out.sum() + merged_lse.sum()), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_every_layer_shares_one_mask_for_backward():
+    """SDPA keeps its mask for backward: one [B, 1, S, S] bias for the whole forward, not one per layer."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=512)
+    model = Transformer(cfg)
+    tokens = torch.randint(1, 64, (2, 512))
+    tokens[:, ::100] = EOS
+
+    def saved_bytes(**kwargs) -> int:
+        storages: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(tokens, targets=tokens, **kwargs)
+        return sum(storages.values())
+
+    one_mask = 2 * 512 * 512 * 4  # [B, 1, S, S] fp32
+    extra = saved_bytes(documents=document_ids(tokens, EOS)) - saved_bytes()
+    assert one_mask <= extra < 2 * one_mask

@@ -83,6 +83,23 @@ def document_causal_mask(documents: torch.Tensor) -> torch.Tensor:
     return (causal & (documents.unsqueeze(-1) == documents.unsqueeze(-2))).unsqueeze(1)
 
 
+class DocumentMask:
+    """One forward's packed-document mask, shared by every layer: the document ids [B, S] (for the
+    kernels that mask by ids, O(S)) and, built once on first use, the additive bias [B, 1, S, S]
+    SDPA takes. Built per layer, autograd would keep one S x S copy per layer for backward."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        self._bias: torch.Tensor | None = None
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._bias is None or self._bias.dtype != dtype:
+            allowed = document_causal_mask(self.ids)
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            self._bias = zero.masked_fill(~allowed, float("-inf"))  # broadcast to [B, 1, S, S]
+        return self._bias
+
+
 class AttentionCore(nn.Module):
     """Causal self-attention of already-projected, rotated heads; no parameters.
 
@@ -96,16 +113,17 @@ class AttentionCore(nn.Module):
         self.softcap = softcap
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: DocumentMask | None = None
     ) -> torch.Tensor:
         """q: [B, H, S, hd]; k, v: [B, KVH, S, hd] (H a multiple of KVH) -> [B, H, S, hd].
-        `documents` [B, S] (`document_ids`): packed documents attend only within themselves."""
+        `documents`: packed documents attend only within themselves."""
+        ids = None if documents is None else documents.ids
         if self.softcap > 0:  # scores recomputed in backward: O(S) kept, not the S x S scores
-            return block_attention(q, k, v, causal=True, softcap=self.softcap, documents=documents)[0].to(q.dtype)
+            return block_attention(q, k, v, causal=True, softcap=self.softcap, documents=ids)[0].to(q.dtype)
         gqa = q.shape[1] != k.shape[1]
         if documents is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(documents), enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=documents.bias(q.dtype), enable_gqa=gqa)
 
 
 class KVCacheAttention(Protocol):
@@ -153,7 +171,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCacheAttention | None = None,
-        documents: torch.Tensor | None = None,
+        documents: DocumentMask | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, heads, S, hd]
@@ -183,7 +201,7 @@ class TransformerBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCacheAttention | None = None,
-        documents: torch.Tensor | None = None,
+        documents: DocumentMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache=kv_cache, documents=documents)
         if self.is_moe:
@@ -290,7 +308,8 @@ class Transformer(nn.Module):
         aux_total = h.new_zeros((), dtype=torch.float32)
         # A block's wrappers and TP hooks see three positional inputs; the rest go by keyword, only
         # when given.
-        extra = {name: value for name, value in (("kv_cache", kv_cache), ("documents", documents)) if value is not None}
+        masks = None if documents is None else DocumentMask(documents)  # one per forward, for every layer
+        extra = {name: value for name, value in (("kv_cache", kv_cache), ("documents", masks)) if value is not None}
         for block in self.layers.values():
             h, aux = block(h, cos, sin, **extra)
             aux_total = aux_total + aux

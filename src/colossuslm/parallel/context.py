@@ -61,7 +61,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from colossuslm.models.attention import block_attention
 from colossuslm.models.loss import IGNORE_INDEX
-from colossuslm.models.transformer import AttentionCore
+from colossuslm.models.transformer import AttentionCore, DocumentMask
 
 
 def chunk_positions(seq_len: int, cp_rank: int, cp_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -106,11 +106,12 @@ class RingAttention(nn.Module):
         self.softcap = softcap
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: DocumentMask | None = None
     ) -> torch.Tensor:
         """q: [B, H, L, hd]; k, v: [B, KVH, L, hd], L = this rank's head chunk then its tail chunk.
-        `documents` [B, L]: the document of each of these tokens (data.document_mask); they travel
-        the ring with the K/V, so every block masks keys of other documents."""
+        `documents`: the document ids [B, L] of these tokens (data.document_mask); they travel the
+        ring with the K/V, so every block masks keys of other documents."""
+        documents = None if documents is None else documents.ids
         half = q.shape[2] // 2
         kv = torch.stack([k, v])
         in_flight = _send_to_next_rank(kv, self.group, self.rank, self.size)
