@@ -85,14 +85,19 @@ def merge_attention(
     return out, lse
 
 
+def _ring_splits(numel: int, rank: int, size: int) -> tuple[list[int], list[int]]:
+    """(receive, send) split sizes of an all-to-all that moves `numel` elements to rank + 1 and
+    takes rank - 1's."""
+    send, receive = [0] * size, [0] * size
+    send[(rank + 1) % size] = numel
+    receive[(rank - 1) % size] = numel
+    return receive, send
+
+
 def _send_to_next_rank(x: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
     """x goes to rank + 1, and rank - 1's x comes back (autograd sends gradients the other way)."""
     flat = x.reshape(-1)
-    send = [0] * size
-    receive = [0] * size
-    send[(rank + 1) % size] = flat.numel()
-    receive[(rank - 1) % size] = flat.numel()
-    return all_to_all_single_autograd(flat, receive, send, group).view(x.shape)
+    return all_to_all_single_autograd(flat, *_ring_splits(flat.numel(), rank, size), group).view(x.shape)
 
 
 class RingAttention(nn.Module):
@@ -129,11 +134,8 @@ class RingAttention(nn.Module):
     def _pass_documents(self, documents: torch.Tensor) -> torch.Tensor:
         """Document numbers to rank + 1, rank - 1's back (integers: no autograd)."""
         flat = documents.reshape(-1)
-        send = [0] * self.size
-        receive = [0] * self.size
-        send[(self.rank + 1) % self.size] = flat.numel()
-        receive[(self.rank - 1) % self.size] = flat.numel()
-        return all_to_all_single(flat, receive, send, self.group).view(documents.shape)
+        splits = _ring_splits(flat.numel(), self.rank, self.size)
+        return all_to_all_single(flat, *splits, self.group).view(documents.shape)
 
     def _merge_step(
         self,
