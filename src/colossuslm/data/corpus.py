@@ -165,9 +165,10 @@ def resolve_mixture(data_cfg: DataConfig, vocab_size: int) -> list[tuple[Path, f
         sources.append((resolve_dataset(one, vocab_size), weight))
     seen: dict[Path, str] = {}
     for (path, _), name in zip(sources, data_cfg.mixture):
-        if path.resolve() in seen:
-            raise ColossusError(f"data.mixture names {path} twice ({seen[path.resolve()]!r} and {name!r})")
-        seen[path.resolve()] = name
+        real = path.resolve()
+        if real in seen:
+            raise ColossusError(f"data.mixture names {path} twice ({seen[real]!r} and {name!r})")
+        seen[real] = name
     first, tokenizer = sources[0][0], read_manifest(sources[0][0])["tokenizer"]["sha256"]
     for path, _ in sources[1:]:
         if read_manifest(path)["tokenizer"]["sha256"] != tokenizer:

@@ -145,6 +145,7 @@ class TokenLoader:
         # Identifies the exact token stream, so a state from another dataset is refused.
         checksums = "".join(s["sha256"] for s in shard_entries)
         self.fingerprint = hashlib.sha256(checksums.encode()).hexdigest()[:16]
+        self.eos_id: int = manifest["eos_id"]  # what ends each document in the token stream
         self._samples_seen = 0  # samples (windows) handed out to all ranks together
         self._orders: dict[int, ShuffledOrder] = {}
 

@@ -53,6 +53,7 @@ class MixtureLoader:
             raise ColossusError(f"MixtureLoader: rank {rank}, world size {world_size}, batch size {batch_size}")
         # One sample per call, read by global sample number; rank and world size are ours to apply.
         self.loaders = [TokenLoader(path, split, seq_len, batch_size=1, seed=seed) for path, _ in sources]
+        self.eos_id = self.loaders[0].eos_id  # one tokenizer for all (resolve_mixture checks it)
         self.weights = weights / weights.sum()
         cumulative = np.cumsum(self.weights)[:-1]  # upper bounds of all shares but the last
         self._bounds = np.array([min(int(c * 2.0**64), 2**64 - 1) for c in cumulative], dtype=np.uint64)

@@ -170,6 +170,8 @@ class Trainer:
 
     def _build_runner(self) -> StepRunner:
         tc = self.cfg.train
+        # data.document_mask: documents end at the data's EOS id and attend only within themselves
+        eos_id = self.train_loader.eos_id if self.cfg.data.document_mask else None
         context = None
         if self.dims.cp > 1:  # each cp rank takes its chunks of the batch and runs them at their positions
             from colossuslm.parallel.context import ContextParallelStep, ContextShard
@@ -188,7 +190,7 @@ class Trainer:
                 grad_clip=tc.grad_clip,
                 dp_group=self.dp_group,
                 context=context,
-                eos_id=self.eos_id if self.cfg.data.document_mask else None,
+                eos_id=eos_id,
             )
         step_model = self.step_model if context is None else ContextParallelStep(self.step_model, context)
         return PlainRunner(
@@ -199,12 +201,11 @@ class Trainer:
             autocast=self.autocast,
             device=self.device,
             dp_group=self.dp_group,
-            eos_id=self.eos_id if self.cfg.data.document_mask else None,
+            eos_id=eos_id,
         )
 
     def _build_loaders(self):
         cfg, tc = self.cfg, self.cfg.train
-        self.eos_id: int | None = None  # what ends a document in the token stream (chat rows: none)
         # Replica group g of a fault-tolerant run reads the g-th share of every global batch.
         groups, group = (tc.ft_num_groups, tc.ft_replica_group) if tc.ft_enabled else (1, 0)
         loader_args = dict(
@@ -227,26 +228,21 @@ class Trainer:
                 tokenizer_json,
             )
 
-        from colossuslm.data.shards import read_manifest
-
         if cfg.data.mixture:
             from colossuslm.data.corpus import resolve_mixture
             from colossuslm.data.mixture import MixtureLoader
 
             sources = resolve_mixture(cfg.data, cfg.model.vocab_size)  # each file-locked across ranks
-            first = sources[0][0]  # every dataset of a mixture has its tokenizer (resolve_mixture)
-            self.eos_id = read_manifest(first)["eos_id"]
             return (
                 MixtureLoader(sources, split="train", **loader_args),
                 MixtureLoader(sources, split="val", **loader_args),
-                first / "tokenizer.json",
+                sources[0][0] / "tokenizer.json",  # every dataset of a mixture has it (resolve_mixture)
             )
 
         from colossuslm.data.corpus import resolve_dataset  # data pulls in tokenizers; import when used
         from colossuslm.data.loader import TokenLoader
 
         dataset_dir = resolve_dataset(cfg.data, cfg.model.vocab_size)  # file-locked across ranks
-        self.eos_id = read_manifest(dataset_dir)["eos_id"]  # what ends each document in the token stream
         return (
             TokenLoader(dataset_dir, split="train", **loader_args),
             TokenLoader(dataset_dir, split="val", **loader_args),
